@@ -1,0 +1,121 @@
+"""Speculative Jacobi decoding: the target drafts for itself (SJD, Teng et al. 2024).
+
+The window holds draft tokens beyond the committed prefix together with the row ``q`` each was drawn
+from. After a step with ``n`` accepted drafts, the target's own rows ``p`` at the later window positions
+(computed in the same forward) become the next drafts: ``y_j ~ p_j`` with ``q = p_j``. Slots that have no
+such row are filled by an *init strategy*; their ``q`` is one-hot (deterministic given the generator).
+
+With ``coupled=True`` a slot that already held a draft ``x`` (drawn from ``q_old``) is redrawn from the new
+row ``p`` by keeping ``x`` with probability ``min(1, p(x)/q_old(x))``, else drawing from
+``max(p - q_old, 0)`` (MC-SJD / SCD). Its marginal is still ``p``, so verification stays exact, while drafts
+stop churning between iterations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from ..sampling import onehot, sample_from_weights, uniform
+from ..verify import speculative_redraw
+from .base import Proposer
+
+__all__ = ["JacobiProposer", "INIT_STRATEGIES", "register_init", "random_tokens"]
+
+#: name -> fn(state, proposer, window [B, 1 + K] (anchor then drafts), fill [B, K] bool) -> tokens [B, K]
+INIT_STRATEGIES: Dict[str, Callable] = {}
+
+
+def register_init(name: str):
+    """Register a Jacobi init strategy for new window slots."""
+
+    def wrap(fn):
+        INIT_STRATEGIES[name] = fn
+        return fn
+
+    return wrap
+
+
+def random_tokens(shape, low: int, high: int, generator, device) -> torch.Tensor:
+    """Uniform token ids in ``[low, high)`` from ``generator`` (one per row allowed)."""
+    u = uniform(shape, generator, device)  # (0, 1]
+    return (low + ((1.0 - u) * (high - low)).floor().long()).clamp_(low, high - 1)
+
+
+@register_init("random")
+def _init_random(state, proposer, window, fill):
+    low, high = proposer.token_range or (0, state.vocab_size)
+    return random_tokens(fill.shape, low, high, state.generator, window.device)
+
+
+@register_init("repeat")
+def _init_repeat(state, proposer, window, fill):
+    """Copy the left neighbour: each empty slot repeats the last token before it."""
+    K = fill.shape[1]
+    pos = torch.arange(1, K + 1, device=window.device).expand_as(fill)
+    src = torch.where(fill, torch.zeros_like(pos), pos).cummax(-1).values  # last filled index (0 = anchor)
+    return window.gather(1, src)
+
+
+class JacobiProposer(Proposer):
+    """The target's own previous-iteration predictions as drafts.
+
+    Args:
+        window: tokens per target forward (1 anchor + ``window - 1`` drafts).
+        init: name in ``INIT_STRATEGIES`` (``"random"``, ``"repeat"``, ...) for slots with no prediction yet.
+        coupled: redraw continuing slots with the coupled rule (sampling only; greedy drafts are argmax).
+        token_range: ``(low, high)`` ids that random init may draw (default the whole vocabulary).
+    """
+
+    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None):
+        if init not in INIT_STRATEGIES:
+            raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
+        self.num_drafts = window - 1
+        self.init, self.coupled, self.token_range = init, coupled, token_range
+        self.tokens = None  # [B, K] continuing drafts (left-aligned)
+        self.probs = None  # [B, K, V] their q rows (sampling only)
+        self.count = None  # [B] how many of them are real predictions; the rest are filled by init
+
+    def start(self, state):
+        B, dev = state.batch_size, state.device
+        self.tokens = torch.zeros(B, self.num_drafts, dtype=torch.long, device=dev)
+        self.probs = None
+        self.count = torch.zeros(B, dtype=torch.long, device=dev)
+        self._anchor = state.last_tokens(1).to(dev)[:, 0]
+
+    def propose(self, state, max_tokens):
+        K = min(self.num_drafts, max_tokens)
+        tokens = self.tokens[:, :K]
+        fill = torch.arange(K, device=tokens.device).unsqueeze(0) >= self.count.unsqueeze(1)
+        window = torch.cat([self._anchor.unsqueeze(1), tokens], dim=1)
+        init = INIT_STRATEGIES[self.init](state, self, window, fill)
+        drafts = torch.where(fill, init, tokens)
+        if state.greedy:
+            return drafts, None
+        q = onehot(drafts, state.vocab_size, dtype=torch.float64)
+        if self.probs is not None:
+            q = torch.where(fill.unsqueeze(-1), q, self.probs[:, :K].to(q.dtype))
+        self._proposed, self._proposed_probs = drafts, q
+        return drafts, q
+
+    def update(self, state, result, target_rows, num_accepted):
+        B, K1, V = target_rows.shape
+        K = K1 - 1
+        if state.greedy:
+            new = target_rows.argmax(-1)  # [B, K+1]
+        else:
+            new = sample_from_weights(target_rows, state.generator)
+            if self.coupled and K > 0:
+                redrawn = speculative_redraw(self._proposed, self._proposed_probs, target_rows[:, :K], state.generator)
+                new = torch.cat([redrawn, new[:, K:]], dim=1)
+        n = result.num_accepted
+        # Position j of the next window is the slot right after the new anchor (index n) plus j.
+        src = n.unsqueeze(1) + 1 + torch.arange(self.num_drafts, device=n.device)
+        have = src <= K
+        src = src.clamp(max=K)
+        self.tokens = new.gather(1, src)
+        self.count = have.sum(-1)
+        if not state.greedy:
+            self.probs = target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
+        self._anchor = result.next_token

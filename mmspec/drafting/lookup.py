@@ -1,0 +1,54 @@
+"""Prompt lookup: propose the continuation of the latest earlier occurrence of the last n tokens.
+
+Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Vectorised over the batch with
+``unfold`` on the CPU copy of the committed tokens; rows without a match get a shorter (or empty) draft,
+padded with a repeat of their last token so the batch shares one window.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Proposer
+
+__all__ = ["LookupProposer"]
+
+
+class LookupProposer(Proposer):
+    """Prompt / n-gram lookup (Saxena 2023; transformers' ``prompt_lookup_num_tokens``).
+
+    Args:
+        num_drafts: most tokens proposed per step.
+        max_ngram: longest n-gram to match (tries ``max_ngram`` down to ``min_ngram``).
+        min_ngram: shortest n-gram to match.
+    """
+
+    def __init__(self, num_drafts: int, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}.")
+        self.num_drafts, self.max_ngram, self.min_ngram = num_drafts, max_ngram, min_ngram
+
+    def propose(self, state, max_tokens):
+        K = min(self.num_drafts, max_tokens)
+        B = state.batch_size
+        tokens, valid, end = state.tokens, state.valid, state.lengths  # CPU
+        best_start = torch.full((B,), -1, dtype=torch.long)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if K <= 0 or tokens.shape[1] <= n:
+                break
+            pattern = state.last_tokens(n)  # [B, n]
+            grams = tokens.unfold(1, n, 1)  # [B, P, n], gram i covers [i, i + n)
+            ok = valid.unfold(1, n, 1).all(-1) & (grams == pattern.unsqueeze(1)).all(-1)
+            start = torch.arange(grams.shape[1])
+            ok &= (start + n).unsqueeze(0) < end.unsqueeze(1)  # a continuation token exists before the end
+            latest = torch.where(ok, start.unsqueeze(0), -1).max(-1).values
+            found = (latest >= 0) & (best_start < 0)
+            best_start = torch.where(found, latest + n, best_start)  # index of the first proposed token
+        length = torch.where(best_start >= 0, (end - best_start).clamp(max=K), 0)
+        length = torch.where(state.active, length, 0)
+        K = int(length.max()) if K > 0 else 0
+        idx = best_start.clamp_min(0).unsqueeze(1) + torch.arange(K)
+        drafts = tokens.gather(1, idx.clamp(max=tokens.shape[1] - 1))
+        filler = state.last_tokens(1).expand(B, K)
+        drafts = torch.where(torch.arange(K) < length.unsqueeze(1), drafts, filler)
+        return drafts.to(state.device), None

@@ -1,0 +1,105 @@
+"""Draft-verify with a separate small causal LM sharing the target's tokenizer.
+
+The drafter keeps its own ragged KV cache (``mmspec.models.CausalLM``) and rolls it back after each
+verification. Tokens committed by the target that the drafter has not seen yet (the correction token, and
+the last draft when every draft was accepted) are fed as a short *pending* block at the start of the next
+step, with holes where a row has fewer of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.causal_lm import CausalLM
+from ..sampling import sample_from_weights
+from .base import Proposer
+
+__all__ = ["DraftModelProposer"]
+
+
+class DraftModelProposer(Proposer):
+    """Proposes with a draft model, sampled through the same logits pipeline as the target.
+
+    Args:
+        draft_model: a transformers causal LM with the target's vocabulary.
+        num_drafts: drafts per step (the starting value when ``adaptive``).
+        adaptive: grow the draft length by 2 when every active row accepted all drafts, else shrink it to
+            ``max(1, n - 1)`` (transformers' "heuristic" schedule), capped at ``max_drafts``.
+        max_drafts: the cap for ``adaptive`` (defaults to ``num_drafts``).
+        confidence: stop drafting early once the draft's top probability falls under this value in every
+            active row (costs a host sync per draft token), None to disable.
+    """
+
+    def __init__(self, draft_model, num_drafts: int, adaptive: bool = False, max_drafts: int | None = None,
+                 confidence: float | None = None):
+        self.lm = draft_model if isinstance(draft_model, CausalLM) else CausalLM(draft_model)
+        self.num_drafts = num_drafts
+        self.max_drafts = max_drafts or num_drafts
+        self.adaptive, self.confidence = adaptive, confidence
+        self.draft_forwards = 0
+
+    def start(self, state):
+        dev = state.device
+        T = state.prompt_length
+        self.lm.prefill(state.tokens[:, :T].to(dev), state.valid[:, :T].to(dev))
+        self.draft_forwards += 1
+        self._pending = state.last_tokens(1).to(dev)  # [B, P] right-aligned
+        self._pending_valid = torch.ones(state.batch_size, 1, dtype=torch.bool)
+        self._k = self.num_drafts
+
+    def _draft_rows(self, state, logits, drafts):
+        """Draft logits [B, V] -> (token [B], q [B, V] or None) through the target's pipeline."""
+        pipe = state.pipeline
+        if pipe.processors:
+            prefix = state.prefix()
+            if drafts:
+                prefix = torch.cat([prefix, torch.stack(drafts, 1)], dim=1)
+            logits = pipe.process(logits.unsqueeze(1), prefix)[:, 0]
+        if state.greedy:
+            return logits.argmax(-1), None, logits.softmax(-1) if self.confidence else None
+        q = pipe.probs(logits)
+        return sample_from_weights(q, state.generator), q, q
+
+    def propose(self, state, max_tokens):
+        K = min(self._k, max_tokens)
+        B, dev = state.batch_size, state.device
+        if K <= 0:
+            return torch.empty(B, 0, dtype=torch.long, device=dev), None
+        self.lm.checkpoint()
+        active = self._active = state.active.clone()
+        pending_valid = self._pending_valid & active.unsqueeze(1)
+        self._fed_pending = pending_valid.sum(-1)
+        logits = self.lm.forward(self._pending, pending_valid)[:, -1]
+        self.draft_forwards += 1
+        drafts, probs = [], []
+        while True:
+            token, q, conf = self._draft_rows(state, logits, drafts)
+            drafts.append(token)
+            probs.append(q)
+            if len(drafts) == K:
+                break
+            if self.confidence is not None and bool((conf.max(-1).values[active.to(dev)] < self.confidence).all()):
+                break
+            logits = self.lm.forward(token.unsqueeze(1), active.unsqueeze(1))[:, -1]
+            self.draft_forwards += 1
+        self._drafted = torch.stack(drafts, 1)
+        return self._drafted, None if state.greedy else torch.stack(probs, 1)
+
+    def update(self, state, result, target_rows, num_accepted):
+        K = target_rows.shape[1] - 1
+        B, dev = state.batch_size, state.device
+        if K == 0:
+            # Nothing was drafted: the pending tokens were not fed; append the new token to them.
+            self._pending = torch.cat([self._pending, result.next_token.unsqueeze(1)], dim=1)
+            self._pending_valid = torch.cat([self._pending_valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+            return
+        # The draft cache holds the pending block and drafts x_1..x_{K-1}; keep the accepted ones.
+        self.lm.rollback(self._fed_pending + num_accepted.clamp(max=K - 1))
+        all_accepted = num_accepted == K
+        self._pending = torch.stack([self._drafted[:, -1], result.next_token], dim=1)
+        self._pending_valid = torch.stack([all_accepted, torch.ones(B, dtype=torch.bool)], dim=1)
+        if self.adaptive:
+            if bool(all_accepted[self._active].all()):
+                self._k = min(self._k + 2, self.max_drafts)
+            else:
+                self._k = max(1, self._k - 1)

@@ -1,0 +1,208 @@
+"""``mmspec.generate``: speculative decoding for any transformers causal LM, batched and exact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import acceptance as _acceptance
+from .decoding import GenerationStats, decode
+from .drafting.base import NoDraft
+from .drafting.jacobi import INIT_STRATEGIES, JacobiProposer
+from .drafting.lookup import LookupProposer
+from .drafting.model import DraftModelProposer
+from .models.causal_lm import CausalLM, vocab_size_of
+from .sampling import LogitsPipeline
+
+__all__ = ["generate", "GenerateOutput", "METHODS", "DEFAULT_WINDOW"]
+
+METHODS = ("jacobi", "draft", "lookup", "ar")
+#: tokens verified per target forward (anchor + drafts) when ``window`` is not given
+DEFAULT_WINDOW = {"jacobi": 16, "draft": 6, "lookup": 11, "ar": 1}
+
+
+@dataclass
+class GenerateOutput:
+    """Result of ``mmspec.generate``.
+
+    Attributes:
+        sequences: LongTensor [B, T + new]: the prompt (left padding kept) and the new tokens, rows that
+            finished early padded with ``pad_token_id``, as transformers' ``generate`` returns them.
+        stats: ``mmspec.decoding.GenerationStats``.
+        lossless: whether the acceptance criterion preserves the target distribution.
+    """
+
+    sequences: torch.Tensor
+    stats: GenerationStats
+    lossless: bool = True
+
+
+def _as_id_list(value, name):
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, int):
+        value = [value]
+    try:
+        ids = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be an int or a list of ints, got {value!r}.") from None
+    return ids
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    method: str = "jacobi",
+    draft_model=None,
+    window: int | None = None,
+    acceptance="exact",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator=None,
+    eos_token_id=None,
+    pad_token_id: int | None = None,
+    init: str = "random",
+    coupled: bool = False,
+    adaptive: bool = False,
+    max_ngram: int = 3,
+    logits_processor=None,
+    progress: bool = False,
+    **model_kwargs,
+) -> GenerateOutput:
+    """Generate with speculative decoding; greedy output equals ``model.generate(do_sample=False)``.
+
+    Args:
+        model: any transformers decoder-only causal LM as loaded by ``from_pretrained`` (no wrapping).
+        input_ids: LongTensor [B, T] (or [T]), left padded when prompts differ in length.
+        attention_mask: [B, T] 1 for tokens, 0 for left padding; all ones when None.
+        max_new_tokens: most tokens to add per row (>= 0).
+        method: ``"jacobi"`` (the target drafts for itself), ``"draft"`` (a draft model proposes),
+            ``"lookup"`` (n-gram match in the context), or ``"ar"`` (plain decoding through the same loop).
+        draft_model: the drafter for ``method="draft"``; same vocabulary as ``model``.
+        window: tokens verified per target forward, anchor included (``window - 1`` drafts);
+            defaults per method: ``DEFAULT_WINDOW``. For ``adaptive`` drafting it is the cap.
+        acceptance: a criterion name (``mmspec.acceptance.available()``) or object; ``"exact"`` is lossless.
+        do_sample, temperature, top_k, top_p: as in transformers; greedy when ``do_sample=False``.
+        generator: a ``torch.Generator`` or a list with one per row; every random draw comes from it.
+        eos_token_id: int or list; defaults to ``model.generation_config.eos_token_id``. Rows stop
+            independently at EOS (kept) or at ``max_new_tokens``.
+        pad_token_id: fills finished rows; defaults to the generation config's, else the first EOS id.
+        init: Jacobi init strategy for new window slots (``"random"``, ``"repeat"``, ...).
+        coupled: Jacobi coupled redraw of continuing slots (sampling only).
+        adaptive: draft-model length schedule (+2 on full acceptance, else -1).
+        max_ngram: longest n-gram for ``lookup``.
+        logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
+            scores alike, before temperature/top-k/top-p.
+        progress: show a tqdm bar over new tokens.
+        **model_kwargs: passed to the target's prefill forward only (e.g. ``pixel_values``).
+
+    Returns:
+        ``GenerateOutput`` with ``sequences`` [B, T + new] and ``stats``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown `method` {method!r}; choose one of {list(METHODS)}.")
+    _check_int(max_new_tokens, "max_new_tokens", 0)
+    if window is None:
+        window = DEFAULT_WINDOW[method]
+    _check_int(window, "window", 1)
+    if method == "draft" and draft_model is None:
+        raise ValueError("`method='draft'` needs a `draft_model` (a small causal LM with the same vocabulary).")
+    if method != "draft" and draft_model is not None:
+        raise ValueError(f"`draft_model` is only used with method='draft', not method={method!r}.")
+    if init not in INIT_STRATEGIES:
+        raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
+    _check_int(max_ngram, "max_ngram", 1)
+    criterion = _acceptance.get(acceptance)
+    if not do_sample and criterion.requires_sampling:
+        raise ValueError(
+            f"acceptance={criterion.name!r} needs sampling; pass do_sample=True or use acceptance='exact'."
+        )
+
+    target = CausalLM(model)
+    V = target.vocab_size
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError("`input_ids` must be an integer torch.Tensor of shape [B, T].")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"`input_ids` must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}.")
+    input_ids = input_ids.long().to(target.device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.dim() == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` {tuple(input_ids.shape)}."
+        )
+    attention_mask = attention_mask.to(target.device).long()
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"`input_ids` must lie in [0, {V}) for this model's vocabulary; found ids in [{lo}, {hi}].")
+    if not bool(attention_mask[:, -1].all()) or bool((attention_mask.diff(dim=1) < 0).any()):
+        raise ValueError("`attention_mask` must be left padded (0s then 1s in every row, last column all 1s).")
+    if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
+        raise ValueError(f"`generator` list has {len(generator)} entries for a batch of {input_ids.shape[0]}.")
+
+    gen_config = getattr(model, "generation_config", None)
+    eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None),
+                          "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos_ids[0] if eos_ids else 0
+
+    pipeline = LogitsPipeline(do_sample, temperature, top_k, top_p, processors=logits_processor or ())
+
+    if method == "ar":
+        proposer = NoDraft()
+        window = 1
+    elif method == "jacobi":
+        proposer = JacobiProposer(window, init=init, coupled=coupled)
+    elif method == "lookup":
+        proposer = LookupProposer(window - 1, max_ngram=max_ngram)
+    else:
+        if vocab_size_of(draft_model) != V:
+            raise ValueError(
+                f"`draft_model` has a vocabulary of {vocab_size_of(draft_model)} logits but the target has {V}; "
+                "draft and target must share the tokenizer."
+            )
+        start = min(5, window - 1) if adaptive else window - 1
+        proposer = DraftModelProposer(draft_model, max(start, 1) if window > 1 else 0, adaptive=adaptive,
+                                      max_drafts=window - 1)
+
+    state, stats = decode(
+        target,
+        proposer,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        window=window,
+        pipeline=pipeline,
+        criterion=criterion,
+        generator=generator,
+        eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None,
+        model_kwargs=model_kwargs,
+        progress=progress,
+    )
+    T = input_ids.shape[1]
+    new = int(state.num_new.max()) if state.batch_size else 0
+    sequences = state.tokens[:, : T + new].clone()
+    filled = torch.arange(T + new).unsqueeze(0) < state.lengths.unsqueeze(1)
+    sequences[~filled] = pad_token_id
+    sequences[:, :T] = input_ids.cpu()
+    return GenerateOutput(sequences.to(input_ids.device), stats, criterion.lossless)

@@ -1,0 +1,157 @@
+"""The logits pipeline and exact sampling helpers.
+
+One pipeline turns raw model scores into the distribution used for both the target rows ``p`` and the
+draft rows ``q`` (ALGORITHMS.md section 6): logits processors (guidance and structural forcing arrive here
+as processors from the model adapter, user processors after them) -> temperature -> top-k -> top-p ->
+softmax. Using the same object for ``p`` and ``q`` is what keeps exact acceptance exact.
+
+Every random draw takes a ``generator`` that is either one ``torch.Generator`` for the whole batch or a
+list with one generator per row, so a row can be reproduced on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+
+Generator = Union[torch.Generator, Sequence[torch.Generator], None]
+
+__all__ = [
+    "LogitsPipeline",
+    "Generator",
+    "uniform",
+    "exponential",
+    "sample_from_weights",
+    "onehot",
+]
+
+
+def _check_generator(generator: Generator, batch: int) -> None:
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(
+            f"`generator` is a list of {len(generator)} generators but the batch has {batch} rows; "
+            "pass one torch.Generator, or exactly one per row."
+        )
+
+
+def _draw(shape: Sequence[int], generator: Generator, device, fill: Callable[[torch.Tensor, object], None]):
+    """Allocate float64 ``shape`` and fill it from ``generator`` (row-wise if it is a list)."""
+    if isinstance(generator, (list, tuple)):
+        _check_generator(generator, shape[0])
+        rows = []
+        for g in generator:
+            t = torch.empty(tuple(shape[1:]), dtype=torch.float64, device=g.device)
+            fill(t, g)
+            rows.append(t.to(device))
+        return torch.stack(rows) if rows else torch.empty(tuple(shape), dtype=torch.float64, device=device)
+    gen_device = generator.device if generator is not None else device
+    t = torch.empty(tuple(shape), dtype=torch.float64, device=gen_device)
+    fill(t, generator)
+    return t.to(device)
+
+
+def uniform(shape: Sequence[int], generator: Generator = None, device=None) -> torch.Tensor:
+    """Uniform draws in (0, 1], float64, so that ``u <= ratio`` accepts ratio 1 always and ratio 0 never."""
+    return 1.0 - _draw(shape, generator, device, lambda t, g: t.uniform_(0.0, 1.0, generator=g))
+
+
+def exponential(shape: Sequence[int], generator: Generator = None, device=None) -> torch.Tensor:
+    """Exp(1) draws in float64, clamped away from 0 so ``w / E`` is never ``0 / 0``."""
+    e = _draw(shape, generator, device, lambda t, g: t.exponential_(1.0, generator=g))
+    return e.clamp_min_(torch.finfo(torch.float64).tiny)
+
+
+def sample_from_weights(weights: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+    """Exact draw from ``weights / weights.sum(-1)`` without normalising: ``argmax(w / E)``, ``E ~ Exp(1)``.
+
+    Args:
+        weights: [..., V] non-negative, not necessarily normalised; every row must have positive mass.
+        generator: one generator, or one per leading (batch) row.
+    Returns:
+        LongTensor [...] of token ids in ``[0, V)``.
+    """
+    e = exponential(weights.shape, generator, weights.device)
+    return (weights.to(torch.float64) / e).argmax(-1)
+
+
+def onehot(tokens: torch.Tensor, vocab_size: int, dtype=torch.float32) -> torch.Tensor:
+    """[...] ids -> [..., V] one-hot rows (the ``q`` of a deterministic draft)."""
+    out = torch.zeros(*tokens.shape, vocab_size, dtype=dtype, device=tokens.device)
+    return out.scatter_(-1, tokens.unsqueeze(-1), 1.0)
+
+
+@dataclass
+class LogitsPipeline:
+    """Scores -> probabilities, identically for target and draft rows.
+
+    Args:
+        do_sample: False means greedy; ``__call__`` then is not needed and ``greedy_tokens`` is used.
+        temperature: > 0; applied before top-k/top-p, as transformers does.
+        top_k: keep the ``top_k`` highest scores (ties with the k-th are kept), None or 0 to disable.
+        top_p: nucleus threshold in (0, 1], None to disable.
+        processors: callables ``(input_ids [N, T], scores [N, V]) -> scores`` such as a transformers
+            ``LogitsProcessorList``; they see the prefix that each scored position continues.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    processors: Sequence[Callable] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise ValueError(f"`temperature` must be a positive number, got {self.temperature!r}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"`top_k` must be a non-negative int or None, got {self.top_k!r}.")
+        if self.top_p is not None and not (0.0 < float(self.top_p) <= 1.0):
+            raise ValueError(f"`top_p` must be in (0, 1] or None, got {self.top_p!r}.")
+        self.processors = tuple(self.processors or ())
+
+    # -- scores ------------------------------------------------------------------------------------
+    def process(self, scores: torch.Tensor, prefix: torch.Tensor | None = None, window: torch.Tensor | None = None):
+        """Apply the logits processors to scores [B, L, V].
+
+        ``prefix`` [B, T] is the committed sequence (left padding allowed) and ``window`` [B, L-1] the draft
+        tokens fed after it, so position ``j`` is scored with the prefix ``prefix + window[:, :j]``.
+        """
+        if not self.processors:
+            return scores
+        if prefix is None:
+            raise ValueError("logits processors need the token prefix; pass `prefix`.")
+        out = []
+        for j in range(scores.shape[1]):
+            ids = prefix if j == 0 else torch.cat([prefix, window[:, :j]], dim=1)
+            s = scores[:, j]
+            for proc in self.processors:
+                s = proc(ids, s)
+            out.append(s)
+        return torch.stack(out, dim=1)
+
+    def greedy_tokens(self, scores: torch.Tensor) -> torch.Tensor:
+        """[..., V] processed scores -> [...] argmax ids (what greedy decoding emits)."""
+        return scores.argmax(-1)
+
+    def probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """[..., V] processed scores -> [..., V] probabilities after temperature, top-k and top-p.
+
+        Computed in float32 at least (float64 stays float64).
+        """
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        logits = scores.to(dtype)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        V = logits.shape[-1]
+        if self.top_k and self.top_k < V:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            remove_sorted = cum <= (1.0 - self.top_p)
+            remove_sorted[..., -1] = False  # always keep the most likely token
+            remove = remove_sorted.scatter(-1, order, remove_sorted)
+            logits = logits.masked_fill(remove, float("-inf"))
+        return logits.softmax(-1)
