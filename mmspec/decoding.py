@@ -91,7 +91,7 @@ class DecodeState:
         self.valid = torch.zeros(B, T + max_new_tokens, dtype=torch.bool)
         self.valid[:, :T] = attention_mask.cpu().bool()
         self.num_new = torch.zeros(B, dtype=torch.long)
-        self.active = torch.ones(B, dtype=torch.bool)
+        self.active = torch.full((B,), max_new_tokens > 0, dtype=torch.bool)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -188,7 +188,7 @@ def decode(
 
     while bool(state.active.any()):
         active = state.active.clone()
-        max_drafts = min(window - 1, int(state.remaining.max()) - 1)
+        max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1))
         drafts, draft_probs = proposer.propose(state, max_drafts)
         K = drafts.shape[1]
         block = torch.cat([anchor.unsqueeze(1), drafts], dim=1)
