@@ -1,0 +1,154 @@
+"""Text benchmark: mmspec methods vs plain AR, a raw forward loop, and transformers' assisted generation.
+
+Everything runs in one process on the same target/draft pair; each row is the median of ``--repeats``
+runs. Greedy outputs are checked for equality with plain greedy decoding. Without trained weights
+(``--models random``), acceptance is meaningless; the numbers then measure overhead only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .. import generate
+from .common import environment, markdown_table, median_time, write_report
+
+__all__ = ["main", "run", "raw_greedy_loop", "random_pair"]
+
+
+def random_pair(vocab_size=16384, hidden=384, layers=6, draft_hidden=128, draft_layers=2, seed=0):
+    """A random-weight Llama target (~20M params by default) and a small draft sharing its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(h, n, s):
+        torch.manual_seed(s)
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,
+                          num_attention_heads=max(2, h // 64), num_key_value_heads=max(1, h // 128),
+                          max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+        return LlamaForCausalLM(cfg).eval()
+
+    return build(hidden, layers, seed), build(draft_hidden, draft_layers, seed + 1)
+
+
+@torch.no_grad()
+def raw_greedy_loop(model, input_ids, max_new_tokens):
+    """The floor for plain AR: prefill + one forward per token with a DynamicCache, argmax, nothing else."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [token]
+    for _ in range(max_new_tokens - 1):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat([input_ids] + tokens, dim=1)
+
+
+def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, window_lookup=8, corpus_ids=None):
+    """Time every method on ``input_ids`` [B, T]; returns a list of result rows."""
+    B = input_ids.shape[0]
+    common = dict(max_new_tokens=max_new_tokens, eos_token_id=[], pad_token_id=0)
+    hf_common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    K = window_draft - 1
+    cases = [
+        ("raw forward loop", "peer", lambda: (raw_greedy_loop(target, input_ids, max_new_tokens), None)),
+        ("transformers generate", "peer", lambda: (target.generate(input_ids, **hf_common), None)),
+        ("mmspec ar", "mmspec", lambda: _mm(target, input_ids, method="ar", **common)),
+        ("mmspec draft", "mmspec", lambda: _mm(target, input_ids, method="draft", draft_model=draft,
+                                               window=window_draft, **common)),
+        ("mmspec lookup", "mmspec", lambda: _mm(target, input_ids, method="lookup", window=window_lookup, **common)),
+        ("mmspec jacobi", "mmspec", lambda: _mm(target, input_ids, method="jacobi", window=8, **common)),
+    ]
+    if B == 1:  # transformers' assisted generation and prompt lookup support batch size 1 only
+        cases += [
+            ("transformers assisted", "peer", lambda: (target.generate(
+                input_ids, assistant_model=draft, num_assistant_tokens=K, num_assistant_tokens_schedule="constant",
+                assistant_confidence_threshold=0.0, **hf_common), None)),
+            ("transformers prompt lookup", "peer", lambda: (target.generate(
+                input_ids, prompt_lookup_num_tokens=window_lookup - 1, **hf_common), None)),
+        ]
+    rows, reference = [], None
+    for name, kind, fn in cases:
+        (seqs, stats), t, times = median_time(fn, repeats)
+        if reference is None:
+            reference = seqs
+        row = {"method": name, "kind": kind, "batch": B, "median_s": t, "times": times,
+               "identical": bool(torch.equal(seqs, reference))}
+        if stats is not None:
+            row.update(target_forwards=stats.target_forwards, draft_forwards=stats.draft_forwards,
+                       step_compression=stats.step_compression, mean_accepted=stats.mean_accepted)
+        rows.append(row)
+    by = {r["method"]: r["median_s"] for r in rows}
+    for r in rows:
+        r["vs_raw"] = by["raw forward loop"] / r["median_s"]
+        r["vs_mmspec_ar"] = by["mmspec ar"] / r["median_s"]
+    if "transformers assisted" in by:
+        rows[[r["method"] for r in rows].index("mmspec draft")]["vs_peer"] = by["transformers assisted"] / by["mmspec draft"]
+        rows[[r["method"] for r in rows].index("mmspec lookup")]["vs_peer"] = (
+            by["transformers prompt lookup"] / by["mmspec lookup"])
+    return rows
+
+
+def _mm(target, input_ids, **kw):
+    out = generate(target, input_ids, **kw)
+    return out.sequences, out.stats
+
+
+COLUMNS = [
+    ("method", "method", ""), ("batch", "B", ""), ("identical", "= greedy", ""),
+    ("target_forwards", "target fwd", ""), ("step_compression", "step compr.", ".2f"),
+    ("median_s", "median s", ".3f"), ("vs_raw", "speed vs raw loop", ".2f"),
+    ("vs_mmspec_ar", "speed vs mmspec ar", ".2f"), ("vs_peer", "speed vs transformers peer", ".2f"),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mmspec bench text", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", choices=["random", "zoo"], default="random",
+                   help="random: random-weight Llama pair (overhead only); zoo: the bundled trained text pair")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes to run")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new", type=int, default=64, help="max new tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="outputs/bench", help="folder for text.json and text.md")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.models == "zoo":
+        from ..zoo.hub import load_text_pair, text_prompts
+
+        target, draft, tokenizer = load_text_pair()
+        make_prompts = lambda b: text_prompts(tokenizer, b, args.prompt_len)  # noqa: E731
+    else:
+        if args.tiny:
+            target, draft = random_pair(vocab_size=512, hidden=64, layers=2, draft_hidden=32, draft_layers=1)
+        else:
+            target, draft = random_pair()
+        V = target.config.vocab_size
+
+        def make_prompts(b):
+            g = torch.Generator().manual_seed(b)
+            return torch.randint(2, V, (b, args.prompt_len), generator=g)
+
+    if args.tiny:
+        args.new, args.repeats, args.prompt_len = 8, 1, 8
+    rows = []
+    for b in args.batch:
+        rows += run(target, draft, make_prompts(b), max_new_tokens=args.new, repeats=args.repeats)
+    md = (f"# mmspec bench text ({args.models} weights)\n\n`mmspec bench text {' '.join(argv or sys.argv[1:])}`\n\n"
+          f"{markdown_table(rows, COLUMNS)}\n\nEnvironment: {environment()}\n")
+    js, mdp = write_report(args.out, "text", {"args": vars(args), "env": environment(), "rows": rows}, md)
+    print(md)
+    print(f"wrote {js} and {mdp}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
