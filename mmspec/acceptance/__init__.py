@@ -9,6 +9,11 @@ True
 
 from .base import Criterion, available, gather_token_probs, get, register
 from .exact import Exact
+from .gsd import GSD
+from .lantern import Lantern, deviation, modified_target
 from .typical import Typical
 
-__all__ = ["Criterion", "Exact", "Typical", "available", "gather_token_probs", "get", "register"]
+__all__ = [
+    "Criterion", "Exact", "GSD", "Lantern", "Typical", "available", "deviation", "gather_token_probs", "get",
+    "modified_target", "register",
+]
