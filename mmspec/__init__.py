@@ -15,6 +15,16 @@ from .verify import VerifyResult, verify
 
 __version__ = "0.1.0"
 
+_LAZY = ("pipelines", "models", "drafting", "kernels", "zoo", "bench")
+
+
+def __getattr__(name):  # heavy submodules (diffusers, triton, training data) load on first use
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "acceptance",
     "generate",

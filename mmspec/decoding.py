@@ -156,6 +156,7 @@ def decode(
     eos_token_ids: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    callback=None,
 ) -> tuple[DecodeState, GenerationStats]:
     """Run the speculative loop; see the module docstring.
 
@@ -164,6 +165,7 @@ def decode(
         proposer: the drafter.
         input_ids, attention_mask: [B, T] prompt, left padded.
         window: tokens verified per target forward (1 anchor + up to ``window - 1`` drafts).
+        callback: called as ``callback(step, state)`` after every commit (step 0 is the prefill).
     Returns:
         the final ``DecodeState`` (committed tokens) and ``GenerationStats``.
     """
@@ -185,6 +187,8 @@ def decode(
             anchor = sample_from_weights(pipeline.probs(scores), generator)
         state.commit(anchor.cpu().unsqueeze(1), eos_token_ids)
         proposer.start(state)
+        if callback is not None:
+            callback(0, state)
 
     while bool(state.active.any()):
         active = state.active.clone()
@@ -213,6 +217,8 @@ def decode(
         target.rollback(torch.where(active, num_accepted + 1, 0))
         proposer.update(state, result, rows, num_accepted)
         anchor = result.next_token
+        if callback is not None:
+            callback(stats.target_forwards - 1, state)
 
     bar.close()
     if device.type == "cuda":

@@ -23,7 +23,8 @@ from .base import Proposer
 
 __all__ = ["JacobiProposer", "INIT_STRATEGIES", "register_init", "random_tokens"]
 
-#: name -> fn(state, proposer, window [B, 1 + K] (anchor then drafts), fill [B, K] bool) -> tokens [B, K]
+#: name -> fn(state, proposer, window [B, 1 + K] (anchor then drafts), fill [B, K] bool) -> tokens [B, K],
+#: or (tokens, probs [B, K, V]) when the init tokens are drawn from a distribution (else their q is one-hot)
 INIT_STRATEGIES: Dict[str, Callable] = {}
 
 
@@ -50,12 +51,52 @@ def _init_random(state, proposer, window, fill):
 
 
 @register_init("repeat")
+@register_init("horizontal")
 def _init_repeat(state, proposer, window, fill):
     """Copy the left neighbour: each empty slot repeats the last token before it."""
     K = fill.shape[1]
     pos = torch.arange(1, K + 1, device=window.device).expand_as(fill)
     src = torch.where(fill, torch.zeros_like(pos), pos).cummax(-1).values  # last filled index (0 = anchor)
     return window.gather(1, src)
+
+
+@register_init("vertical")
+def _init_vertical(state, proposer, window, fill):
+    """Copy the token one grid row above (committed, or a draft earlier in the window); rows without a row
+    above fall back to the left neighbour. Needs the proposer's ``layout``."""
+    layout = proposer.layout
+    if layout is None:
+        raise ValueError("Jacobi init 'vertical' needs an image layout (use it through an image pipeline).")
+    K, stride, dev = fill.shape[1], layout.row_stride, window.device
+    B = fill.shape[0]
+    committed = state.num_new.to(dev)  # new tokens committed; the anchor is new index committed - 1
+    slot_index = committed.unsqueeze(1) - 1 + torch.arange(1, K + 1, device=dev)  # new index of each slot
+    above = slot_index - stride
+    horizontal = _init_repeat(state, proposer, window, fill)
+    # Above a slot is either committed text (new index < committed) or an earlier window slot.
+    lengths = (state.prompt_length + above.clamp_min(0)).cpu()
+    from_committed = state.tokens.gather(1, lengths.clamp(max=state.tokens.shape[1] - 1)).to(dev)
+    tokens = torch.where(fill, horizontal, window[:, 1:])
+    in_window = above >= committed.unsqueeze(1)
+    for _ in range(-(-K // stride)):  # slots above may themselves be fresh: resolve one grid row per pass
+        src = (above - committed.unsqueeze(1) + 1).clamp(1, K)  # window index of the slot above
+        from_window = torch.cat([window[:, :1], tokens], dim=1).gather(1, src)
+        vertical = torch.where(in_window, from_window, from_committed)
+        tokens = torch.where(fill & (above >= 0), vertical, tokens)
+    return tokens
+
+
+@register_init("sample_horizon")
+def _init_sample_horizon(state, proposer, window, fill):
+    """Draw empty slots from the target's furthest row of the last step (its horizon), q = that row.
+    Before the first verification there is no such row, so slots repeat the left neighbour."""
+    horizon = getattr(proposer, "horizon", None)
+    if horizon is None:
+        return _init_repeat(state, proposer, window, fill)
+    rows = horizon.unsqueeze(1).expand(-1, fill.shape[1], -1)
+    if state.greedy:
+        return rows.argmax(-1), None
+    return sample_from_weights(rows, state.generator), rows
 
 
 class JacobiProposer(Proposer):
@@ -65,14 +106,18 @@ class JacobiProposer(Proposer):
         window: tokens per target forward (1 anchor + ``window - 1`` drafts).
         init: name in ``INIT_STRATEGIES`` (``"random"``, ``"repeat"``, ...) for slots with no prediction yet.
         coupled: redraw continuing slots with the coupled rule (sampling only; greedy drafts are argmax).
-        token_range: ``(low, high)`` ids that random init may draw (default the whole vocabulary).
+        token_range: ``(low, high)`` ids that random init may draw (default: the layout's image tokens, else
+            the whole vocabulary).
+        layout: an ``ImageLayout`` for grid-aware init (``vertical``) and forced structural tokens.
     """
 
-    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None):
+    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None):
         if init not in INIT_STRATEGIES:
             raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
         self.num_drafts = window - 1
-        self.init, self.coupled, self.token_range = init, coupled, token_range
+        self.init, self.coupled, self.layout = init, coupled, layout
+        self.token_range = token_range or (layout.token_range if layout is not None else None)
+        self.horizon = None  # the target's last row of the previous step [B, V]
         self.tokens = None  # [B, K] continuing drafts (left-aligned)
         self.probs = None  # [B, K, V] their q rows (sampling only)
         self.count = None  # [B] how many of them are real predictions; the rest are filled by init
@@ -82,6 +127,7 @@ class JacobiProposer(Proposer):
         self.tokens = torch.zeros(B, self.num_drafts, dtype=torch.long, device=dev)
         self.probs = None
         self.count = torch.zeros(B, dtype=torch.long, device=dev)
+        self.horizon = None
         self._anchor = state.last_tokens(1).to(dev)[:, 0]
 
     def propose(self, state, max_tokens):
@@ -90,10 +136,19 @@ class JacobiProposer(Proposer):
         fill = torch.arange(K, device=tokens.device).unsqueeze(0) >= self.count.unsqueeze(1)
         window = torch.cat([self._anchor.unsqueeze(1), tokens], dim=1)
         init = INIT_STRATEGIES[self.init](state, self, window, fill)
+        init, init_probs = init if isinstance(init, tuple) else (init, None)
+        if self.layout is not None:  # structural slots (end of line / image) get their forced token
+            slot_index = state.num_new.to(tokens.device).unsqueeze(1) + torch.arange(K, device=tokens.device)
+            forced = self.layout.forced_token(self.layout.kind(slot_index))
+            init = torch.where(forced >= 0, forced, init)
+            init_probs = None if init_probs is None else torch.where(
+                (forced >= 0).unsqueeze(-1), onehot(init, state.vocab_size, init_probs.dtype), init_probs)
         drafts = torch.where(fill, init, tokens)
         if state.greedy:
             return drafts, None
         q = onehot(drafts, state.vocab_size, dtype=torch.float64)
+        if init_probs is not None:
+            q = torch.where(fill.unsqueeze(-1), init_probs.to(q.dtype), q)
         if self.probs is not None:
             q = torch.where(fill.unsqueeze(-1), q, self.probs[:, :K].to(q.dtype))
         self._proposed, self._proposed_probs = drafts, q
@@ -118,4 +173,5 @@ class JacobiProposer(Proposer):
         self.count = have.sum(-1)
         if not state.greedy:
             self.probs = target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
+        self.horizon = target_rows[:, -1]
         self._anchor = result.next_token

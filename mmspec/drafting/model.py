@@ -28,11 +28,16 @@ class DraftModelProposer(Proposer):
         max_drafts: the cap for ``adaptive`` (defaults to ``num_drafts``).
         confidence: stop drafting early once the draft's top probability falls under this value in every
             active row (costs a host sync per draft token), None to disable.
+        prefill_kwargs: extra arguments for the draft adapter's prefill (e.g. unconditional prompts).
+
+    ``draft_model`` may also be an adapter (``CausalLM``, ``GuidedLM``) so that image drafters get the same
+    guidance and structural forcing as the target.
     """
 
     def __init__(self, draft_model, num_drafts: int, adaptive: bool = False, max_drafts: int | None = None,
-                 confidence: float | None = None):
-        self.lm = draft_model if isinstance(draft_model, CausalLM) else CausalLM(draft_model)
+                 confidence: float | None = None, prefill_kwargs: dict | None = None):
+        self.lm = draft_model if hasattr(draft_model, "prefill") else CausalLM(draft_model)
+        self.prefill_kwargs = prefill_kwargs or {}
         self.num_drafts = num_drafts
         self.max_drafts = max_drafts or num_drafts
         self.adaptive, self.confidence = adaptive, confidence
@@ -41,7 +46,7 @@ class DraftModelProposer(Proposer):
     def start(self, state):
         dev = state.device
         T = state.prompt_length
-        self.lm.prefill(state.tokens[:, :T].to(dev), state.valid[:, :T].to(dev))
+        self.lm.prefill(state.tokens[:, :T].to(dev), state.valid[:, :T].to(dev), **self.prefill_kwargs)
         self.draft_forwards += 1
         self._pending = state.last_tokens(1).to(dev)  # [B, P] right-aligned
         self._pending_valid = torch.ones(state.batch_size, 1, dtype=torch.bool)

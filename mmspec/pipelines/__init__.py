@@ -1,0 +1,5 @@
+"""diffusers-style pipelines."""
+
+from .image import SpeculativeImagePipeline, SpeculativeImagePipelineOutput
+
+__all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput"]
