@@ -109,15 +109,7 @@ class CausalLM:
         kwargs = dict(model_kwargs)
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            return_dict=True,
-            **kwargs,
-        )
-        self.cache = out.past_key_values
+        logits, self.cache = self.call_model(input_ids, mask, position_ids, None, **kwargs)
         _check_cache(self.cache)
         self.mask = mask
         self._mask_cpu = attention_mask.detach().to("cpu", torch.bool)
@@ -128,7 +120,14 @@ class CausalLM:
                 f"the model cached {seq_len} positions for a prompt of {mask.shape[1]}; models that expand the "
                 "prompt inside forward need their own adapter."
             )
-        return out.logits[:, -1]
+        return logits[:, -1]
+
+    def call_model(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs):
+        """One forward of the wrapped model -> (logits [B, L, V], cache). Families with quirks (separate
+        image-token embeddings or heads, condition embeddings) override this and nothing else."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=True, return_dict=True, **kwargs)
+        return out.logits, out.past_key_values
 
     def checkpoint(self) -> None:
         """Mark the cache length; ``rollback`` then keeps a per-row number of tokens added since."""
@@ -153,16 +152,8 @@ class CausalLM:
         self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
         self.mask = torch.cat([self.mask, valid_dev], dim=1)
         kwargs = {"cache_position": torch.arange(S, S + L, device=dev)} if self._has_cache_position else {}
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self.mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            return_dict=True,
-            **kwargs,
-        )
-        return out.logits
+        logits, self.cache = self.call_model(tokens, self.mask, position_ids, self.cache, **kwargs)
+        return logits
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Keep the first ``keep[b]`` valid tokens added since ``checkpoint`` in row b; drop the rest.
