@@ -1,5 +1,6 @@
 """The ``mmspec`` command.
 
+    mmspec image "a red circle on a blue background" -o out.png [--compare]   the bundled text-to-image model
     mmspec bench text [--batch 1 4] [--models random|zoo] ...   benchmark text methods against peers
     mmspec bench kernels ...                                      fused verification kernels vs torch
 
@@ -32,7 +33,92 @@ def _bench(argv):
     return 0
 
 
-COMMANDS = {"bench": (_bench, "run a benchmark and write JSON + markdown")}
+def _image(argv):
+    p = argparse.ArgumentParser(
+        prog="mmspec image",
+        description="Generate images with the bundled text-to-image token model, decoded speculatively. "
+        "Prints tokens, target forwards, step compression and time; --compare also runs plain AR.",
+    )
+    p.add_argument("prompt", nargs="+", help="one or more prompts, e.g. 'a small red circle at the top left on "
+                   "a striped blue background'")
+    p.add_argument("-o", "--output", default="image.png",
+                   help="output PNG (several images: a grid, plus one file per image next to it)")
+    p.add_argument("--decoding", choices=["jacobi", "draft", "ar"], default="jacobi", help="decoding method")
+    p.add_argument("--init", default="vertical", help="Jacobi init: random, horizontal, vertical, sample_horizon")
+    p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
+                   help="coupled redraw of Jacobi drafts (lossless)")
+    p.add_argument("--window", type=int, default=16, help="tokens verified per forward (anchor included)")
+    p.add_argument("--acceptance", default="exact", help="exact (lossless), lantern, gsd, typical")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="also run plain AR in this process and print the speedup")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.window < 1:
+        p.error("--window must be >= 1")
+    if args.num_images < 1:
+        p.error("--num-images must be >= 1")
+    if not args.output.lower().endswith(".png"):
+        p.error("--output must end with .png")
+
+    import torch
+    from torchvision.utils import make_grid, save_image
+
+    from .acceptance import available
+    from .drafting.jacobi import INIT_STRATEGIES
+    from .zoo.models import load_image_pipeline
+
+    if args.init not in INIT_STRATEGIES:
+        p.error(f"--init must be one of {sorted(INIT_STRATEGIES)}")
+    if args.acceptance not in available():
+        p.error(f"--acceptance must be one of {available()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, draft = load_image_pipeline(with_draft=args.decoding == "draft")
+    common = dict(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
+                  num_images_per_prompt=args.num_images, output_type="pt")
+
+    def run(decoding, **kw):
+        return pipe(args.prompt, decoding=decoding, generator=torch.Generator().manual_seed(args.seed), **common, **kw)
+
+    kw = dict(window=args.window, acceptance=args.acceptance)
+    if args.decoding == "jacobi":
+        kw.update(init=args.init, coupled=args.coupled)
+    elif args.decoding == "draft":
+        kw.update(draft_model=draft)
+    else:
+        kw = {}
+    out = run(args.decoding, **kw)
+    s = out.stats
+    print(f"{args.decoding}: {s.new_tokens} tokens, {s.target_forwards} target forwards, step compression "
+          f"{s.step_compression:.2f}x, mean accepted {s.mean_accepted:.2f}, {s.wall_time:.2f}s"
+          + ("" if out.lossless else "  (lossy criterion)"))
+    if args.compare:
+        ar = run("ar")
+        print(f"ar: {ar.stats.new_tokens} tokens, {ar.stats.target_forwards} target forwards, {ar.stats.wall_time:.2f}s")
+        print(f"wall-clock speedup vs AR: {ar.stats.wall_time / s.wall_time:.2f}x "
+              f"(step compression {s.step_compression:.2f}x)")
+        if out.lossless and args.acceptance == "exact" and not torch.equal(out.tokens, ar.tokens):
+            print("(sampled outputs differ from AR's draws, as expected: same distribution, different randomness)")
+    images = out.images
+    if len(images) == 1:
+        save_image(images[0], args.output)
+    else:
+        save_image(make_grid(images, nrow=min(len(images), 8), padding=2), args.output)
+        stem = args.output[:-4]
+        for i, im in enumerate(images):
+            save_image(im, f"{stem}_{i}.png")
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {
+    "image": (_image, "generate images with the bundled text-to-image model"),
+    "bench": (_bench, "run a benchmark and write JSON + markdown"),
+}
 
 
 def main(argv=None) -> int:
