@@ -558,6 +558,17 @@ class LlamaGenGPT(nn.Module):
         """``LlamaGenGPT.from_preset("GPT-B", vocab_size=16384, block_size=256)``."""
         return cls(_make_config(LlamaGenConfig, preset, GPT_PRESETS, kwargs))
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``save_directory/model.safetensors`` with the config in its metadata (see :func:`save_gpt`).
+        Extra keyword arguments (as diffusers/transformers pass them) are ignored."""
+        _save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> "LlamaGenGPT":
+        """Load what :meth:`save_pretrained` wrote (a directory, or a checkpoint file for :func:`load_gpt`).
+        ``torch_dtype`` / ``dtype`` and ``device`` are honoured; other loader keyword arguments are ignored."""
+        return load_gpt(_pretrained_file(path), **_pretrained_kwargs(torch_dtype, kwargs))
+
     def init_weights(self, zero_output: bool = True) -> None:
         """LlamaGen's initialisation: N(0, initializer_range) for Linear/Embedding weights, zero output
         head (the t2i unconditional caption keeps its N(0, 1/caption_dim) draw, RMSNorm weights ones)."""
@@ -1204,6 +1215,15 @@ class LlamaGenVQ(nn.Module):
     def from_preset(cls, preset: str = "VQ-16", **kwargs) -> "LlamaGenVQ":
         return cls(_make_config(LlamaGenVQConfig, preset, VQ_PRESETS, kwargs))
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``save_directory/model.safetensors`` with the config in its metadata (see :func:`save_vq`)."""
+        _save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> "LlamaGenVQ":
+        """Load what :meth:`save_pretrained` wrote (a directory, or a checkpoint file for :func:`load_vq`)."""
+        return load_vq(_pretrained_file(path), preset=None, **_pretrained_kwargs(torch_dtype, kwargs))
+
     @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
@@ -1484,3 +1504,21 @@ def save_gpt(model: LlamaGenGPT, path: str | os.PathLike) -> None:
 def save_vq(model: LlamaGenVQ, path: str | os.PathLike) -> None:
     """Write the VQ weights, as :func:`save_gpt`."""
     _save(model, path)
+
+
+_PRETRAINED_FILE = "model.safetensors"
+
+
+def _save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+    os.makedirs(directory, exist_ok=True)
+    _save(model, os.path.join(os.fspath(directory), _PRETRAINED_FILE))
+
+
+def _pretrained_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    return os.path.join(path, _PRETRAINED_FILE) if os.path.isdir(path) else path
+
+
+def _pretrained_kwargs(torch_dtype, kwargs: dict) -> dict:
+    dtype = torch_dtype if torch_dtype is not None else kwargs.get("dtype")
+    return {"dtype": dtype, "device": kwargs.get("device") or "cpu"}
