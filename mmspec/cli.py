@@ -14,6 +14,7 @@ import importlib
 import sys
 
 BENCHES = {
+    "image": ("mmspec.bench.image", "image methods (SJD variants, GSD, LANTERN, draft) vs AR on the zoo models"),
     "text": ("mmspec.bench.text", "text methods vs plain AR and transformers' assisted generation"),
     "kernels": ("mmspec.bench.kernels", "fused Triton verification vs the torch reference"),
 }

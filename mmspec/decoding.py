@@ -108,12 +108,6 @@ class DecodeState:
         idx = (self.lengths.unsqueeze(1) - n + torch.arange(n)).clamp_min(0)
         return self.tokens.gather(1, idx)
 
-    def prefix(self) -> torch.Tensor:
-        """[B, P] on ``device``: committed tokens right-aligned (left padded), for logits processors."""
-        P = int(self.lengths.max())
-        idx = self.lengths.unsqueeze(1) - P + torch.arange(P)
-        return self.tokens.gather(1, idx.clamp_min(0)).to(self.device)
-
     def commit(self, emitted: torch.Tensor, eos_token_ids: torch.Tensor | None) -> torch.Tensor:
         """Append this step's emitted tokens [B, L] (-1 padded, CPU) to the active rows.
 
@@ -180,7 +174,7 @@ def decode(
         last = target.prefill(input_ids, attention_mask, **(model_kwargs or {}))  # [B, V]
         stats.target_forwards += 1
         row_forwards += 1
-        scores = pipeline.process(last.unsqueeze(1), state.prefix() if pipeline.processors else None)[:, 0]
+        scores = pipeline.process(last.unsqueeze(1), state.tokens, state.lengths)[:, 0]
         if state.greedy:
             anchor = scores.argmax(-1)
         else:
@@ -200,7 +194,7 @@ def decode(
         logits = target.forward(block, active.unsqueeze(1).expand(-1, K + 1))
         stats.target_forwards += 1
         row_forwards += active
-        scores = pipeline.process(logits, state.prefix() if pipeline.processors else None, drafts)
+        scores = pipeline.process(logits, state.tokens, state.lengths, drafts)
         if state.greedy:
             rows = scores
             result = verify(drafts, None, scores, greedy=True)

@@ -111,24 +111,44 @@ class LogitsPipeline:
         self.processors = tuple(self.processors or ())
 
     # -- scores ------------------------------------------------------------------------------------
-    def process(self, scores: torch.Tensor, prefix: torch.Tensor | None = None, window: torch.Tensor | None = None):
+    def process(self, scores: torch.Tensor, tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                window: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
         """Apply the logits processors to scores [B, L, V].
 
-        ``prefix`` [B, T] is the committed sequence (left padding allowed) and ``window`` [B, L-1] the draft
-        tokens fed after it, so position ``j`` is scored with the prefix ``prefix + window[:, :j]``.
+        Position ``j`` of row ``b`` is scored with exactly the ids plain decoding would pass:
+        ``tokens[b, :lengths[b]]`` (the left-padded prompt and the committed tokens) followed by
+        ``window[b, :first + j]`` (the drafts before it). Rows and positions whose prefixes have equal length are
+        processed together, so processors must not hold per-row state sized to the batch.
+
+        Args:
+            tokens: [B, S] committed ids in absolute layout (prompt of length T, then new tokens).
+            lengths: [B] end of each row's committed ids in ``tokens``.
+            window: [B, first + L - 1] drafts fed after the committed ids.
+            first: number of drafts before the first scored position.
         """
         if not self.processors:
             return scores
-        if prefix is None:
-            raise ValueError("logits processors need the token prefix; pass `prefix`.")
-        out = []
-        for j in range(scores.shape[1]):
-            ids = prefix if j == 0 else torch.cat([prefix, window[:, :j]], dim=1)
-            s = scores[:, j]
+        if tokens is None or lengths is None:
+            raise ValueError("logits processors need the committed tokens and their lengths.")
+        B, L, _ = scores.shape
+        dev = scores.device
+        lengths = lengths.to("cpu")
+        tokens = tokens.to(dev)
+        out = scores.clone()
+        total = lengths.unsqueeze(1) + first + torch.arange(L)  # prefix length of every scored position
+        for size in total.unique().tolist():
+            rows, cols = (total == size).nonzero(as_tuple=True)
+            ids = torch.empty(len(rows), size, dtype=torch.long, device=dev)
+            for i, (b, j) in enumerate(zip(rows.tolist(), cols.tolist())):
+                n = int(lengths[b])
+                ids[i, :n] = tokens[b, :n]
+                if first + j:
+                    ids[i, n:] = window[b, : first + j]
+            s = scores[rows.to(dev), cols.to(dev)]
             for proc in self.processors:
                 s = proc(ids, s)
-            out.append(s)
-        return torch.stack(out, dim=1)
+            out[rows.to(dev), cols.to(dev)] = s
+        return out
 
     def greedy_tokens(self, scores: torch.Tensor) -> torch.Tensor:
         """[..., V] processed scores -> [...] argmax ids (what greedy decoding emits)."""

@@ -100,3 +100,24 @@ def test_self_draft_accepts_everything():
     # 1 prefill token + 19 more in steps of 5 (4 drafts + bonus): 4 steps of 5 = 20 > 19, so 5 forwards in all.
     assert out.stats.target_forwards == 5
     assert out.stats.accepted_histogram[4] >= 3 * 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logits_processors_apply_to_target_and_draft(method):
+    """transformers logits processors see each position's exact prefix (left-padded prompt + tokens so far),
+    for target and draft rows alike: greedy output equals transformers' with the same processors."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    target = tiny_causal_lm("llama", sharpen=4.0)
+    ids, mask = ragged_prompts(3, 96, seed=11)
+
+    def processors():
+        return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.8), NoRepeatNGramLogitsProcessor(2)])
+
+    ref = target.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, logits_processor=processors())
+    assert not torch.equal(ref, _reference(target, ids, mask, None))  # the processors matter: the test can fail
+    kwargs = dict(draft_model=perturbed_copy(target, 0.2)) if method == "draft" else {}
+    out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, method=method, eos_token_id=[],
+                          logits_processor=processors(), **kwargs)
+    assert torch.equal(out.sequences, ref)

@@ -56,10 +56,8 @@ class DraftModelProposer(Proposer):
         """Draft logits [B, V] -> (token [B], q [B, V] or None) through the target's pipeline."""
         pipe = state.pipeline
         if pipe.processors:
-            prefix = state.prefix()
-            if drafts:
-                prefix = torch.cat([prefix, torch.stack(drafts, 1)], dim=1)
-            logits = pipe.process(logits.unsqueeze(1), prefix)[:, 0]
+            window = torch.stack(drafts, 1) if drafts else None
+            logits = pipe.process(logits.unsqueeze(1), state.tokens, state.lengths, window, first=len(drafts))[:, 0]
         if state.greedy:
             return logits.argmax(-1), None, logits.softmax(-1) if self.confidence else None
         q = pipe.probs(logits)
