@@ -78,6 +78,7 @@ def generate(
     init: str = "random",
     coupled: bool = False,
     adaptive: bool = False,
+    draft_confidence: float | None = None,
     max_ngram: int = 3,
     logits_processor=None,
     progress: bool = False,
@@ -104,6 +105,8 @@ def generate(
         init: Jacobi init strategy for new window slots (``"random"``, ``"repeat"``, ...).
         coupled: Jacobi coupled redraw of continuing slots (sampling only).
         adaptive: draft-model length schedule (+2 on full acceptance, else -1).
+        draft_confidence: stop drafting a step once the draft's top probability is under this value in
+            every active row (one host sync per draft token), None to always draft ``window - 1``.
         max_ngram: longest n-gram for ``lookup``.
         logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
             scores alike, before temperature/top-k/top-p.
@@ -182,8 +185,10 @@ def generate(
                 "draft and target must share the tokenizer."
             )
         start = min(5, window - 1) if adaptive else window - 1
+        if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
+            raise ValueError(f"`draft_confidence` must be in [0, 1] or None, got {draft_confidence!r}.")
         proposer = DraftModelProposer(draft_model, max(start, 1) if window > 1 else 0, adaptive=adaptive,
-                                      max_drafts=window - 1)
+                                      max_drafts=window - 1, confidence=draft_confidence)
 
     state, stats = decode(
         target,

@@ -57,6 +57,7 @@ def test_greedy_equals_transformers(models, arch, batch, with_eos):
         dict(method="jacobi", window=2),
         dict(method="lookup", window=5, max_ngram=2),
         dict(method="draft", window=9, adaptive=True),
+        dict(method="draft", window=9, draft_confidence=0.6),
         dict(method="draft", window=4, draft="self"),
         dict(method="draft", window=7, draft="other_arch"),
     ],

@@ -131,3 +131,7 @@ def family_for(model, tokenizer=None, vq=None) -> ImageFamily:
         f"no image-generation family recognises {type(model).__name__}; known families: "
         f"{[c.name for c in FAMILIES]}. A causal LM over a joint vocabulary needs `config.image_layout`."
     )
+
+
+# Families with quirks live in their own modules; importing them registers them.
+from . import chameleon  # noqa: E402,F401
