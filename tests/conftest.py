@@ -10,6 +10,10 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidi
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The suite runs as `pytest -n 2` on 2 cores: one thread per worker avoids oversubscription, which makes
+# the tiny models of these tests many times slower.
+torch.set_num_threads(1)
+
 ARCHS = ("llama", "qwen3", "gpt2", "gemma")
 
 
