@@ -134,5 +134,5 @@ def family_for(model, tokenizer=None, vq=None) -> ImageFamily:
 
 
 # Families with quirks live in their own modules; importing them registers them.
-from . import chameleon, janus  # noqa: E402,F401
+from . import chameleon, emu3, janus  # noqa: E402,F401
 from . import llamagen_family  # noqa: E402,F401
