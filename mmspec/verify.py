@@ -97,6 +97,10 @@ def verify(
             f"got shape {tuple(draft_probs.shape)}."
         )
 
+    if K == 0 and greedy:  # plain greedy decoding: nothing to verify
+        next_token = target_probs[:, 0].argmax(-1)
+        return VerifyResult(torch.zeros_like(next_token), next_token.unsqueeze(1), next_token,
+                            draft_tokens.new_zeros((B, 0), dtype=torch.bool))
     if greedy:
         best = target_probs.argmax(-1)  # [B, K+1]
         accepted = (draft_tokens == best[:, :K]).long().cumprod(-1).bool()

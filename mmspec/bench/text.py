@@ -8,12 +8,13 @@ runs. Greedy outputs are checked for equality with plain greedy decoding. Withou
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
 
 from .. import generate
-from .common import environment, markdown_table, median_time, write_report
+from .common import environment, markdown_table, timed, write_report
 
 __all__ = ["main", "run", "raw_greedy_loop", "random_pair"]
 
@@ -71,13 +72,22 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
             ("transformers prompt lookup", "peer", lambda: (target.generate(
                 input_ids, prompt_lookup_num_tokens=window_lookup - 1, **hf_common), None)),
         ]
+    # Round-robin over methods inside each repeat, so load changes on a shared machine hit every method alike.
+    for _, _, fn in cases:
+        fn()  # warm-up
+    times = {name: [] for name, _, _ in cases}
+    results = {}
+    for _ in range(repeats):
+        for name, _, fn in cases:
+            results[name], t = timed(fn)
+            times[name].append(t)
     rows, reference = [], None
-    for name, kind, fn in cases:
-        (seqs, stats), t, times = median_time(fn, repeats)
+    for name, kind, _ in cases:
+        seqs, stats = results[name]
         if reference is None:
             reference = seqs
-        row = {"method": name, "kind": kind, "batch": B, "median_s": t, "times": times,
-               "identical": bool(torch.equal(seqs, reference))}
+        row = {"method": name, "kind": kind, "batch": B, "median_s": statistics.median(times[name]),
+               "times": times[name], "identical": bool(torch.equal(seqs, reference))}
         if stats is not None:
             row.update(target_forwards=stats.target_forwards, draft_forwards=stats.draft_forwards,
                        step_compression=stats.step_compression, mean_accepted=stats.mean_accepted)

@@ -82,6 +82,7 @@ class CausalLM:
         self.mask = None  # [B, S] long on the model's device
         self._mask_cpu = None  # [B, S] bool host mirror
         self._start = 0
+        self._dense = False
 
     @property
     def device(self) -> torch.device:
@@ -113,6 +114,7 @@ class CausalLM:
         _check_cache(self.cache)
         self.mask = mask
         self._mask_cpu = attention_mask.detach().to("cpu", torch.bool)
+        self._dense = bool(self._mask_cpu.all())
         # Models that expand the prompt (image placeholder tokens -> many embeddings) report their own length.
         seq_len = self.cache.get_seq_length()
         if seq_len != mask.shape[1]:
@@ -152,7 +154,11 @@ class CausalLM:
         self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
         self.mask = torch.cat([self.mask, valid_dev], dim=1)
         kwargs = {"cache_position": torch.arange(S, S + L, device=dev)} if self._has_cache_position else {}
-        logits, self.cache = self.call_model(tokens, self.mask, position_ids, self.cache, **kwargs)
+        # Without padding or holes the 2-D mask says nothing causality does not: let the model take its
+        # fast (mask-free) attention path.
+        mask = None if self._dense and bool(valid.all()) else self.mask
+        self._dense = mask is None
+        logits, self.cache = self.call_model(tokens, mask, position_ids, self.cache, **kwargs)
         return logits
 
     def rollback(self, keep: torch.Tensor) -> None:
@@ -163,6 +169,9 @@ class CausalLM:
         """
         tail = self._mask_cpu[:, self._start :]
         kept = tail & (tail.long().cumsum(-1) <= keep.view(-1, 1))
+        if torch.equal(kept, tail):  # nothing rejected (plain AR, or every draft accepted)
+            self._start = self.length
+            return
         used = kept.any(0).nonzero()
         new_tail = int(used[-1]) + 1 if len(used) else 0
         drop = tail.shape[1] - new_tail
@@ -174,3 +183,4 @@ class CausalLM:
             [self.mask[:, : self._start], kept.to(self.mask.device, non_blocking=True).long()], dim=1
         )
         self._start = self.length
+        self._dense = bool(self._mask_cpu.all())
