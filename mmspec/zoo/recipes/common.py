@@ -1,0 +1,113 @@
+"""Pieces shared by the zoo recipes: seeding, a wall-clock budget, streamed data, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import NaturalCropDataset, image_to_tensor, make_scene, scene_labels, scene_seed
+
+#: Seed streams of training and held-out data (scene_seed keeps streams disjoint).
+TRAIN_SCENE_SEED = 0
+TRAIN_CROP_SEED = 1
+HELDOUT_SCENE_SEED = 10_000
+HELDOUT_CROP_SEED = 10_001
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def setup_threads(n: int = 2) -> None:
+    torch.set_num_threads(n)
+
+
+class Budget:
+    """Wall-clock budget: ``progress()`` in [0, 1] is the larger of elapsed time / budget and
+    step / max_steps, so schedules follow whichever limit comes first."""
+
+    def __init__(self, minutes: float, max_steps: int | None = None):
+        if minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.seconds = float(minutes) * 60.0
+        self.max_steps = max_steps
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        p = self.elapsed() / self.seconds
+        if self.max_steps is not None:
+            p = max(p, step / self.max_steps)
+        return min(p, 1.0)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+
+def cosine_lr(base: float, progress: float, step: int, warmup_steps: int, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``floor * base`` at progress 1."""
+    w = min(1.0, (step + 1) / max(warmup_steps, 1))
+    return base * w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def scene_batch(start: int, n: int, seed: int, max_objects: int) -> tuple[torch.Tensor, list[Any]]:
+    """Scenes ``start .. start+n-1`` of stream ``seed``: images ``[n, 3, 64, 64]`` and the scenes."""
+    scenes = [make_scene(scene_seed(seed, i), 64, max_objects) for i in range(start, start + n)]
+    return torch.stack([image_to_tensor(s.image) for s in scenes]), scenes
+
+
+def crop_batch(start: int, n: int, seed: int) -> torch.Tensor:
+    """Natural crops ``start .. start+n-1`` of stream ``seed``: ``[n, 3, 64, 64]``."""
+    ds = NaturalCropDataset(start + n, 64, seed)
+    return torch.stack([ds[i]["image"] for i in range(start, start + n)])
+
+
+def label_tensors(scenes: list[Any]) -> dict[str, torch.Tensor]:
+    labels = [scene_labels(s) for s in scenes]
+    return {k: torch.tensor([lab[k] for lab in labels]) for k in labels[0]}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1] after uint8 quantisation of both."""
+    qa = ((a.clamp(-1, 1) + 1) * 127.5).round()
+    qb = ((b.clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((qa - qb) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def save_fp16(model: Any, out: str | os.PathLike) -> None:
+    """``save_pretrained`` in float16 safetensors (the model is cast in place)."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # silence the keep-in-fp32 notice: these models list no such modules
+    try:
+        model.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def dir_size_bytes(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

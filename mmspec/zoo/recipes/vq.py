@@ -1,0 +1,395 @@
+"""Recipe of the bundled image tokenizer: a diffusers ``VQModel``, 64x64 RGB <-> 16x16 codes.
+
+Architecture: diffusers ``VQModel`` with three encoder/decoder levels (two 2x downsamplings),
+``layers_per_block=1``, no attention (so the model is fully convolutional and can train on crops),
+a low-dimensional codebook lookup (``vq_embed_dim=8``: 1024 codes of dimension 8 behind 1x1
+``quant_conv``/``post_quant_conv``), which keeps nearest-neighbour assignment well spread.
+
+Training (CPU, wall-clock budgeted; phases are fractions of the budget):
+
+1. ``ae_phase``: plain autoencoder on 32x32 crops (no quantisation), so the encoder's outputs mean
+   something before the codebook is fitted to them.
+2. k-means initialisation of the codebook on encoder outputs of fresh crops, then VQ training on
+   32x32 crops: straight-through estimator, commitment loss ``beta * |z - sg(e)|^2``, codebook
+   updated as an exponential moving average of assigned encoder outputs (the VQ-VAE-2 / SoundStream
+   k-means-style update), and dead-code restarts: every ``restart_every`` steps each code whose
+   EMA hit rate fell below ``dead_fraction`` of the uniform rate is moved onto an encoder output of
+   the current batch, drawn with probability proportional to its quantisation error (so busy,
+   badly-fitted clusters are split).
+3. ``full_phase``: the same on whole 64x64 images (border statistics and GroupNorm statistics of
+   the inference resolution).
+
+Reconstruction loss: L1 + L2 + ``edge_weight`` * L1 of horizontal/vertical finite differences.
+Data: a stream of fresh procedural scenes (1..``max_objects`` objects) and natural crops mixed
+``scene_fraction`` : 1 - ``scene_fraction``; held-out metrics use disjoint seed streams.
+
+The codebook stays a plain ``nn.Embedding`` inside ``VQModel.quantize``, so the saved model is a
+standard diffusers VQModel and encoding uses diffusers' own nearest-code lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from tqdm.auto import tqdm
+
+from .. import hub
+from .common import (
+    HELDOUT_CROP_SEED,
+    HELDOUT_SCENE_SEED,
+    TRAIN_CROP_SEED,
+    TRAIN_SCENE_SEED,
+    Budget,
+    cosine_lr,
+    crop_batch,
+    dir_size_bytes,
+    psnr,
+    save_fp16,
+    scene_batch,
+    seed_everything,
+    setup_threads,
+    write_json,
+)
+
+
+@dataclass
+class VQRecipe:
+    # architecture
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    vq_embed_dim: int = 8
+    num_codes: int = 1024
+    norm_num_groups: int = 8
+    # data
+    scene_fraction: float = 0.7
+    max_objects: int = 3
+    crop: int = 32
+    batch_size: int = 16
+    full_batch_size: int = 8
+    # schedule (fractions of the budget)
+    ae_phase: float = 0.05
+    full_phase: float = 0.2
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    # quantiser
+    beta: float = 0.25
+    ema_decay: float = 0.99
+    dead_fraction: float = 0.03
+    restart_every: int = 20
+    kmeans_crops: int = 256
+    kmeans_iters: int = 20
+    # loss
+    edge_weight: float = 0.5
+    # evaluation
+    eval_n: int = 256
+    log_every_s: float = 30.0
+
+
+def build_model(r: VQRecipe) -> VQModel:
+    n = len(r.block_out_channels)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(r.block_out_channels),
+        layers_per_block=r.layers_per_block,
+        latent_channels=r.latent_channels,
+        sample_size=64,
+        num_vq_embeddings=r.num_codes,
+        norm_num_groups=r.norm_num_groups,
+        vq_embed_dim=r.vq_embed_dim,
+        mid_block_add_attention=False,
+    )
+
+
+class EMACodebook:
+    """Training-time state of the codebook ``weight`` ``[K, D]`` (updated in place, no gradient)."""
+
+    def __init__(self, weight: torch.nn.Parameter, decay: float, eps: float = 1e-5):
+        self.weight, self.decay, self.eps = weight, decay, eps
+        k = weight.shape[0]
+        self.cluster_size = torch.ones(k)
+        self.embed_sum = weight.detach().clone()
+
+    def reset(self, codes: torch.Tensor, rates: torch.Tensor) -> None:
+        """Set the codes and their EMA hit rates (hits per training step)."""
+        self.weight.data.copy_(codes)
+        self.cluster_size = rates.clone().float()
+        self.embed_sum = codes.clone() * self.cluster_size[:, None]
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        return nearest(z, self.weight.detach())
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        k, dim = self.weight.shape
+        counts = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros(k, dim).index_add_(0, idx, z)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
+        self.weight.data.copy_(self.embed_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def restart_dead(self, z: torch.Tensor, err: torch.Tensor, threshold: float, gen: torch.Generator) -> int:
+        dead = (self.cluster_size < threshold).nonzero()[:, 0]
+        nd = int(dead.numel())
+        if nd == 0:
+            return 0
+        pick = torch.multinomial(err + 1e-12, nd, replacement=nd > z.shape[0], generator=gen)
+        new = z[pick] + 0.01 * z.std(0, keepdim=True) * torch.randn(nd, z.shape[1], generator=gen)
+        rate = 2 * threshold
+        self.weight.data[dead] = new
+        self.cluster_size[dead] = rate
+        self.embed_sum[dead] = new * rate
+        return nd
+
+
+def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of ``c [K, D]`` for each row of ``x [N, D]`` (squared Euclidean;
+    ``|x|^2`` is the same for every candidate and is left out)."""
+    return torch.addmm((c * c).sum(1)[None], x, c.t(), alpha=-2.0).argmin(1)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of ``x [N, D]`` from a random sample; empty clusters are reseeded.
+    Returns the centroids ``[k, D]`` and their final cluster sizes ``[k]``."""
+    c = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    if c.shape[0] < k:  # fewer points than codes (tiny runs): pad with jittered copies
+        extra = x[torch.randint(0, x.shape[0], (k - c.shape[0],), generator=gen)]
+        c = torch.cat([c, extra + 0.01 * torch.randn(extra.shape, generator=gen)])
+    for _ in range(iters):
+        a = nearest(x, c)
+        counts = torch.bincount(a, minlength=k).float()
+        sums = torch.zeros_like(c).index_add_(0, a, x)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            c[empty] = x[torch.randint(0, x.shape[0], (int(empty.sum()),), generator=gen)]
+    return c, torch.bincount(nearest(x, c), minlength=k).float()
+
+
+class _Stream:
+    """Fresh training images: scenes and natural crops, mixed per batch, from disjoint seed streams."""
+
+    def __init__(self, r: VQRecipe):
+        self.r = r
+        self.i_scene = 0
+        self.i_crop = 0
+
+    def batch(self, n: int) -> torch.Tensor:
+        ns = int(round(n * self.r.scene_fraction))
+        nc = n - ns
+        parts = []
+        if ns:
+            parts.append(scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects)[0])
+            self.i_scene += ns
+        if nc:
+            parts.append(crop_batch(self.i_crop, nc, TRAIN_CROP_SEED))
+            self.i_crop += nc
+        return torch.cat(parts)
+
+
+def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One ``size`` x ``size`` window per image at offsets that are multiples of 4 (the code grid)."""
+    if size >= x.shape[-1]:
+        return x
+    n_off = (x.shape[-1] - size) // 4 + 1
+    off = torch.randint(0, n_off, (x.shape[0], 2), generator=gen) * 4
+    return torch.stack([im[:, oy : oy + size, ox : ox + size] for im, (oy, ox) in zip(x, off.tolist())])
+
+
+def _edge_l1(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(y) - dx(x)).abs().mean() + (dy(y) - dy(x)).abs().mean()
+
+
+def _encode(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
+    return vq.quant_conv(vq.encoder(x))
+
+
+def object_colour_errors(x: torch.Tensor, y: torch.Tensor, scenes: list[Any]) -> list[float]:
+    """Per object (rings excluded: their centre is background), the mean absolute error (uint8
+    units, averaged over RGB) of the object's mean colour within 0.45 radii of its centre."""
+    yy, xx = torch.meshgrid(torch.arange(x.shape[-2]) + 0.5, torch.arange(x.shape[-1]) + 0.5, indexing="ij")
+    out = []
+    for i, sc in enumerate(scenes):
+        for o in sc.attributes["objects"]:
+            if o["shape"] == "ring":
+                continue
+            cx, cy = o["center"]
+            m = (xx - cx) ** 2 + (yy - cy) ** 2 <= (0.45 * o["radius"]) ** 2
+            out.append(float((y[i][:, m].mean(1) - x[i][:, m].mean(1)).abs().mean()) * 127.5)
+    return out
+
+
+@torch.no_grad()
+def evaluate(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, Any]:
+    """Held-out reconstruction and code statistics of ``vq`` (scenes as SceneDataset makes them,
+    i.e. 1-2 objects, and natural crops), ``n`` images of each."""
+    vq.eval()
+    k = vq.config.num_vq_embeddings
+    out: dict[str, Any] = {}
+    all_tokens = []
+    for name in ("scenes", "crops"):
+        psnrs, l1s, tokens, stable, obj_err = [], [], [], [], []
+        for s in range(0, n, batch_size):
+            m = min(batch_size, n - s)
+            if name == "scenes":
+                x, scenes = scene_batch(s, m, HELDOUT_SCENE_SEED, 2)
+            else:
+                x, scenes = crop_batch(s, m, HELDOUT_CROP_SEED), []
+            t = hub.encode_images(vq, x)
+            y = hub.decode_tokens(vq, t)
+            t2 = hub.encode_images(vq, y)
+            psnrs.append(psnr(y, x))
+            l1s.append((y - x).abs().flatten(1).mean(1))
+            tokens.append(t)
+            stable.append((t2 == t).float().mean(1))
+            obj_err += object_colour_errors(x, y, scenes)
+        tok = torch.cat(tokens)
+        all_tokens.append(tok)
+        p = torch.cat(psnrs)
+        out[name] = {
+            "n_images": n,
+            "psnr_db_mean": float(p.mean()),
+            "psnr_db_p05": float(p.quantile(0.05)),
+            "l1_mean": float(torch.cat(l1s).mean()),
+            "reencode_token_agreement": float(torch.cat(stable).mean()),
+            **({"object_colour_abs_err_uint8": float(np.mean(obj_err))} if obj_err else {}),
+            **{f"code_{kk}": v for kk, v in hub.code_statistics(tok, k).items()},
+        }
+    out["all"] = {f"code_{kk}": v for kk, v in hub.code_statistics(torch.cat(all_tokens), k).items()}
+    return out
+
+
+def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2) -> dict[str, Any]:
+    """Train the tokenizer for ``minutes`` of wall clock (or ``max_steps``), save it in fp16 to
+    ``out`` and return the metrics (also written to ``out/metrics.json``)."""
+    r = recipe or VQRecipe()
+    if eval_n is not None:
+        r.eval_n = eval_n
+    setup_threads(threads)
+    gen = seed_everything(seed)
+    out = Path(out)
+    vq = build_model(r)
+    n_params = sum(p.numel() for p in vq.parameters())
+    weight = vq.quantize.embedding.weight
+    weight.requires_grad_(False)
+    codebook = EMACodebook(weight, r.ema_decay)
+    params = [p for p in vq.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=r.lr, betas=(0.9, 0.99))
+    stream = _Stream(r)
+    budget = Budget(minutes, max_steps)
+    print(f"[vq] {n_params / 1e6:.3f}M params, budget {minutes} min, max_steps={max_steps}, seed={seed}", flush=True)
+
+    step, quantizing, restarts, images_seen = 0, False, 0, 0
+    ema: dict[str, float] = {}
+    last_log = time.perf_counter()
+    bar = tqdm(desc="vq", unit="step", mininterval=5.0, file=sys.stderr)
+    vq.train()
+    while not budget.done(step):
+        prog = budget.progress(step)
+        full = prog >= 1.0 - r.full_phase
+        if not quantizing and prog >= r.ae_phase:
+            # fit the codebook to the encoder's current outputs
+            with torch.no_grad():
+                # a step-limited run needs no more data for the fit than it will train on
+                n_fit = r.kmeans_crops if max_steps is None else min(r.kmeans_crops, max(16, max_steps * r.batch_size))
+                xs = _random_crops(stream.batch(n_fit), r.crop, gen)
+                z = torch.cat([_encode(vq, xs[i : i + 64]) for i in range(0, xs.shape[0], 64)])
+                zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                centroids, sizes = kmeans(zf, r.num_codes, r.kmeans_iters, gen)
+                # hit rates per training step, so codes k-means left (nearly) empty restart soon
+                codebook.reset(centroids, sizes * (r.batch_size / xs.shape[0]))
+            quantizing = True
+            print(f"[vq] step {step}: codebook k-means initialised on {zf.shape[0]} encoder outputs", flush=True)
+        x = stream.batch(r.full_batch_size if full else r.batch_size)
+        images_seen += x.shape[0]
+        if not full:
+            x = _random_crops(x, r.crop, gen)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(r.lr, prog, step, r.warmup_steps)
+
+        z = _encode(vq, x)
+        b, d, h, w = z.shape
+        zf = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if quantizing:
+            idx = codebook.lookup(zf.detach())
+            q = weight.detach()[idx]
+            commit = F.mse_loss(zf, q)
+            zq = (zf + (q - zf).detach()).view(b, h, w, d).permute(0, 3, 1, 2)
+        else:
+            commit = torch.zeros(())
+            zq = z
+        y = vq.decoder(vq.post_quant_conv(zq))
+        l1 = (y - x).abs().mean()
+        l2 = ((y - x) ** 2).mean()
+        edge = _edge_l1(y, x)
+        loss = l1 + l2 + r.edge_weight * edge + r.beta * commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+        stats = {k: v.item() for k, v in {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "commit": commit}.items()}
+        if quantizing:
+            zd = zf.detach()
+            codebook.update(zd, idx)
+            batch_perp = float(torch.exp(-(lambda p: (p[p > 0] * p[p > 0].log()).sum())(torch.bincount(idx, minlength=r.num_codes).float() / idx.numel())))
+            stats["batch_perplexity"] = batch_perp
+            if step % r.restart_every == 0:
+                err = ((zd - weight.detach()[idx]) ** 2).sum(1)
+                threshold = r.dead_fraction * zd.shape[0] / r.num_codes
+                restarts += codebook.restart_dead(zd, err, threshold, gen)
+        for kk, v in stats.items():
+            ema[kk] = v if kk not in ema else 0.98 * ema[kk] + 0.02 * v
+        step += 1
+        bar.update(1)
+        if time.perf_counter() - last_log >= r.log_every_s:
+            last_log = time.perf_counter()
+            live = float((codebook.cluster_size >= r.dead_fraction * zf.shape[0] / r.num_codes).float().mean()) if quantizing else 0.0
+            bar.set_postfix(loss=f"{ema['loss']:.4f}", l1=f"{ema['l1']:.4f}", live=f"{live:.2f}")
+            msg = " ".join(f"{kk}={v:.4f}" for kk, v in ema.items())
+            print(f"[vq] step {step} t={budget.elapsed():.0f}s prog={prog:.2f} {'full' if full else 'crop'} lr={opt.param_groups[0]['lr']:.2e} {msg} live={live:.3f} restarts={restarts}", flush=True)
+    bar.close()
+    train_seconds = budget.elapsed()
+
+    out.mkdir(parents=True, exist_ok=True)
+    vq.eval()
+    save_fp16(vq, out)
+    shipped = hub.load_vq(out)  # evaluate what ships: fp16 weights, run in fp32
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "model": "vq",
+        "params": n_params,
+        "seed": seed,
+        "threads": threads,
+        "minutes_budget": minutes,
+        "max_steps": max_steps,
+        "steps": step,
+        "images_seen": images_seen,
+        "train_seconds": round(train_seconds, 1),
+        "final_train_losses_ema": {kk: round(v, 5) for kk, v in ema.items()},
+        "dead_code_restarts": restarts,
+        "heldout": evaluate(shipped, r.eval_n),
+        "recipe": asdict(r),
+    }
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    metrics["weights_bytes"] = dir_size_bytes(out)
+    write_json(out / "metrics.json", metrics)
+    print(json.dumps({k: metrics[k] for k in ("params", "steps", "train_seconds", "heldout", "weights_bytes")}, indent=2), flush=True)
+    return metrics
