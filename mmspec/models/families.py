@@ -9,6 +9,7 @@ with ``@register_family``; the loop and the core never change.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import List
 
 import torch
@@ -44,7 +45,7 @@ def left_pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return ids, mask
 
 
-class ImageFamily:
+class ImageFamily(ABC):
     """Base class: override what differs. ``conditioning`` is "text", "class" or "embeds"."""
 
     name = "base"
@@ -58,12 +59,14 @@ class ImageFamily:
     def __init__(self, model, tokenizer=None, vq=None):
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
 
+    @abstractmethod
     def layout(self) -> ImageLayout:
-        raise NotImplementedError  # abstract: each family knows its own layout
+        """The ``ImageLayout`` of the span this model generates."""
 
+    @abstractmethod
     def prefill_inputs(self, prompts=None, negative_prompts=None, class_labels=None, prompt_embeds=None,
                        negative_prompt_embeds=None) -> PrefillInputs:
-        raise NotImplementedError  # abstract: each family builds its own prompts
+        """Conditional and unconditional prefill inputs from the user's conditioning."""
 
     def codebook(self) -> torch.Tensor:
         """[N, D] code vectors of the image tokenizer (for LANTERN / GSD neighbour tables)."""
