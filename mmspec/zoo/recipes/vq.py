@@ -349,8 +349,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         if quantizing:
             zd = zf.detach()
             codebook.update(zd, idx)
-            batch_perp = float(torch.exp(-(lambda p: (p[p > 0] * p[p > 0].log()).sum())(torch.bincount(idx, minlength=r.num_codes).float() / idx.numel())))
-            stats["batch_perplexity"] = batch_perp
+            stats["batch_perplexity"] = hub.code_statistics(idx, r.num_codes)["perplexity"]
             if step % r.restart_every == 0:
                 err = ((zd - weight.detach()[idx]) ** 2).sum(1)
                 threshold = r.dead_fraction * zd.shape[0] / r.num_codes
