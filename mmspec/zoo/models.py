@@ -18,7 +18,7 @@ def _folder(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"bundled model {name!r} is missing at {path}; train it with "
-            f"`python -m mmspec.zoo.train {name} --out {path}`"
+            f"`python -m mmspec.zoo.recipes.t2i {name.split('_')[-1]} --out {path}`"
         )
     return path
 
