@@ -17,6 +17,7 @@ import torch
 
 from .. import acceptance as _acceptance
 from ..sampling import Generator, LogitsPipeline, exponential, uniform
+from ..verify import _pack, _row
 
 __all__ = ["FusedVerifyOutput", "verify_from_logits", "draw_noise", "compute_dtype", "guided_logits"]
 
@@ -110,22 +111,6 @@ def check_inputs(draft_tokens, draft_probs, target_logits, *, temperature, top_k
     return greedy
 
 
-def _row(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t [B, L, ...], index [B] -> t[b, index[b]] of shape [B, ...]."""
-    idx = index.view(-1, *([1] * (t.dim() - 1))).expand(-1, 1, *t.shape[2:])
-    return t.gather(1, idx).squeeze(1)
-
-
-def _pack(draft_tokens, num_accepted, next_token):
-    """Accepted drafts, then the emitted token, then -1: LongTensor [B, K+1]."""
-    B, K = draft_tokens.shape
-    pos = torch.arange(K + 1, device=draft_tokens.device).expand(B, K + 1)
-    n = num_accepted.unsqueeze(1)
-    padded = torch.cat([draft_tokens.long(), draft_tokens.new_full((B, 1), -1).long()], dim=1)
-    tokens = torch.where(pos < n, padded, torch.full_like(padded, -1))
-    return torch.where(pos == n, next_token.unsqueeze(1).expand_as(padded), tokens)
-
-
 def _greedy_step(draft_tokens, scores):
     best = scores.argmax(-1)  # [B, K+1]
     K = draft_tokens.shape[1]
@@ -208,5 +193,5 @@ def verify_from_logits(
         n_g, t_g = _greedy_step(draft_tokens, scores)
         n_s, t_s = _sampled_step(draft_tokens, draft_probs, probs, u, E)
         num_accepted, next_token = torch.where(greedy, n_g, n_s), torch.where(greedy, t_g, t_s)
-    tokens = _pack(draft_tokens, num_accepted, next_token)
+    tokens = _pack(draft_tokens.long(), num_accepted, next_token)
     return FusedVerifyOutput(num_accepted, tokens, next_token, probs if return_probs else None)
