@@ -17,6 +17,9 @@ BENCHES = {
     "image": ("mmspec.bench.image", "image methods (SJD variants, GSD, LANTERN, draft) vs AR on the zoo models"),
     "text": ("mmspec.bench.text", "text methods vs plain AR and transformers' assisted generation"),
     "kernels": ("mmspec.bench.kernels", "fused Triton verification vs the torch reference"),
+    "caption": ("mmspec.bench.caption", "captioning methods vs AR on the bundled captioner"),
+    "continuous": ("mmspec.bench.continuous", "continuous-token (MAR-style) speculative decoding vs AR"),
+    "video": ("mmspec.bench.video", "video token methods vs AR on the bundled video model"),
 }
 
 
@@ -116,8 +119,15 @@ def _image(argv):
     return 0
 
 
+def _serve(argv):
+    from .serve.cli import main as serve_main
+
+    return serve_main(argv)
+
+
 COMMANDS = {
     "image": (_image, "generate images with the bundled text-to-image model"),
+    "serve": (_serve, "serve a model over HTTP (mmspec serve caption --model PATH ...)"),
     "bench": (_bench, "run a benchmark and write JSON + markdown"),
 }
 
