@@ -1,6 +1,8 @@
 """The ``mmspec`` command.
 
     mmspec image "a red circle on a blue background" -o out.png [--compare]   the bundled text-to-image model
+    mmspec text "def fibonacci(n):" [--compare]                    the bundled text LM (Python code)
+    mmspec bench all [--tiny]                                     every benchmark in turn
     mmspec bench text [--batch 1 4] [--models random|zoo] ...   benchmark text methods against peers
     mmspec bench kernels ...                                      fused verification kernels vs torch
 
@@ -23,10 +25,39 @@ BENCHES = {
 }
 
 
+def _bench_all(argv):
+    """Run every benchmark in turn with the given flags understood by all (``--tiny``, ``--out``, ``--threads``)."""
+    p = argparse.ArgumentParser(prog="mmspec bench all", description="Run every benchmark in turn: "
+                                + ", ".join(k for k in BENCHES if k != "kernels") + " (kernels: `mmspec bench kernels`).")
+    p.add_argument("--tiny", action="store_true", help="smoke settings for every benchmark")
+    p.add_argument("--out", default="outputs/bench", help="folder for every benchmark's JSON, markdown and plots")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(BENCHES), help="benchmarks to leave out")
+    args = p.parse_args(argv)
+    common = ["--out", args.out] + (["--tiny"] if args.tiny else []) + (
+        ["--threads", str(args.threads)] if args.threads else [])
+    failed = []
+    for name, (module, _) in BENCHES.items():
+        if name == "kernels" or name in args.skip:
+            continue
+        print(f"\n=== mmspec bench {name} ===", flush=True)
+        try:
+            importlib.import_module(module).main(common)
+        except Exception as err:  # one broken benchmark does not hide the others' results
+            print(f"mmspec bench {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            failed.append(name)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _bench(argv):
+    if argv and argv[0] == "all":
+        return _bench_all(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
         lines = "\n".join(f"  {k:10s} {doc}" for k, (_, doc) in BENCHES.items())
-        msg = f"usage: mmspec bench {{{','.join(BENCHES)}}} [options]\n\nbenchmarks:\n{lines}\n"
+        lines += "\n  all        every benchmark above but kernels, in turn"
+        msg = f"usage: mmspec bench {{{','.join(BENCHES)},all}} [options]\n\nbenchmarks:\n{lines}\n"
         if argv and argv[0] not in ("-h", "--help"):
             sys.stderr.write(f"mmspec bench: unknown benchmark {argv[0]!r}\n" + msg)
             return 2
@@ -119,6 +150,67 @@ def _image(argv):
     return 0
 
 
+def _text(argv):
+    p = argparse.ArgumentParser(
+        prog="mmspec text",
+        description="Continue Python code with the bundled text LM (trained on the standard library), decoded "
+        "speculatively. Prints tokens, target forwards, step compression and time; --compare also runs plain AR.",
+    )
+    p.add_argument("prompt", nargs="+", help="one or more prompts (a batch), e.g. 'def fibonacci(n):'")
+    p.add_argument("--decoding", choices=["draft", "lookup", "jacobi", "ar"], default="draft",
+                   help="decoding method (draft: the bundled draft model)")
+    p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="also run plain AR in this process and print the speedup")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.window is not None and args.window < 1:
+        p.error("--window must be >= 1")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0")
+
+    import torch
+
+    from . import generate
+    from .zoo.models import load_text_pair
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, draft, tok = load_text_pair()
+    enc = tok(args.prompt, return_tensors="pt", padding=True)
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+
+    def run(method):
+        kw = dict(draft_model=draft) if method == "draft" else {}
+        if method != "ar" and args.window is not None:
+            kw["window"] = args.window
+        return generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
+                        method=method, generator=torch.Generator().manual_seed(args.seed), **sampling, **kw)
+
+    out = run(args.decoding)
+    T = enc.input_ids.shape[1]
+    for prompt, seq in zip(args.prompt, out.sequences):
+        print(prompt + tok.decode(seq[T:], skip_special_tokens=True))
+        print("-" * 40)
+    s = out.stats
+    print(f"{args.decoding}: {s.new_tokens} tokens, {s.target_forwards} target forwards (+{s.draft_forwards} draft), "
+          f"step compression {s.step_compression:.2f}x, mean accepted {s.mean_accepted:.2f}, {s.wall_time:.2f}s")
+    if args.compare:
+        ar = run("ar")
+        print(f"ar: {ar.stats.new_tokens} tokens, {ar.stats.target_forwards} target forwards, {ar.stats.wall_time:.2f}s")
+        print(f"wall-clock speedup vs AR: {ar.stats.wall_time / s.wall_time:.2f}x "
+              f"(step compression {s.step_compression:.2f}x)")
+        if not args.sample:
+            print("identical to AR: " + str(bool(torch.equal(out.sequences, ar.sequences))))
+    return 0
+
+
 def _serve(argv):
     from .serve.cli import main as serve_main
 
@@ -127,6 +219,7 @@ def _serve(argv):
 
 COMMANDS = {
     "image": (_image, "generate images with the bundled text-to-image model"),
+    "text": (_text, "continue Python code with the bundled text LM"),
     "serve": (_serve, "serve a model over HTTP (mmspec serve caption --model PATH ...)"),
     "bench": (_bench, "run a benchmark and write JSON + markdown"),
 }
@@ -136,7 +229,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="mmspec", description="Lossless speculative decoding for text, VLM, image and video AR models.",
-        epilog="\n".join(f"{k}: {doc}" for k, (_, doc) in COMMANDS.items()),
+        epilog="commands:\n" + "\n".join(f"  {k:6s} {doc}" for k, (_, doc) in COMMANDS.items())
+        + "\n\nRun `mmspec COMMAND --help` for its flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=sorted(COMMANDS), help="what to run")
     if not argv or argv[0] in ("-h", "--help"):

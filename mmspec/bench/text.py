@@ -132,7 +132,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.models == "zoo":
-        from ..zoo.hub import load_text_pair, text_prompts
+        from ..zoo.models import load_text_pair, text_prompts
 
         target, draft, tokenizer = load_text_pair()
         make_prompts = lambda b: text_prompts(tokenizer, b, args.prompt_len)  # noqa: E731

@@ -198,11 +198,16 @@ class LlamaGenFamily(ImageFamily):
         self._check_vq()
         return self.vq.quantize.embedding.weight.detach()
 
+    def _diffusers_vq(self) -> bool:
+        from diffusers import VQModel
+
+        return isinstance(self.vq, VQModel)
+
     def _check_vq(self):
         vq = self.vq
-        if vq is None or not hasattr(vq, "decode_code"):
-            raise ValueError(f"LlamaGen images need LlamaGen's VQ tokenizer (LlamaGenVQ) as `vq`, got "
-                             f"{type(vq).__name__}.")
+        if vq is None or not (hasattr(vq, "decode_code") or self._diffusers_vq()):
+            raise ValueError(f"LlamaGen images need a VQ tokenizer as `vq`: LlamaGen's (LlamaGenVQ) or a diffusers "
+                             f"VQModel, got {type(vq).__name__}.")
         n = vq.quantize.embedding.weight.shape[0]
         if n < self.model.config.vocab_size:
             raise ValueError(f"the VQ codebook has {n} codes but the GPT's vocabulary has "
@@ -214,6 +219,10 @@ class LlamaGenFamily(ImageFamily):
         self._check_vq()
         layout = self.layout()
         vq = self.vq
+        if self._diffusers_vq():  # e.g. the zoo's tokenizer
+            from ..zoo.hub import decode_tokens
+
+            return decode_tokens(vq, codes, (layout.height, layout.width)).clamp(-1, 1)
         device = vq.quantize.embedding.weight.device
         shape = (codes.shape[0], vq.quantize.embedding.weight.shape[1], layout.height, layout.width)
         return vq.decode_code(codes.to(device), shape).clamp(-1, 1)

@@ -1,50 +1,66 @@
-"""Train a bundled zoo model on the CPU: ``python -m mmspec.zoo.train vq|classifier``.
+"""Train a bundled zoo model on the CPU: ``python -m mmspec.zoo.train NAME``.
 
-Each run is seeded and stops by wall clock (``--minutes``) or step count (``--max-steps``); it
-saves fp16 safetensors and a JSON config with ``save_pretrained`` in ``--out`` and writes the
-final metrics to ``--out/metrics.json``. The bundled weights were made with::
+Each run is seeded and stops by wall clock (``--minutes``) or step count (``--max-steps``); it saves fp16
+safetensors and a JSON config with ``save_pretrained`` in ``--out`` and writes the final metrics to
+``--out/metrics.json``. The bundled weights were made with the commands in each model card
+(``mmspec/zoo/cards/``), for example::
 
-    python -m mmspec.zoo.train vq --minutes 20 --threads 1 --seed 0 --out mmspec/zoo/weights/vq
-    python -m mmspec.zoo.train classifier --minutes 25 --max-steps 2000 --threads 1 --seed 0 \
-        --out mmspec/zoo/weights/classifier
+    python -m mmspec.zoo.train vq --minutes 20 --threads 1 --out mmspec/zoo/weights/vq
+    python -m mmspec.zoo.train text_target --minutes 15 --threads 1 --out mmspec/zoo/weights/text_target
 
-(the model cards in ``mmspec/zoo/cards/`` record the results). ``--threads 1`` because two OpenMP
-threads ran 2-15x slower than one on a two-core machine shared with other jobs.
+``--threads 1`` because two OpenMP threads ran 2-15x slower than one on a two-core machine shared with
+other jobs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from .recipes import RECIPES
+#: name -> (recipe module, role or None, default minutes, what it is)
+MODELS = {
+    "vq": ("vq", None, 20.0, "image tokenizer (diffusers VQModel, 64x64 <-> 16x16 codes)"),
+    "classifier": ("classifier", None, 25.0, "evaluation classifier of the procedural scenes"),
+    "t2i_target": ("t2i", "target", 30.0, "text-to-image token model (Llama, joint vocabulary)"),
+    "t2i_draft": ("t2i", "draft", 15.0, "its draft"),
+    "text_target": ("text_lm", "target", 15.0, "text LM on the Python standard library's source"),
+    "text_draft": ("text_lm", "draft", 10.0, "its draft (shares the target's tokenizer)"),
+    "c2i": ("c2i", None, 20.0, "class-conditional LlamaGen GPT on natural-image crops"),
+}
 
-DEFAULT_MINUTES = {"vq": 20.0, "classifier": 25.0}
 
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m mmspec.zoo.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", choices=RECIPES, help="which zoo model to train")
-    ap.add_argument("--minutes", type=float, default=None, help="wall-clock training budget (default: vq 20, classifier 25)")
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m mmspec.zoo.train", description=__doc__.split("\n\n")[0],
+                                 epilog="models:\n" + "\n".join(f"  {k:12s} {v[3]}" for k, v in MODELS.items()),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=MODELS, help="which zoo model to train")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock training budget (default: per model)")
     ap.add_argument("--max-steps", type=int, default=None, help="also stop after this many optimiser steps")
     ap.add_argument("--out", default=None, help="output directory (default: outputs/zoo/MODEL)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-n", type=int, default=None, help="held-out images per evaluation set (default: the recipe's)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is much faster when other jobs share the cores)")
-    ap.add_argument("--vq", default=None, help="classifier only: tokenizer whose reconstructions are also scored (default: the bundled one, if present)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--eval-n", type=int, default=None, help="vq/classifier: held-out images per evaluation set")
+    ap.add_argument("--vq", default=None, help="classifier/t2i/c2i: tokenizer folder (default: the bundled one)")
+    ap.add_argument("--tokenizer", default=None, help="text_draft: the target's folder, whose tokenizer it shares")
     args = ap.parse_args(argv)
-    minutes = DEFAULT_MINUTES[args.model] if args.minutes is None else args.minutes
+    module_name, role, default_minutes, _ = MODELS[args.model]
+    minutes = default_minutes if args.minutes is None else args.minutes
     if minutes <= 0:
         ap.error("--minutes must be > 0")
     out = args.out or os.path.join("outputs", "zoo", args.model)
-    if args.model == "vq":
-        from .recipes import vq
-
-        return vq.train(out, minutes=minutes, seed=args.seed, max_steps=args.max_steps, eval_n=args.eval_n, threads=args.threads)
-    from .recipes import classifier
-
-    return classifier.train(out, minutes=minutes, seed=args.seed, max_steps=args.max_steps, eval_n=args.eval_n, vq_path=args.vq, threads=args.threads)
+    recipe = importlib.import_module(f".recipes.{module_name}", __package__)
+    common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
+    if module_name in ("vq",):
+        return recipe.train(out, eval_n=args.eval_n, **common)
+    if module_name == "classifier":
+        return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
+    if module_name == "t2i":
+        return recipe.train(out, role, vq_path=args.vq, **common)
+    if module_name == "text_lm":
+        return recipe.train(out, role, tokenizer_path=args.tokenizer, **common)
+    return recipe.train(out, vq_path=args.vq, **common)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 * :mod:`.vq`: the image tokenizer (diffusers ``VQModel``, 64x64 <-> 16x16 codes of 1024).
 * :mod:`.classifier`: the evaluation classifier of procedural scenes.
+* :mod:`.t2i`: the text-to-image token target and draft.
+* :mod:`.text_lm`: the text LM target and draft (Python standard library source).
+* :mod:`.c2i`: the class-conditional LlamaGen model on natural-image crops.
 """
 
-RECIPES = ("vq", "classifier")
+RECIPES = ("vq", "classifier", "t2i", "text_lm", "c2i")
