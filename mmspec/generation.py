@@ -12,7 +12,8 @@ from .drafting.base import NoDraft
 from .drafting.jacobi import INIT_STRATEGIES, JacobiProposer
 from .drafting.lookup import LookupProposer
 from .drafting.model import DraftModelProposer
-from .models.causal_lm import CausalLM, vocab_size_of
+from .models.causal_lm import vocab_size_of
+from .models.vlm import adapter_for, is_vision_language_model
 from .sampling import LogitsPipeline
 
 __all__ = ["generate", "GenerateOutput", "METHODS", "DEFAULT_WINDOW"]
@@ -111,7 +112,10 @@ def generate(
         logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
             scores alike, before temperature/top-k/top-p.
         progress: show a tqdm bar over new tokens.
-        **model_kwargs: passed to the target's prefill forward only (e.g. ``pixel_values``).
+        **model_kwargs: the processor's other outputs (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
+            ...), passed to the target's prefill forward only, and to the draft's prefill when the draft is a
+            vision-language model too (it must then share the processor); a text-only draft sees the prompt
+            ids alone. VLMs are driven by ``mmspec.models.vlm.VisionLM``.
 
     Returns:
         ``GenerateOutput`` with ``sequences`` [B, T + new] and ``stats``.
@@ -135,7 +139,7 @@ def generate(
             f"acceptance={criterion.name!r} needs sampling; pass do_sample=True or use acceptance='exact'."
         )
 
-    target = CausalLM(model)
+    target = adapter_for(model)
     V = target.vocab_size
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError("`input_ids` must be an integer torch.Tensor of shape [B, T].")
@@ -187,8 +191,12 @@ def generate(
         start = min(5, window - 1) if adaptive else window - 1
         if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
             raise ValueError(f"`draft_confidence` must be in [0, 1] or None, got {draft_confidence!r}.")
-        proposer = DraftModelProposer(draft_model, max(start, 1) if window > 1 else 0, adaptive=adaptive,
-                                      max_drafts=window - 1, confidence=draft_confidence)
+        # A VLM drafter sees the same processor outputs as the target (same placeholder layout); a text-only
+        # drafter sees the prompt ids alone, image placeholders as ordinary tokens.
+        draft_kwargs = model_kwargs if is_vision_language_model(draft_model) else {}
+        proposer = DraftModelProposer(adapter_for(draft_model), max(start, 1) if window > 1 else 0,
+                                      adaptive=adaptive, max_drafts=window - 1, confidence=draft_confidence,
+                                      prefill_kwargs=draft_kwargs)
 
     state, stats = decode(
         target,

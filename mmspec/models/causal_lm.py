@@ -83,6 +83,8 @@ class CausalLM:
         self._mask_cpu = None  # [B, S] bool host mirror
         self._start = 0
         self._dense = False
+        #: LongTensor [B] added to decode positions (set by adapters whose models number positions otherwise)
+        self.position_offset = None
 
     @property
     def device(self) -> torch.device:
@@ -150,6 +152,8 @@ class CausalLM:
         valid_dev = valid.to(dev, non_blocking=True).long()
         start = self.num_valid().to(dev, non_blocking=True)
         position_ids = (start.unsqueeze(1) + valid_dev.cumsum(-1) - 1).clamp_min(0)
+        if self.position_offset is not None:
+            position_ids = position_ids + self.position_offset.unsqueeze(1)
         S = self.length
         self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
         self.mask = torch.cat([self.mask, valid_dev], dim=1)
