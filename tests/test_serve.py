@@ -409,3 +409,93 @@ def test_load_script_reports_rates_and_refuses_remote_hosts():
     assert res["sent"] == res["ok"] == 24 and res["errors"] == {}
     assert res["requests_per_s"] > 0 and res["latency_ms"]["p50"] <= res["latency_ms"]["p99"]
     assert sum(model.calls) == 24 and res["mean_batch_size"] > 1
+
+
+# ----------------------------------------------------------------------------- the real pipeline, end to end
+@pytest.fixture(scope="module")
+def caption_pipeline():
+    from mmspec.pipelines.caption import CaptionPipeline
+    from vlm_fixtures import tiny_llava
+
+    model, processor = tiny_llava(seed=0)
+    return CaptionPipeline(model, processor)
+
+
+def test_concurrent_requests_get_the_caption_the_pipeline_gives_each_image_alone(caption_pipeline):
+    images = sample_images(8, 32, seed=1)
+    prompts = [None, "what is in this picture", None, None, "what is in this picture", None, None, None]
+    expected = [caption_pipeline(PIL.Image.open(io.BytesIO(b)), prompt=p, max_new_tokens=12).captions[0]
+                for b, p in zip(images, prompts)]
+    assert len(set(expected)) >= 3  # the images really get different captions, so a mix-up would show
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=300, max_new_tokens_limit=16)
+    with serving(create_app(caption_pipeline, settings=settings)) as (url, _):
+        payloads = [upload(b, max_new_tokens=12, **({} if p is None else {"prompt": p}))
+                    for b, p in zip(images, prompts)]
+        rs = post_many(url, payloads)
+    assert [r.status_code for r in rs] == [200] * 8, [r.text for r in rs]
+    assert [r.json()["caption"] for r in rs] == expected
+    sizes = [r.json()["batch_size"] for r in rs]
+    assert max(sizes) > 1, sizes  # they were decoded together, not one by one
+    assert all(sizes[i] <= 2 for i in (1, 4)) and all(sizes[i] <= 6 for i in (0, 2, 3, 5, 6, 7))  # by prompt
+
+
+def test_cli_flags_and_errors(tmp_path, capsys):
+    from mmspec.generation import METHODS
+    from mmspec.serve import cli
+
+    assert set(cli.DECODINGS) == set(METHODS)
+    assert cli.main([]) == 2
+    assert cli.main(["translate"]) == 2
+    assert cli.main(["caption", "--help"]) == 0
+    assert "--max-batch-size" in capsys.readouterr().out
+    assert cli.main(["caption", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli.main(["caption", "--model", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert cli.main(["caption", "--model", str(tmp_path), "--decoding", "draft"]) == 2
+    assert "needs --draft" in capsys.readouterr().err
+    if cli._zoo_loader() is None:
+        assert cli.main(["caption", "--model", "zoo"]) == 2
+        assert "no bundled captioner" in capsys.readouterr().err
+
+
+def test_serve_caption_command_loads_a_saved_pipeline_and_serves(caption_pipeline, tmp_path):
+    """What `mmspec serve caption --model DIR ...` builds (flags -> settings -> loader -> uvicorn server),
+    run in a thread: /ready turns 200 once the saved pipeline is loaded and captions match it."""
+    from mmspec.pipelines.caption import CaptionPipeline
+    from mmspec.serve.cli import make_server, parse_args
+
+    caption_pipeline.save_pretrained(tmp_path / "captioner")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = parse_args(["--model", str(tmp_path / "captioner"), "--host", "127.0.0.1", "--port", str(port),
+                       "--max-batch-size", "4", "--max-wait-ms", "50", "--max-new-tokens-limit", "8",
+                       "--decoding", "jacobi"])
+    server, exit_code = make_server(args)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    reference = CaptionPipeline.from_pretrained(tmp_path / "captioner")  # float32, as the server loads it
+    images = [png((200, 30, 90), (40, 40)), png((10, 220, 90), (24, 50)), sample_images(1, 32, seed=5)[0]]
+    expected = [reference(b, max_new_tokens=8, decoding="ar").captions[0] for b in images]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert thread.is_alive()
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.05)
+        rs = post_many(url, [upload(b, max_new_tokens=8) for b in images])
+        assert [r.json()["caption"] for r in rs] == expected
+        assert {r.json()["model"] for r in rs} == {"captioner"}
+        too_many = httpx.post(url + "/v1/captions", files={"image": ("a.png", images[0], "image/png")},
+                              data={"max_new_tokens": "9"})
+        assert too_many.status_code == 422 and too_many.json()["error"]["type"] == "invalid_field"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert not thread.is_alive() and exit_code == [0]

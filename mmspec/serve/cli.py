@@ -102,31 +102,22 @@ def make_loader(args):
     return load
 
 
-def main(argv=None) -> int:
-    """``mmspec serve <service> ...``; ``argv`` excludes ``serve``. Returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SERVICES:
-        usage = "usage: mmspec serve caption --model PATH [options]   (mmspec serve caption --help for all flags)\n"
-        if argv and argv[0] not in ("-h", "--help"):
-            sys.stderr.write(f"mmspec serve: unknown service {argv[0]!r}\n" + usage)
-            return 2
-        if not argv:
-            sys.stderr.write(usage)
-            return 2
-        sys.stdout.write(usage)
-        return 0
+def parse_args(argv):
+    """The parsed and checked flags of ``mmspec serve caption ...`` (``argv`` without ``serve caption``).
+    Raises ``SystemExit`` (argparse's) on ``--help`` and on bad flags."""
     p = build_parser()
-    try:
-        args = p.parse_args(argv[1:])
-        _check(p, args)
-    except SystemExit as e:  # argparse exits on --help and on errors; the mmspec command wants a code
-        return int(e.code or 0)
+    args = p.parse_args(argv)
+    _check(p, args)
+    return args
 
+
+def make_server(args):
+    """A ``uvicorn.Server`` for the parsed flags, and a one-item list holding the exit code to return
+    (set to 1 when the model fails to load, which also stops the server)."""
     import uvicorn
 
     from .app import ServeSettings, create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         import torch
 
@@ -149,6 +140,32 @@ def main(argv=None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=args.graceful_timeout)
     server = uvicorn.Server(config)
+    return server, exit_code
+
+
+def main(argv=None) -> int:
+    """``mmspec serve <service> ...``; ``argv`` excludes ``serve``. Returns the exit code.
+
+    On SIGTERM/SIGINT uvicorn finishes in-flight requests, runs the shutdown (the batcher drains), then
+    re-raises the signal, so the process ends as terminated by it (exit status 128 + 15 for SIGTERM).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SERVICES:
+        usage = "usage: mmspec serve caption --model PATH [options]   (mmspec serve caption --help for all flags)\n"
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.stderr.write(f"mmspec serve: unknown service {argv[0]!r}\n" + usage)
+            return 2
+        if not argv:
+            sys.stderr.write(usage)
+            return 2
+        sys.stdout.write(usage)
+        return 0
+    try:
+        args = parse_args(argv[1:])
+    except SystemExit as e:  # argparse exits on --help and on errors; the mmspec command wants a code
+        return int(e.code or 0)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server, exit_code = make_server(args)
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits this way when it cannot bind
