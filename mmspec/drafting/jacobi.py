@@ -86,6 +86,40 @@ def _init_vertical(state, proposer, window, fill):
     return tokens
 
 
+def _copy_back(state, window, fill, stride: int, base: torch.Tensor) -> torch.Tensor:
+    """Fill empty slots with the token ``stride`` new-token positions earlier: committed, or an earlier window
+    slot (itself possibly filled this way). Slots with no such position keep ``base`` [B, K], which must hold
+    the current drafts at the non-empty slots."""
+    K, dev = fill.shape[1], window.device
+    committed = state.num_new.to(dev).unsqueeze(1)  # the anchor is new index committed - 1
+    source = committed - 1 + torch.arange(1, K + 1, device=dev) - stride  # new index copied by each slot
+    lengths = (state.prompt_length + source.clamp_min(0)).cpu()
+    from_committed = state.tokens.gather(1, lengths.clamp(max=state.tokens.shape[1] - 1)).to(dev)
+    in_window = source >= committed
+    src = (source - committed + 1).clamp(1, K)  # window index of the source slot
+    copy = fill & (source >= 0)
+    tokens = base
+    for _ in range(-(-K // stride)):  # a source may itself be an empty slot: resolve one stride per pass
+        from_window = torch.cat([window[:, :1], tokens], dim=1).gather(1, src)
+        tokens = torch.where(copy, torch.where(in_window, from_window, from_committed), base)
+    return tokens
+
+
+@register_init("temporal")
+def _init_temporal(state, proposer, window, fill):
+    """Copy the token at the same place in the previous frame (committed, or a draft earlier in the window,
+    so windows may span frame borders); slots of the first frame fall back to ``vertical``. Needs the
+    proposer's layout; a single image (an ``ImageLayout`` without frames) has no previous frame."""
+    layout = proposer.layout
+    if layout is None:
+        raise ValueError("Jacobi init 'temporal' needs a video layout (use it through the video pipeline).")
+    base = _init_vertical(state, proposer, window, fill)
+    stride = getattr(layout, "frame_stride", None)
+    if stride is None or getattr(layout, "frames", 1) < 2:
+        return base
+    return _copy_back(state, window, fill, stride, base)
+
+
 @register_init("sample_horizon")
 def _init_sample_horizon(state, proposer, window, fill):
     """Draw empty slots from the target's furthest row of the last step (its horizon), q = that row.
@@ -108,7 +142,8 @@ class JacobiProposer(Proposer):
         coupled: redraw continuing slots with the coupled rule (sampling only; greedy drafts are argmax).
         token_range: ``(low, high)`` ids that random init may draw (default: the layout's image tokens, else
             the whole vocabulary).
-        layout: an ``ImageLayout`` for grid-aware init (``vertical``) and forced structural tokens.
+        layout: an ``ImageLayout`` (or ``VideoLayout``) for grid-aware init (``vertical``, ``temporal``) and
+            forced structural tokens.
     """
 
     def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None):

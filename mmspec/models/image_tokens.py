@@ -20,9 +20,10 @@ import torch
 
 from .causal_lm import CausalLM
 
-__all__ = ["ImageLayout", "GuidedLM", "IMAGE", "EOL", "EOI", "AFTER"]
+__all__ = ["ImageLayout", "VideoLayout", "GuidedLM", "IMAGE", "EOL", "EOI", "AFTER", "EOF"]
 
 IMAGE, EOL, EOI, AFTER = 0, 1, 2, 3
+EOF = 4  # end-of-frame separator of a video span (VideoLayout only)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,78 @@ class ImageLayout:
         """Generated span [B, >= grid tokens] -> code indices [B, height * width] (structure removed)."""
         span = new_tokens[:, : self.height * self.row_stride].reshape(-1, self.height, self.row_stride)
         return (span[..., : self.width] - self.image_token_offset).reshape(-1, self.height * self.width)
+
+
+@dataclass(frozen=True)
+class VideoLayout(ImageLayout):
+    """A generated video span: ``frames`` grids of ``height x width`` codes, one after the other.
+
+    Each frame is laid out like an ``ImageLayout`` grid (optional end-of-line token after every row), then an
+    optional end-of-frame separator ``eof_token_id``; an optional end-of-video token ``eoi_token_id`` follows
+    the last frame. New-token index ``i`` is frame ``i // frame_stride``; the token at the same place in the
+    previous frame is ``i - frame_stride``. Structural tokens are forced in every frame, so a speculative
+    window may span frame borders.
+
+    Attributes (besides ``ImageLayout``'s):
+        frames: number of frames.
+        eof_token_id: token forced after each frame, or None.
+    """
+
+    frames: int = 1
+    eof_token_id: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
+            raise ValueError(f"a video needs an int number of frames >= 1, got {self.frames!r}.")
+
+    @property
+    def frame_stride(self) -> int:
+        """Tokens per generated frame, end-of-lines and the end-of-frame separator included."""
+        return self.height * self.row_stride + (self.eof_token_id is not None)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the whole generated span (all frames and their structure, end-of-video)."""
+        return self.frames * self.frame_stride + (self.eoi_token_id is not None)
+
+    def kind(self, index: torch.Tensor) -> torch.Tensor:
+        """Kind (IMAGE, EOL, EOF, EOI, AFTER) of the token at new-token ``index`` (any shape, long)."""
+        within = index % self.frame_stride
+        grid = self.height * self.row_stride
+        kind = torch.zeros_like(index)
+        if self.eol_token_id is not None:
+            kind = torch.where((within % self.row_stride == self.width) & (within < grid), EOL, kind)
+        if self.eof_token_id is not None:
+            kind = torch.where(within == grid, EOF, kind)
+        frames_end = self.frames * self.frame_stride
+        kind = torch.where(index >= frames_end, EOI if self.eoi_token_id is not None else AFTER, kind)
+        return torch.where(index >= self.num_tokens, AFTER, kind)
+
+    def allowed(self, vocab_size: int, device=None) -> torch.Tensor:
+        """BoolTensor [5, V]: which tokens each kind (IMAGE, EOL, EOI, AFTER, EOF) may emit."""
+        allowed = torch.cat([super().allowed(vocab_size, device),
+                             torch.zeros(1, vocab_size, dtype=torch.bool, device=device)])
+        if self.eof_token_id is not None:
+            allowed[EOF, self.eof_token_id] = True
+        return allowed
+
+    def forced_token(self, kind: torch.Tensor) -> torch.Tensor:
+        """The structural token for EOL/EOF/EOI kinds, -1 elsewhere."""
+        out = super().forced_token(kind)
+        if self.eof_token_id is not None:
+            out = torch.where(kind == EOF, self.eof_token_id, out)
+        return out
+
+    def to_frames(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Generated span [B, >= frames * frame_stride] -> codes [B, frames, height * width] (structure removed)."""
+        span = new_tokens[:, : self.frames * self.frame_stride].reshape(-1, self.frames, self.frame_stride)
+        grid = span[..., : self.height * self.row_stride].reshape(-1, self.frames, self.height, self.row_stride)
+        return (grid[..., : self.width] - self.image_token_offset).reshape(-1, self.frames, self.height * self.width)
+
+    def to_grid(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Generated span -> codes [B, frames * height * width] (frame-major, then row-major)."""
+        return self.to_frames(new_tokens).flatten(1)
 
 
 class GuidedLM:

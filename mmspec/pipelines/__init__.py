@@ -2,5 +2,7 @@
 
 from .caption import CaptionOutput, CaptionPipeline
 from .image import SpeculativeImagePipeline, SpeculativeImagePipelineOutput
+from .video import SpeculativeVideoPipeline, SpeculativeVideoPipelineOutput, export_video
 
-__all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "CaptionPipeline", "CaptionOutput"]
+__all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "CaptionPipeline", "CaptionOutput",
+           "SpeculativeVideoPipeline", "SpeculativeVideoPipelineOutput", "export_video"]
