@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .drafting.base import Proposer
+from .kernels.decode_step import fused_verifier
 from .sampling import LogitsPipeline, sample_from_weights
 from .verify import verify
 
@@ -151,6 +152,7 @@ def decode(
     model_kwargs: dict | None = None,
     progress: bool = False,
     callback=None,
+    kernels: str = "auto",
 ) -> tuple[DecodeState, GenerationStats]:
     """Run the speculative loop; see the module docstring.
 
@@ -160,6 +162,10 @@ def decode(
         input_ids, attention_mask: [B, T] prompt, left padded.
         window: tokens verified per target forward (1 anchor + up to ``window - 1`` drafts).
         callback: called as ``callback(step, state)`` after every commit (step 0 is the prefill).
+        kernels: verification backend, ``"auto"`` (the fused Triton step on CUDA when triton imports; the
+            ``MMSPEC_KERNELS`` environment variable may force either), ``"triton"`` or ``"torch"``. The fused
+            step takes the raw logits; it is skipped (torch path) when the pipeline has logits processors or the
+            criterion is not fusable, see ``mmspec.kernels.decode_step``.
     Returns:
         the final ``DecodeState`` (committed tokens) and ``GenerationStats``.
     """
@@ -169,6 +175,7 @@ def decode(
     state = DecodeState(input_ids, attention_mask, max_new_tokens, target.vocab_size, pipeline, generator, device)
     row_forwards = torch.zeros(state.batch_size, dtype=torch.long)
     bar = tqdm(total=max_new_tokens, disable=not progress, desc="tokens", leave=False)
+    fused = fused_verifier(kernels, pipeline, criterion, proposer, device)  # None: the torch path below
 
     if max_new_tokens > 0:
         last = target.prefill(input_ids, attention_mask, **(model_kwargs or {}))  # [B, V]
@@ -194,12 +201,13 @@ def decode(
         logits = target.forward(block, active.unsqueeze(1).expand(-1, K + 1))
         stats.target_forwards += 1
         row_forwards += active
-        scores = pipeline.process(logits, state.tokens, state.lengths, drafts)
-        if state.greedy:
-            rows = scores
-            result = verify(drafts, None, scores, greedy=True)
+        if fused is not None:
+            result, rows = fused(drafts, draft_probs, logits, generator)
+        elif state.greedy:
+            rows = pipeline.process(logits, state.tokens, state.lengths, drafts)
+            result = verify(drafts, None, rows, greedy=True)
         else:
-            rows = pipeline.probs(scores)
+            rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, drafts))
             result = verify(drafts, draft_probs, rows, criterion, generator)
         emitted = result.tokens.cpu()  # the one device -> host sync of the step
         num_accepted = (emitted >= 0).sum(-1) - 1

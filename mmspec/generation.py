@@ -83,6 +83,7 @@ def generate(
     max_ngram: int = 3,
     logits_processor=None,
     progress: bool = False,
+    kernels: str = "auto",
     **model_kwargs,
 ) -> GenerateOutput:
     """Generate with speculative decoding; greedy output equals ``model.generate(do_sample=False)``.
@@ -112,6 +113,9 @@ def generate(
         logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
             scores alike, before temperature/top-k/top-p.
         progress: show a tqdm bar over new tokens.
+        kernels: verification backend: ``"auto"`` (fused Triton kernels for CUDA tensors, else torch; the
+            ``MMSPEC_KERNELS`` environment variable may force either), ``"triton"`` or ``"torch"``; see
+            ``mmspec.kernels``. Logits processors always take the torch path.
         **model_kwargs: the processor's other outputs (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
             ...), passed to the target's prefill forward only, and to the draft's prefill when the draft is a
             vision-language model too (it must then share the processor); a text-only draft sees the prompt
@@ -211,6 +215,7 @@ def generate(
         eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None,
         model_kwargs=model_kwargs,
         progress=progress,
+        kernels=kernels,
     )
     T = input_ids.shape[1]
     new = int(state.num_new.max()) if state.batch_size else 0

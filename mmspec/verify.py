@@ -102,15 +102,38 @@ def verify(
         return VerifyResult(torch.zeros_like(next_token), next_token.unsqueeze(1), next_token,
                             draft_tokens.new_zeros((B, 0), dtype=torch.bool))
     if greedy:
-        best = target_probs.argmax(-1)  # [B, K+1]
-        accepted = (draft_tokens == best[:, :K]).long().cumprod(-1).bool()
-        num_accepted = accepted.sum(-1)
-        next_token = best.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
-        return VerifyResult(num_accepted, _pack(draft_tokens, num_accepted, next_token), next_token, accepted)
+        accepted, num_accepted, next_token = greedy_step(draft_tokens, target_probs)
+    else:
+        accepted, num_accepted, next_token = sampled_step(
+            draft_tokens, draft_probs, target_probs, _acceptance.get(criterion),
+            lambda shape: uniform(shape, generator, draft_tokens.device),
+            lambda weights: sample_from_weights(weights, generator),
+        )
+    return VerifyResult(num_accepted, _pack(draft_tokens, num_accepted, next_token), next_token, accepted)
 
-    criterion = _acceptance.get(criterion)
+
+def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor):
+    """Greedy verification: [B, K] drafts, [B, K+1, V] scores -> (accepted [B, K], num_accepted [B],
+    next_token [B]): accept iff ``x_i == argmax``, emit the argmax (first index on ties)."""
+    K = draft_tokens.shape[1]
+    best = scores.argmax(-1)  # [B, K+1]
+    accepted = (draft_tokens == best[:, :K]).long().cumprod(-1).bool()
+    num_accepted = accepted.sum(-1)
+    next_token = best.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
+    return accepted, num_accepted, next_token
+
+
+def sampled_step(draft_tokens, draft_probs, target_probs, criterion, draw_uniform, draw_token):
+    """The sampled verification step with its two random draws supplied by the caller.
+
+    ``draw_uniform((B, K))`` gives float64 uniforms in (0, 1] (drawn after nothing else, so a generator's
+    stream is consumed as ``u`` then the token draw); ``draw_token(weights [B, V])`` gives an exact draw
+    [B] from unnormalised weights. ``verify`` passes generator draws; ``mmspec.kernels`` passes fixed noise
+    tensors. Returns ``(accepted [B, K], num_accepted [B], next_token [B])``.
+    """
+    K = draft_tokens.shape[1]
     ratio = criterion.acceptance(draft_tokens, draft_probs, target_probs[:, :K])  # [B, K]
-    u = uniform((B, K), generator, draft_tokens.device)
+    u = draw_uniform(tuple(draft_tokens.shape))
     accepted = (u <= ratio.to(torch.float64)).long().cumprod(-1).bool()
     num_accepted = accepted.sum(-1)
 
@@ -125,8 +148,7 @@ def verify(
         weights = torch.where(rejected & ~empty, weights, p_n)
     else:
         weights = p_n
-    next_token = sample_from_weights(weights, generator)
-    return VerifyResult(num_accepted, _pack(draft_tokens, num_accepted, next_token), next_token, accepted)
+    return accepted, num_accepted, draw_token(weights)
 
 
 def speculative_redraw(

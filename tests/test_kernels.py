@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mmspec  # noqa: E402
-from mmspec.kernels import draw_noise, resolve_backend, verify_from_logits  # noqa: E402
+from mmspec.kernels import draw_noise, make_request, resolve_backend, verify_from_logits  # noqa: E402
 from mmspec.kernels import reference  # noqa: E402
 from mmspec.sampling import LogitsPipeline, sample_from_weights  # noqa: E402
 
@@ -43,9 +43,8 @@ def _case(B, K, V, *, seed, pipe=None, dtype=torch.float32, spread=2.0, draft_no
 
 
 def _both(drafts, q, logits, block_v=16, **kw):
-    ref = reference.verify_from_logits(drafts, q, logits, return_probs=True, **kw)
-    ker = triton_verify.verify_from_logits_triton(drafts, q, logits, return_probs=True, block_v=block_v, **kw)
-    return ref, ker
+    request = make_request(drafts, q, logits, return_probs=True, **kw)
+    return reference.run(request), triton_verify.run(request, block_v=block_v)
 
 
 def _assert_same(ref, ker, V):
@@ -79,7 +78,7 @@ def test_reference_equals_pipeline_then_verify(pipe, guidance, deterministic, K)
     # mmspec.verify draws u then E from its generator; replay those draws from a twin generator.
     u, E = draw_noise(B, K, V, torch.Generator().manual_seed(123))
     expected = mmspec.verify(drafts, q, target_probs, "exact", torch.Generator().manual_seed(123))
-    got = reference.verify_from_logits(drafts, q, logits, **dict(kw, u=u, E=E), return_probs=True)
+    got = verify_from_logits(drafts, q, logits, **dict(kw, u=u, E=E), return_probs=True, backend="torch")
     assert torch.equal(got.num_accepted, expected.num_accepted)
     assert torch.equal(got.tokens, expected.tokens)
     assert torch.equal(got.next_token, expected.next_token)
@@ -88,11 +87,11 @@ def test_reference_equals_pipeline_then_verify(pipe, guidance, deterministic, K)
         assert 0 < expected.num_accepted.float().mean() < K
 
     greedy_expected = mmspec.verify(drafts, None, scores, greedy=True)
-    greedy = reference.verify_from_logits(drafts, q, logits, greedy=True, **dict(kw, u=None, E=None))
+    greedy = verify_from_logits(drafts, q, logits, greedy=True, **dict(kw, u=None, E=None), backend="torch")
     assert torch.equal(greedy.tokens, greedy_expected.tokens) and greedy.target_probs is None
 
     rows = torch.arange(B) % 3 == 0  # greedy and sampled rows in one call: each row as if alone
-    mixed = reference.verify_from_logits(drafts, q, logits, greedy=rows, **dict(kw, u=u, E=E))
+    mixed = verify_from_logits(drafts, q, logits, greedy=rows, **dict(kw, u=u, E=E), backend="torch")
     assert torch.equal(mixed.tokens[rows], greedy_expected.tokens[rows])
     assert torch.equal(mixed.tokens[~rows], expected.tokens[~rows])
 
@@ -144,7 +143,7 @@ def test_kernel_greedy_rows():
     _assert_same(ref, ker, V)
     assert ref.num_accepted.tolist()[:3] == [K, 2, 0]
     # greedy rows need no noise and take no probabilities unless asked
-    ker2 = triton_verify.verify_from_logits_triton(drafts, None, logits, greedy=True, block_v=16)
+    ker2 = triton_verify.run(make_request(drafts, None, logits, greedy=True), block_v=16)
     assert torch.equal(ker2.tokens, ref.tokens) and ker2.target_probs is None
 
 
@@ -225,7 +224,7 @@ def test_edge_ids_stay_in_vocab_with_partial_tiles():
     ref, ker = _both(drafts, None, logits, u=u, E=E)
     _assert_same(ref, ker, V)
     assert (ker.next_token == V - 1).all()
-    ker_g = triton_verify.verify_from_logits_triton(drafts, None, logits, greedy=True, block_v=16)
+    ker_g = triton_verify.run(make_request(drafts, None, logits, greedy=True), block_v=16)
     assert (ker_g.next_token == V - 1).all()
 
 
@@ -249,8 +248,8 @@ def test_dispatch_backends(monkeypatch):
 def test_dispatch_forced_triton_runs_the_kernel(monkeypatch):
     drafts, q, logits, kw = _case(2, 2, 12, seed=12)
     calls = []
-    real = triton_verify.verify_from_logits_triton
-    monkeypatch.setattr(triton_verify, "verify_from_logits_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = triton_verify.run
+    monkeypatch.setattr(triton_verify, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("MMSPEC_KERNELS", "triton")
     out = verify_from_logits(drafts, q, logits, **kw)
     monkeypatch.setenv("MMSPEC_KERNELS", "torch")
@@ -303,7 +302,7 @@ def test_kernel_output_distribution_chi_square():
     q = torch.softmax(torch.randn(1, K, V, generator=g) / 0.8, -1).expand(B, -1, -1)
     drafts = sample_from_weights(q, g)
     u, E = draw_noise(B, K, V, g)
-    out = triton_verify.verify_from_logits_triton(drafts, q, logits, u=u, E=E, temperature=0.8)
+    out = triton_verify.run(make_request(drafts, q, logits, u=u, E=E, temperature=0.8))
     p1 = LogitsPipeline(do_sample=True, temperature=0.8).probs(row[0, 0]).double()
     counts = torch.bincount(out.tokens[:, 0], minlength=V).double()
     keep = p1 > 0

@@ -7,16 +7,21 @@
 
 ``verify_from_logits`` runs the Triton kernels for CUDA tensors (when triton imports) and the torch
 reference elsewhere; ``backend=`` or ``MMSPEC_KERNELS=auto|triton|torch`` forces either. Triton itself is
-imported lazily, only when the Triton backend is used.
+imported lazily, only when the Triton backend is used. ``exact``, ``lantern`` and ``gsd`` are fused;
+``mmspec.decode(..., kernels=...)`` (and ``mmspec.generate``, the image pipeline) use the fused step per
+``fused_step``.
 """
 
 from .dispatch import BACKENDS, ENV_VAR, resolve_backend, triton_available, verify_from_logits
-from .reference import FusedVerifyOutput, draw_noise
+from .request import FusedVerifyOutput, VerifyRequest, draw_noise, fusable, make_request
 
 __all__ = [
     "verify_from_logits",
+    "make_request",
     "draw_noise",
+    "fusable",
     "FusedVerifyOutput",
+    "VerifyRequest",
     "resolve_backend",
     "triton_available",
     "BACKENDS",

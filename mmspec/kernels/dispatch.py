@@ -12,7 +12,7 @@ import os
 import torch
 
 from . import reference
-from .reference import FusedVerifyOutput
+from .request import FusedVerifyOutput, fusable, make_request
 
 __all__ = ["verify_from_logits", "resolve_backend", "triton_available", "BACKENDS", "ENV_VAR"]
 
@@ -40,7 +40,7 @@ def resolve_backend(backend: str = "auto", device=None) -> str:
 
     An explicit ``backend`` other than ``"auto"`` wins; with ``"auto"`` the ``MMSPEC_KERNELS`` environment
     variable (``auto``/``triton``/``torch``) decides; ``auto`` means Triton for CUDA tensors when it
-    imports, the torch reference otherwise.
+    imports, the torch reference otherwise. Triton is imported only when it may be used.
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
@@ -63,41 +63,33 @@ def resolve_backend(backend: str = "auto", device=None) -> str:
     return backend
 
 
-def verify_from_logits(
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    target_logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy=False,
-    u: torch.Tensor | None = None,
-    E: torch.Tensor | None = None,
-    guidance_scale: float | None = None,
-    uncond_logits: torch.Tensor | None = None,
-    return_probs: bool = False,
-    backend: str = "auto",
-) -> FusedVerifyOutput:
-    """Exact speculative verification from raw logits, fused on GPUs.
+def verify_from_logits(draft_tokens, draft_probs, target_logits, *, backend: str = "auto",
+                       **settings) -> FusedVerifyOutput:
+    """Speculative verification from raw logits, fused on GPUs.
 
     Guidance ``u + s (c - u)`` -> temperature -> top-k -> top-p -> softmax -> accept each draft with
-    ``u_i <= min(1, p_i(x_i) / q_i(x_i))`` left to right -> emit ``argmax(w / E)`` over the residual
-    ``max(p - q, 0)`` at the first rejection, or over ``p_{K+1}`` (bonus) when all K are accepted. Greedy
-    rows accept iff ``x_i == argmax`` and emit the argmax.
+    ``u_i <= a_i`` left to right (``a_i = min(1, p_i(x_i) / q_i(x_i))`` for ``exact``; the neighbour-moved or
+    group masses for ``lantern`` / ``gsd``) -> emit ``argmax(w / E)`` over the criterion's residual at the
+    first rejection, or over ``p_{K+1}`` (bonus) when all K are accepted. Greedy rows accept iff
+    ``x_i == argmax`` and emit the argmax.
 
-    Args: as ``mmspec.kernels.reference.verify_from_logits`` (shapes: draft_tokens [B, K], draft_probs
-    [B, K, V] or None, target_logits [B, K+1, V], u float64 [B, K], E float64 [B, V], greedy bool or
-    BoolTensor [B]), plus
+    Args:
+        draft_tokens: [B, K] drafts; draft_probs: [B, K, V] or None; target_logits: [B, K+1, V].
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``; with ``"auto"``
-            the ``MMSPEC_KERNELS`` environment variable may force either.
+            the ``MMSPEC_KERNELS`` environment variable may force either. A criterion the kernels do not
+            compute (``fusable``) runs on the torch reference under ``"auto"`` and raises under ``"triton"``.
+        **settings: the keyword arguments of ``mmspec.kernels.make_request`` (temperature, top_k, top_p,
+            greedy, u, E, guidance_scale, uncond_logits, criterion, return_probs), checked there.
 
     Returns:
         FusedVerifyOutput ``(num_accepted [B], tokens [B, K+1] -1 padded, next_token [B],
         target_probs [B, K+1, V] or None)``.
     """
-    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, u=u, E=E,
-                  guidance_scale=guidance_scale, uncond_logits=uncond_logits, return_probs=return_probs)
+    request = make_request(draft_tokens, draft_probs, target_logits, **settings)
     if resolve_backend(backend, target_logits.device) == "triton":
-        return _triton_module().verify_from_logits_triton(draft_tokens, draft_probs, target_logits, **kwargs)
-    return reference.verify_from_logits(draft_tokens, draft_probs, target_logits, **kwargs)
+        if fusable(request.criterion):
+            return _triton_module().run(request)
+        if backend == "triton":
+            raise ValueError(f"the Triton kernels do not compute the {request.criterion.name!r} criterion; "
+                             "use backend='torch' (or 'auto').")
+    return reference.run(request)

@@ -1,4 +1,4 @@
-"""Fused exact verification in Triton: raw logits -> pipeline -> acceptance -> emitted token.
+"""Fused verification in Triton: raw logits -> pipeline -> acceptance (exact, LANTERN, GSD) -> emitted token.
 
 Two launches per step, each row of the [B, K+1, V] logits read once in the common case:
 
@@ -39,19 +39,39 @@ Where bits may differ from the torch reference (``reference.py``); the distribut
   compares a sorted cumsum; they disagree only when the boundary mass is within rounding of ``1 - top_p``.
   Ties at the top-p boundary are all kept by the kernel, while a sort keeps an order-dependent subset.
 * greedy rows use the argmax of the guided logits (first index on ties), exactly as the reference.
+* LANTERN / GSD sums: the kernel's cumulative neighbour mass is a blocked scan and GSD's group sums are tree
+  reductions; torch's CPU cumsum accumulates in double. A moved prefix ``J``, a group membership
+  ``|p(y) - p(x)| < delta_p`` / ``d(x, y) < d_max`` or a rank order can therefore differ only at a near-tie
+  within rounding, like the acceptance decisions above.
+
+The relaxed criteria, in the same two launches (``CRIT`` is a compile-time switch, so exact pays nothing):
+* LANTERN (``mmspec.acceptance.Lantern``): for a sampled draft ``x_i`` the row program gathers p at the
+  neighbour ids of the precomputed int64 table row of ``x_i`` (nearest first), scans their cumulative mass
+  in tiles and stops at the first ``c_j > bound`` (``delta``, or ``(lam - 1) p(x)``): ``J`` and ``c_J`` go to
+  a [B, K] scratch and the acceptance is ``min(1, (p(x) + c_J) / q(x))``. At a rejection the emit program
+  marks the ``J`` moved neighbours in a [B, V] int8 scratch and races over ``p~`` (moved ids 0, ``x``
+  ``p(x) + c_J``) minus ``q`` (or with ``x`` removed for a deterministic draft).
+* GSD (``mmspec.acceptance.GSD``): the rank window of ``x`` (the ``(G-1)//2`` tokens ranked just above it,
+  ``G//2`` just below, by GSD's key ``bits(float32 p) * V + (V - 1 - id)``) is found without a sort by the
+  same pivot search over int64 keys (``count(k_x < key <= t)``, ``count(t <= key < k_x)``, ~12 passes
+  each), its ids compacted into a [B*K, G] scratch by one more pass; only those are then tested
+  (``|p(y) - p(x)| < delta_p``, image tokens, squared embedding distance ``< d_max`` from the embedding
+  rows) and summed: acceptance ``min(1, p(group) / q(group))``. Its residual is exact's.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import FusedVerifyOutput, check_inputs, compute_dtype
+from ..acceptance import GSD, Lantern
+from .request import FusedVerifyOutput, VerifyRequest, compute_dtype
 
-__all__ = ["verify_from_logits_triton", "INTERPRETED"]
+__all__ = ["run", "INTERPRETED"]
 
 _NUM_PIVOTS = 16
 _LOG2_PIVOTS = 4
@@ -123,50 +143,64 @@ def _pivots(lo, hi, NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr):
 
 
 @triton.jit
-def _topk_threshold(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, top_k, row_min, row_max,
-                    HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, DT: tl.constexpr,
-                    BLOCK: tl.constexpr, NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr):
-    """The top_k-th largest scaled logit, ties counted: the largest key t with count(x >= t) >= top_k."""
-    lo = _to_key(row_min, DT)  # count(x >= min) = V >= top_k
-    hi = _to_key(row_max, DT) + 1  # count(x >= next float after max) = 0 < top_k
-    cols = tl.arange(0, BLOCK)
-    while lo + 1 < hi:
-        piv = _pivots(lo, hi, NPIV, LOG2_NPIV)
-        pval = _from_key(piv, DT)
-        count = tl.zeros([NPIV], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            _, x = _scores(row_ptr, urow_ptr, offs, offs < V, stride_v, ustride_v, cfg_scale, temperature,
-                           HAS_UNCOND, APPLY_TEMP, DT)
-            count += tl.sum((x[:, None] >= pval[None, :]).to(tl.int32), axis=0)
-        ok = count >= top_k  # true on a prefix of the pivots
-        lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), axis=0))
-        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), axis=0))
-    return _from_key(lo, DT)
+def _p_key(p, offs, V):
+    """GSD's rank key of a probability: ``bits(float32 p) * V + (V - 1 - id)`` (higher p, then lower id)."""
+    bits = (p.to(tl.float32) + 0.0).to(tl.int32, bitcast=True).to(tl.int64)  # + 0.0: -0.0 -> 0.0
+    return bits * V + (V - 1 - offs)
 
 
 @triton.jit
-def _topp_threshold(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, floor, row_max, inv_sum, cut,
-                    HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, DT: tl.constexpr,
-                    BLOCK: tl.constexpr, NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr):
-    """The smallest scaled logit T with mass(x <= T) > cut = 1 - top_p, masses over x >= floor (top-k)."""
-    lo = _to_key(floor, DT) - 1  # mass below every kept value: 0 <= cut
-    hi = _to_key(row_max, DT)  # the top token is always kept, whatever the rounding of mass(x <= max)
+def _stat(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold, piv, k_x,
+          MODE: tl.constexpr, HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, DT: tl.constexpr,
+          BLOCK: tl.constexpr, NPIV: tl.constexpr):
+    """One pass over the row: a statistic for each of the NPIV int64 pivot keys ``piv``.
+
+    MODE 0: count(x >= piv) over the scaled logits' keys (top-k); 1: mass(x <= piv) of p with the given
+    statistics (top-p); 2: count(k_x < key <= piv) and 3: count(piv <= key < k_x) over GSD's rank keys.
+    """
+    acc = tl.zeros([NPIV], dtype=DT)
     cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        _, x = _scores(row_ptr, urow_ptr, offs, mask, stride_v, ustride_v, cfg_scale, temperature,
+                       HAS_UNCOND, APPLY_TEMP, DT)
+        if MODE == 0:
+            hit = _to_key(x, DT)[:, None] >= piv[None, :]
+            acc += tl.sum(hit.to(DT), axis=0)
+        elif MODE == 1:
+            p = _prob(x, row_max, inv_sum, threshold)
+            acc += tl.sum(tl.where(_to_key(x, DT)[:, None] <= piv[None, :], p[:, None], 0.0), axis=0)
+        else:
+            key = _p_key(_prob(x, row_max, inv_sum, threshold), offs, V)
+            if MODE == 2:
+                hit = (mask & (key > k_x))[:, None] & (key[:, None] <= piv[None, :])
+            else:
+                hit = (mask & (key < k_x))[:, None] & (key[:, None] >= piv[None, :])
+            acc += tl.sum(hit.to(DT), axis=0)
+    return acc
+
+
+@triton.jit
+def _search(lo, hi, target, row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, row_max, inv_sum,
+            threshold, k_x, MODE: tl.constexpr, HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr,
+            DT: tl.constexpr, BLOCK: tl.constexpr, NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr):
+    """Shrink the int64 key interval (lo, hi] to hi = lo + 1 around the point where ``_stat`` crosses
+    ``target``: a pivot is on the hi side when its statistic is < target (MODE 0, 3: the statistic falls
+    with the key) or > target (MODE 1), >= target (MODE 2). The caller keeps ``lo`` or ``hi``."""
     while lo + 1 < hi:
         piv = _pivots(lo, hi, NPIV, LOG2_NPIV)
-        pval = _from_key(piv, DT)
-        mass = tl.zeros([NPIV], dtype=DT)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            _, x = _scores(row_ptr, urow_ptr, offs, offs < V, stride_v, ustride_v, cfg_scale, temperature,
-                           HAS_UNCOND, APPLY_TEMP, DT)
-            p = _prob(x, row_max, inv_sum, floor)
-            mass += tl.sum(tl.where(x[:, None] <= pval[None, :], p[:, None], 0.0), axis=0)
-        ok = mass <= cut  # removable: true on a prefix of the pivots (the sums are monotone)
-        lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), axis=0))
-        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), axis=0))
-    return _from_key(hi, DT)
+        st = _stat(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold,
+                   piv, k_x, MODE, HAS_UNCOND, APPLY_TEMP, DT, BLOCK, NPIV)
+        if MODE == 1:
+            hi_side = st > target
+        elif MODE == 2:
+            hi_side = st >= target
+        else:
+            hi_side = st < target
+        hi = tl.minimum(hi, tl.min(tl.where(hi_side, piv, hi), axis=0))
+        lo = tl.maximum(lo, tl.max(tl.where(hi_side, lo, piv), axis=0))
+    return lo, hi
 
 
 @triton.jit
@@ -183,6 +217,114 @@ def _kept_sum(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V,
 
 
 @triton.jit
+def _p_at(row_ptr, urow_ptr, ids, valid, stride_v, ustride_v, cfg_scale, temperature, row_max, inv_sum, threshold,
+          HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, DT: tl.constexpr):
+    """p at the token ids ``ids`` (any shape), 0 where not ``valid``: a gather from the logits."""
+    safe = tl.where(valid, ids, 0)
+    _, x = _scores(row_ptr, urow_ptr, safe, valid, stride_v, ustride_v, cfg_scale, temperature,
+                   HAS_UNCOND, APPLY_TEMP, DT)
+    return tl.where(valid, _prob(x, row_max, inv_sum, threshold), 0.0)
+
+
+@triton.jit
+def _lantern_prefix(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold,
+                    tab_ptr, s_tr, s_tc, tab_rows, tab_off, W, x, bound,
+                    HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr):
+    """LANTERN's moved prefix of draft ``x``: (J, c_J), J the number of leading neighbours whose cumulative
+    mass c_j stays <= bound (a prefix: it stops at the first j past the bound) and c_J their mass."""
+    rel = x - tab_off
+    inside = (rel >= 0) & (rel < tab_rows)  # not an image token: no neighbours, nothing moves
+    trow = tab_ptr + tl.where(inside, rel, 0) * s_tr
+    cols = tl.arange(0, BLOCK_W)
+    J = tl.full([], 0, tl.int32)
+    c_J = tl.full([], 0.0, DT)
+    carry = tl.full([], 0.0, DT)
+    still = inside
+    start = 0
+    while still & (start < W):
+        j = start + cols
+        m = j < W
+        nbr = tl.load(trow + j * s_tc, mask=m, other=-1)
+        valid = m & (nbr >= 0) & (nbr < V)
+        pn = _p_at(row_ptr, urow_ptr, nbr, valid, stride_v, ustride_v, cfg_scale, temperature, row_max, inv_sum,
+                   threshold, HAS_UNCOND, APPLY_TEMP, DT)
+        c = carry + tl.cumsum(pn, axis=0)  # non-decreasing: p >= 0
+        past = tl.cumsum((m & (c > bound)).to(tl.int32), axis=0)
+        ok = m & (past == 0)
+        J += tl.sum(ok.to(tl.int32), axis=0)
+        c_J = tl.maximum(c_J, tl.max(tl.where(ok, c, 0.0), axis=0))
+        carry = tl.max(tl.where(m, c, carry), axis=0)
+        still = tl.max(past, axis=0) == 0
+        start += BLOCK_W
+    return J, c_J
+
+
+@triton.jit
+def _gsd_mass(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold,
+              x, p_x, q_row, s_qv, n_up, n_dn, ids_row, emb_ptr, s_er, s_ed, emb_rows, emb_off, emb_dim,
+              delta_p, d_max,
+              HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, DT: tl.constexpr, RATIO_DT: tl.constexpr,
+              HAS_Q: tl.constexpr, HAS_EMB: tl.constexpr, FINITE_D: tl.constexpr, EMB_DT: tl.constexpr,
+              BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+              NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr):
+    """GSD's group of draft ``x``: the masses (p, q) of its members other than ``x`` (q's only with HAS_Q).
+
+    The rank window (the n_up keys just above x's, the n_dn just below) is found by two key searches, its ids
+    compacted into ``ids_row`` [BLOCK_G] (scratch) by one more pass; only those few ids are then tested
+    (|p(y) - p(x)| < delta_p, image tokens, embedding distance) and summed.
+    """
+    k_x = _p_key(p_x, x, V)
+    top = tl.full([], 0x7F800001, tl.int64) * V  # above every key of a finite p
+    # Empty intervals (lo == hi == k_x) where a side has no window: the searches then return k_x, which
+    # selects nothing on that side.
+    _, up = _search(k_x, tl.where(n_up > 0, top, k_x), n_up, row_ptr, urow_ptr, stride_v, ustride_v,
+                    cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 2, HAS_UNCOND, APPLY_TEMP, DT,
+                    BLOCK_S, NPIV, LOG2_NPIV)
+    dn, _ = _search(tl.where(n_dn > 0, 0, k_x).to(tl.int64), k_x, n_dn, row_ptr, urow_ptr, stride_v,
+                    ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 3, HAS_UNCOND,
+                    APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
+    n = tl.full([], 0, tl.int32)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        _, s = _scores(row_ptr, urow_ptr, offs, mask, stride_v, ustride_v, cfg_scale, temperature,
+                       HAS_UNCOND, APPLY_TEMP, DT)
+        key = _p_key(_prob(s, row_max, inv_sum, threshold), offs, V)
+        win = mask & (((key > k_x) & (key <= up)) | ((key >= dn) & (key < k_x)))
+        pos = n + tl.cumsum(win.to(tl.int32), axis=0) - 1
+        tl.store(ids_row + pos, offs.to(tl.int64), mask=win)
+        n += tl.sum(win.to(tl.int32), axis=0)
+    tl.debug_barrier()  # the ids written above are read back by other threads of this program
+    g = tl.arange(0, BLOCK_G)
+    ids = tl.load(ids_row + g, mask=g < n, other=0)
+    p_y = _p_at(row_ptr, urow_ptr, ids, g < n, stride_v, ustride_v, cfg_scale, temperature, row_max, inv_sum,
+                threshold, HAS_UNCOND, APPLY_TEMP, DT)
+    member = (g < n) & (tl.abs(p_y - p_x) < delta_p)
+    if HAS_EMB:  # only image tokens group, and only with image tokens
+        rx = x - emb_off
+        in_x = (rx >= 0) & (rx < emb_rows)
+        ry = ids - emb_off
+        member = member & in_x & (ry >= 0) & (ry < emb_rows)
+        if FINITE_D:
+            dist = tl.zeros([BLOCK_G], dtype=EMB_DT)
+            for d0 in range(0, emb_dim, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < emb_dim
+                e_x = tl.load(emb_ptr + tl.where(in_x, rx, 0) * s_er + d * s_ed, mask=dm & in_x, other=0.0)
+                e_y = tl.load(emb_ptr + tl.where(member, ry, 0)[:, None] * s_er + d[None, :] * s_ed,
+                              mask=member[:, None] & dm[None, :], other=0.0)
+                diff = e_y.to(EMB_DT) - e_x.to(EMB_DT)[None, :]
+                dist += tl.sum(diff * diff, axis=1)
+            member = member & (dist < d_max)
+    p_sum = tl.sum(tl.where(member, p_y, 0.0), axis=0)
+    q_sum = p_sum.to(RATIO_DT)  # unused without q (one-hot q: q(group) = 1)
+    if HAS_Q:
+        q_sum = tl.sum(tl.load(q_row + tl.where(member, ids, 0) * s_qv, mask=member, other=0.0).to(RATIO_DT), axis=0)
+    return p_sum, q_sum
+
+
+@triton.jit
 def _row_kernel(
     logits_ptr, s_lb, s_lk, s_lv,
     uncond_ptr, s_ub, s_uk, s_uv,
@@ -192,10 +334,15 @@ def _row_kernel(
     greedy_ptr, params_ptr,
     argmax_ptr, max_ptr, inv_sum_ptr, thr_ptr, accept_ptr,
     probs_ptr, s_pb, s_pk, s_pv,
-    K, V, top_k,
+    tab_ptr, s_tr, s_tc, tab_rows, tab_off, tab_w,
+    emb_ptr, s_er, s_ed, emb_rows, emb_off, emb_dim,
+    jn_ptr, cj_ptr, ids_ptr,
+    K, V, top_k, n_up, n_dn,
     HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
     HAS_Q: tl.constexpr, WRITE_PROBS: tl.constexpr, DT: tl.constexpr, RATIO_DT: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr,
+    CRIT: tl.constexpr, LAM: tl.constexpr, HAS_EMB: tl.constexpr, FINITE_D: tl.constexpr, EMB_DT: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, NPIV: tl.constexpr, LOG2_NPIV: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // (K + 1)
@@ -235,15 +382,18 @@ def _row_kernel(
     inv_sum = tl.full([], 1.0, DT)
     if (is_greedy == 0) | WRITE_PROBS:
         total = run_sum
-        if TOP_K:
-            threshold = _topk_threshold(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, top_k, row_min, row_max,
-                                        HAS_UNCOND, APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
+        if TOP_K:  # the top_k-th largest, ties counted: the largest key t with count(x >= t) >= top_k
+            kth, _ = _search(_to_key(row_min, DT), _to_key(row_max, DT) + 1, top_k, lrow, urow, s_lv, s_uv,
+                             cfg_scale, temperature, V, row_max, inv_sum, threshold, 0, 0, HAS_UNCOND, APPLY_TEMP,
+                             DT, BLOCK_S, NPIV, LOG2_NPIV)
+            threshold = _from_key(kth, DT)
             total = _kept_sum(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, threshold,
                               HAS_UNCOND, APPLY_TEMP, DT, BLOCK_V)
-        if TOP_P:
-            threshold = _topp_threshold(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, threshold, row_max,
-                                        _div(1.0, total, DT), cut, HAS_UNCOND, APPLY_TEMP, DT, BLOCK_S, NPIV,
-                                        LOG2_NPIV)
+        if TOP_P:  # the smallest T with mass(x <= T) > 1 - top_p; the top token is always kept
+            _, kept = _search(_to_key(threshold, DT) - 1, _to_key(row_max, DT), cut, lrow, urow, s_lv, s_uv,
+                              cfg_scale, temperature, V, row_max, _div(1.0, total, DT), threshold, 0, 1, HAS_UNCOND,
+                              APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
+            threshold = _from_key(kept, DT)
             total = _kept_sum(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, threshold,
                               HAS_UNCOND, APPLY_TEMP, DT, BLOCK_V)
         inv_sum = _div(1.0, total, DT)
@@ -256,14 +406,36 @@ def _row_kernel(
         accept = x_i == best_idx
         if is_greedy == 0:
             in_vocab = (x_i >= 0) & (x_i < V)
-            x_safe = tl.where(in_vocab, x_i, 0)
-            _, t_x = _scores(lrow, urow, x_safe, in_vocab, s_lv, s_uv, cfg_scale, temperature,
-                             HAS_UNCOND, APPLY_TEMP, DT)
-            ratio = _prob(t_x, row_max, inv_sum, threshold).to(RATIO_DT)
+            p_x = _p_at(lrow, urow, x_i, in_vocab, s_lv, s_uv, cfg_scale, temperature, row_max, inv_sum, threshold,
+                        HAS_UNCOND, APPLY_TEMP, DT)
+            qrow = q_ptr + b.to(tl.int64) * s_qb + i.to(tl.int64) * s_qk
+            mass = p_x
+            q_mass = tl.full([], 1.0, RATIO_DT)
             if HAS_Q:
-                q_x = tl.load(q_ptr + b.to(tl.int64) * s_qb + i.to(tl.int64) * s_qk + x_safe * s_qv,
-                              mask=in_vocab, other=1.0).to(RATIO_DT)
-                ratio = _div(ratio, tl.maximum(q_x, q_tiny), RATIO_DT)
+                q_mass = tl.load(qrow + tl.where(in_vocab, x_i, 0) * s_qv, mask=in_vocab, other=1.0).to(RATIO_DT)
+            if CRIT == 1:  # LANTERN: the moved neighbour mass goes onto x
+                bound = tl.load(params_ptr + 4).to(DT)
+                if LAM:
+                    bound = bound * p_x
+                J, c_J = _lantern_prefix(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, inv_sum,
+                                         threshold, tab_ptr, s_tr, s_tc, tab_rows, tab_off, tab_w, x_i, bound,
+                                         HAS_UNCOND, APPLY_TEMP, DT, BLOCK_W)
+                tl.store(jn_ptr + b * K + i, J)
+                tl.store(cj_ptr + b * K + i, c_J)
+                mass = p_x + c_J
+            elif CRIT == 2:  # GSD: the masses of x's group
+                p_sum, q_sum = _gsd_mass(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, inv_sum,
+                                         threshold, x_i, p_x, qrow, s_qv, n_up, n_dn,
+                                         ids_ptr + (b * K + i).to(tl.int64) * BLOCK_G, emb_ptr, s_er, s_ed,
+                                         emb_rows, emb_off, emb_dim, tl.load(params_ptr + 5).to(DT),
+                                         tl.load(params_ptr + 6).to(EMB_DT), HAS_UNCOND, APPLY_TEMP, DT, RATIO_DT,
+                                         HAS_Q, HAS_EMB, FINITE_D, EMB_DT, BLOCK_V, BLOCK_S, BLOCK_G, BLOCK_D, NPIV,
+                                         LOG2_NPIV)
+                mass = p_x + p_sum
+                q_mass = q_mass + q_sum
+            ratio = mass.to(RATIO_DT)
+            if HAS_Q:
+                ratio = _div(ratio, tl.maximum(q_mass, q_tiny), RATIO_DT)
             ratio = tl.minimum(tl.maximum(ratio, 0.0), 1.0)
             u_i = tl.load(u_ptr + b.to(tl.int64) * s_nb + i * s_nk)
             accept = u_i <= ratio.to(tl.float64)
@@ -279,6 +451,43 @@ def _row_kernel(
 
 
 @triton.jit
+def _draw(lrow, urow, qrow, erow, moved_row, s_lv, s_uv, s_qv, s_ev, cfg_scale, temperature, V, row_max, inv_sum,
+          threshold, x_n, c_J, residual,
+          HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, HAS_Q: tl.constexpr, CRIT: tl.constexpr,
+          DT: tl.constexpr, RATIO_DT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """-> (argmax(w / E), whether w has mass): w is the criterion's residual at the rejected draft ``x_n`` when
+    ``residual``, else p itself. Padding lanes never win, so ids stay < V."""
+    cols = tl.arange(0, BLOCK_V)
+    best_val = tl.full([], -1.0, tl.float64)
+    best_idx = tl.full([], 0, tl.int32)
+    any_mass = tl.full([], 0, tl.int1)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        _, x = _scores(lrow, urow, offs, mask, s_lv, s_uv, cfg_scale, temperature, HAS_UNCOND, APPLY_TEMP, DT)
+        p = _prob(x, row_max, inv_sum, threshold)
+        target = p
+        if CRIT == 1:  # LANTERN's p~: the moved neighbours' mass sits on x_n
+            moved = tl.load(moved_row + offs, mask=mask & residual, other=0) != 0
+            target = tl.where(offs == x_n, p + c_J, tl.where(moved, 0.0, p))
+        if HAS_Q:
+            q = tl.load(qrow + offs * s_qv, mask=mask & residual, other=0.0).to(RATIO_DT)
+            w = tl.maximum(target.to(RATIO_DT) - q, 0.0)
+        else:
+            w = tl.where(offs == x_n, 0.0, target).to(RATIO_DT)
+        w = tl.where(residual, w, p.to(RATIO_DT))
+        any_mass = any_mass | (tl.max(w, axis=0) > 0)
+        e = tl.load(erow + offs * s_ev, mask=mask, other=1.0)
+        race = tl.where(mask, w.to(tl.float64) / e, -1.0)
+        c_val = tl.max(race, axis=0)
+        c_idx = tl.argmax(race, axis=0)
+        take = c_val > best_val
+        best_idx = tl.where(take, start + c_idx, best_idx)
+        best_val = tl.where(take, c_val, best_val)
+    return best_idx.to(tl.int64), any_mass
+
+
+@triton.jit
 def _emit_kernel(
     logits_ptr, s_lb, s_lk, s_lv,
     uncond_ptr, s_ub, s_uk, s_uv,
@@ -288,9 +497,11 @@ def _emit_kernel(
     greedy_ptr, params_ptr,
     argmax_ptr, max_ptr, inv_sum_ptr, thr_ptr, accept_ptr,
     num_accepted_ptr, next_ptr, tokens_ptr, s_tb,
+    tab_ptr, s_tr, s_tc, tab_off, jn_ptr, cj_ptr, moved_ptr,
     K, V,
-    HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, HAS_Q: tl.constexpr,
+    HAS_UNCOND: tl.constexpr, APPLY_TEMP: tl.constexpr, HAS_Q: tl.constexpr, CRIT: tl.constexpr,
     DT: tl.constexpr, RATIO_DT: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     b = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
@@ -304,6 +515,7 @@ def _emit_kernel(
         urow = uncond_ptr + b.to(tl.int64) * s_ub + n.to(tl.int64) * s_uk
         qrow = q_ptr + b.to(tl.int64) * s_qb + n.to(tl.int64) * s_qk
         erow = e_ptr + b.to(tl.int64) * s_eb
+        moved_row = moved_ptr + b.to(tl.int64) * V
         cfg_scale = tl.load(params_ptr + 0).to(DT)
         temperature = tl.load(params_ptr + 1).to(DT)
         row_max = tl.load(max_ptr + row)
@@ -311,45 +523,23 @@ def _emit_kernel(
         threshold = tl.load(thr_ptr + row)
         rejected = n < K
         x_n = tl.load(draft_ptr + b.to(tl.int64) * s_db + n * s_dk, mask=rejected, other=-1).to(tl.int64)
-        cols = tl.arange(0, BLOCK_V)
-        best_val = tl.full([], -1.0, tl.float64)
-        best_idx = tl.full([], 0, tl.int32)
-        any_mass = tl.full([], 0, tl.int1)
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            _, x = _scores(lrow, urow, offs, mask, s_lv, s_uv, cfg_scale, temperature, HAS_UNCOND, APPLY_TEMP, DT)
-            p = _prob(x, row_max, inv_sum, threshold).to(RATIO_DT)
-            if HAS_Q:
-                q = tl.load(qrow + offs * s_qv, mask=mask & rejected, other=0.0).to(RATIO_DT)
-                w = tl.where(rejected, tl.maximum(p - q, 0.0), p)
-            else:
-                w = tl.where(rejected & (offs == x_n), 0.0, p)
-            any_mass = any_mass | (tl.max(w, axis=0) > 0)
-            e = tl.load(erow + offs * s_ev, mask=mask, other=1.0)
-            race = tl.where(mask, w.to(tl.float64) / e, -1.0)  # padding lanes never win: ids stay < V
-            c_val = tl.max(race, axis=0)
-            c_idx = tl.argmax(race, axis=0)
-            take = c_val > best_val
-            best_idx = tl.where(take, start + c_idx, best_idx)
-            best_val = tl.where(take, c_val, best_val)
-        if rejected & (any_mass == 0):  # empty residual (p == q up to rounding): sample p itself
-            best_val = tl.full([], -1.0, tl.float64)
-            best_idx = tl.full([], 0, tl.int32)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                _, x = _scores(lrow, urow, offs, mask, s_lv, s_uv, cfg_scale, temperature,
-                               HAS_UNCOND, APPLY_TEMP, DT)
-                p = _prob(x, row_max, inv_sum, threshold)
-                e = tl.load(erow + offs * s_ev, mask=mask, other=1.0)
-                race = tl.where(mask, p.to(tl.float64) / e, -1.0)
-                c_val = tl.max(race, axis=0)
-                c_idx = tl.argmax(race, axis=0)
-                take = c_val > best_val
-                best_idx = tl.where(take, start + c_idx, best_idx)
-                best_val = tl.where(take, c_val, best_val)
-        next_token = best_idx.to(tl.int64)
+        c_J = tl.full([], 0.0, DT)
+        if CRIT == 1:  # mark LANTERN's moved neighbours of x_n (their p~ is 0) in this row's scratch
+            J = tl.load(jn_ptr + b * K + n, mask=rejected, other=0)
+            c_J = tl.load(cj_ptr + b * K + n, mask=rejected, other=0.0)
+            trow = tab_ptr + tl.maximum(x_n - tab_off, 0) * s_tr
+            for start in range(0, J, BLOCK_W):
+                j = start + tl.arange(0, BLOCK_W)
+                nbr = tl.load(trow + j * s_tc, mask=j < J, other=-1)
+                tl.store(moved_row + nbr, tl.full([BLOCK_W], 1, tl.int8), mask=(j < J) & (nbr >= 0) & (nbr < V))
+            tl.debug_barrier()
+        next_token, any_mass = _draw(lrow, urow, qrow, erow, moved_row, s_lv, s_uv, s_qv, s_ev, cfg_scale,
+                                     temperature, V, row_max, inv_sum, threshold, x_n, c_J, rejected, HAS_UNCOND,
+                                     APPLY_TEMP, HAS_Q, CRIT, DT, RATIO_DT, BLOCK_V)
+        if rejected & (any_mass == 0):  # empty residual (p == q up to rounding): sample p itself (rare)
+            next_token, _ = _draw(lrow, urow, qrow, erow, moved_row, s_lv, s_uv, s_qv, s_ev, cfg_scale,
+                                  temperature, V, row_max, inv_sum, threshold, x_n, c_J, n < 0, HAS_UNCOND,
+                                  APPLY_TEMP, HAS_Q, CRIT, DT, RATIO_DT, BLOCK_V)
 
     tl.store(num_accepted_ptr + b, n.to(tl.int64))
     tl.store(next_ptr + b, next_token)
@@ -383,52 +573,73 @@ def _or_stub(t, dtype, dim, device):
     return torch.zeros(1, dtype=dtype, device=device).as_strided((1,) * dim, (0,) * dim)
 
 
-def verify_from_logits_triton(
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    target_logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy=False,
-    u: torch.Tensor | None = None,
-    E: torch.Tensor | None = None,
-    guidance_scale: float | None = None,
-    uncond_logits: torch.Tensor | None = None,
-    return_probs: bool = False,
-    block_v: int | None = None,
-) -> FusedVerifyOutput:
-    """The Triton implementation of ``mmspec.kernels.reference.verify_from_logits`` (same arguments).
+class _CriterionArgs:
+    """The kernel arguments of a criterion: CRIT 0 exact, 1 LANTERN (neighbour table), 2 GSD (rank window)."""
 
-    ``block_v`` overrides the vocabulary tile (a power of two; tests use small tiles to cross tile edges).
+    def __init__(self, criterion, V, device):
+        self.crit, self.lam, self.bound, self.delta_p, self.d_max = 0, False, 0.0, 0.0, math.inf
+        self.table = self.emb = None
+        self.tab_off = self.emb_off = self.n_up = self.n_dn = 0
+        if isinstance(criterion, Lantern):
+            table = criterion._table_on(device, V)  # [rows, w] token ids, -1 for none; checked against V
+            if table.shape[1]:  # no neighbours at all: exactly exact
+                self.crit, self.table, self.tab_off = 1, table, criterion._row_offset
+                self.lam = criterion.lam is not None
+                self.bound = criterion.lam - 1.0 if self.lam else criterion.delta
+        elif isinstance(criterion, GSD) and criterion.group_size > 1 and criterion.delta_p > 0.0:
+            self.n_up = min((criterion.group_size - 1) // 2, V - 1)
+            self.n_dn = min(criterion.group_size // 2, V - 1)
+            if self.n_up + self.n_dn:
+                self.crit, self.delta_p, self.d_max = 2, criterion.delta_p, criterion.d_max
+                if criterion._emb is not None:
+                    self.emb, self.emb_off = criterion._emb_on(device), criterion.image_token_offset
+
+    def row_args(self, device):
+        table = _or_stub(self.table, torch.int64, 2, device)
+        emb = _or_stub(self.emb, torch.float32, 2, device)
+        tab_rows = self.table.shape[0] if self.table is not None else 0
+        emb_rows, emb_dim = self.emb.shape if self.emb is not None else (0, 0)
+        return (table, *table.stride(), tab_rows, self.tab_off, table.shape[1],
+                emb, *emb.stride(), emb_rows, self.emb_off, emb_dim)
+
+    def flags(self):
+        has_emb = self.emb is not None
+        emb_dt = tl.float64 if has_emb and self.emb.dtype == torch.float64 else tl.float32
+        return dict(LAM=self.lam, HAS_EMB=has_emb, FINITE_D=has_emb and math.isfinite(self.d_max), EMB_DT=emb_dt)
+
+
+def run(request: VerifyRequest, block_v: int | None = None, block_w: int | None = None) -> FusedVerifyOutput:
+    """The Triton implementation of ``mmspec.kernels.reference.run`` (same request, same result).
+
+    ``block_v`` overrides the vocabulary tile and ``block_w`` LANTERN's neighbour tile (powers of two; tests
+    use small tiles to cross tile edges).
     """
-    greedy = check_inputs(draft_tokens, draft_probs, target_logits, temperature=temperature, top_k=top_k,
-                          top_p=top_p, greedy=greedy, u=u, E=E, guidance_scale=guidance_scale,
-                          uncond_logits=uncond_logits)
-    B, K = draft_tokens.shape
-    V = target_logits.shape[-1]
+    r = request
+    B, K, V = r.shape
+    target_logits, draft_probs, pipe = r.target_logits, r.draft_probs, r.pipeline
     device = target_logits.device
     dt = compute_dtype(target_logits)
     ratio_dt = dt if draft_probs is None else torch.promote_types(dt, draft_probs.dtype)
     if ratio_dt not in _TL_DTYPE:
         raise ValueError(f"`draft_probs` of dtype {draft_probs.dtype} is not supported; use a float dtype.")
-    if isinstance(greedy, torch.Tensor):
-        greedy_rows = greedy.to(torch.int8).contiguous()
+    if isinstance(r.greedy, torch.Tensor):
+        greedy_rows = r.greedy.to(torch.int8).contiguous()
     else:
-        greedy_rows = torch.full((B,), int(greedy), dtype=torch.int8, device=device)
+        greedy_rows = torch.full((B,), int(r.greedy), dtype=torch.int8, device=device)
+    crit = _CriterionArgs(r.criterion, V, device)
 
-    top_k_on = bool(top_k) and top_k < V
-    top_p_on = top_p is not None and top_p < 1.0
+    top_k_on = bool(pipe.top_k) and pipe.top_k < V
+    top_p_on = pipe.top_p is not None and pipe.top_p < 1.0
     q_tiny = torch.finfo(draft_probs.dtype).tiny if draft_probs is not None else 0.0
-    params = _params(device, float(guidance_scale or 0.0), float(temperature), 1.0 - float(top_p or 0.0), q_tiny)
+    params = _params(device, float(r.guidance_scale or 0.0), float(pipe.temperature), 1.0 - float(pipe.top_p or 0.0),
+                     q_tiny, float(crit.bound), float(crit.delta_p), float(crit.d_max))
     # Stand-ins keep the signatures fixed for absent or empty (K = 0) inputs; the constexpr flags, the
     # greedy branch and the masks make sure they are never read.
-    uncond = uncond_logits if uncond_logits is not None else target_logits
+    uncond = r.uncond_logits if r.uncond_logits is not None else target_logits
     q = _or_stub(draft_probs, target_logits.dtype, 3, device)
-    u_t = _or_stub(u, torch.float64, 2, device)
-    e_t = _or_stub(E, torch.float64, 2, device)
-    draft_tokens = _or_stub(draft_tokens, torch.int64, 2, device)
+    u_t = _or_stub(r.u, torch.float64, 2, device)
+    e_t = _or_stub(r.E, torch.float64, 2, device)
+    draft_tokens = _or_stub(r.draft_tokens, torch.int64, 2, device)
 
     rows = B * (K + 1)
     argmax = torch.empty(rows, dtype=torch.int32, device=device)
@@ -436,22 +647,36 @@ def verify_from_logits_triton(
     inv_sum = torch.empty(rows, dtype=dt, device=device)
     threshold = torch.empty(rows, dtype=dt, device=device)
     accept = torch.empty(max(B * K, 1), dtype=torch.int8, device=device)
-    probs = torch.empty(B, K + 1, V, dtype=dt, device=device) if return_probs else row_max
-    p_strides = probs.stride() if return_probs else (0, 0, 0)
+    probs = torch.empty(B, K + 1, V, dtype=dt, device=device) if r.return_probs else row_max
+    p_strides = probs.stride() if r.return_probs else (0, 0, 0)
     num_accepted = torch.empty(B, dtype=torch.int64, device=device)
     next_token = torch.empty(B, dtype=torch.int64, device=device)
     tokens = torch.empty(B, K + 1, dtype=torch.int64, device=device)
     if B == 0:
-        return FusedVerifyOutput(num_accepted, tokens, next_token, probs if return_probs else None)
+        return FusedVerifyOutput(num_accepted, tokens, next_token, probs if r.return_probs else None)
+    # Criterion scratch: LANTERN's J and c_J per draft and its moved-neighbour marks of the emitted row;
+    # GSD's compacted rank windows.
+    block_g = triton.next_power_of_2(max(crit.n_up + crit.n_dn, 1))
+    jn = torch.empty(max(B * K, 1) if crit.crit == 1 else 1, dtype=torch.int32, device=device)
+    cj = torch.empty(max(B * K, 1) if crit.crit == 1 else 1, dtype=dt, device=device)
+    moved = torch.zeros((B, V) if crit.crit == 1 else (1,), dtype=torch.int8, device=device)
+    ids = torch.empty(max(B * K, 1) * block_g if crit.crit == 2 else 1, dtype=torch.int64, device=device)
 
     if block_v is None:
         block_v = min(triton.next_power_of_2(V), 1024 if INTERPRETED else 2048)
-    if block_v & (block_v - 1):
-        raise ValueError(f"`block_v` must be a power of two, got {block_v}.")
+    if block_w is None:
+        block_w = min(triton.next_power_of_2(crit.table.shape[1]), 256) if crit.table is not None else 1
+    for name, value in (("block_v", block_v), ("block_w", block_w)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"`{name}` must be a power of two, got {value}.")
     block_s = min(block_v, 512)  # search passes hold a [block, 16] tile
     block_k = triton.next_power_of_2(max(K, 1))
+    block_d = min(triton.next_power_of_2(crit.emb.shape[1]), 128) if crit.emb is not None else 1
     # No FMA contraction: torch rounds ``s * (c - u)`` and the add separately; so does the kernel.
     launch = {} if INTERPRETED else {"num_warps": 8, "enable_fp_fusion": False}
+    flags = dict(HAS_UNCOND=r.uncond_logits is not None, APPLY_TEMP=float(pipe.temperature) != 1.0,
+                 HAS_Q=draft_probs is not None, DT=_TL_DTYPE[dt], RATIO_DT=_TL_DTYPE[ratio_dt], CRIT=crit.crit,
+                 BLOCK_V=block_v, BLOCK_W=block_w, **launch)
 
     common = (
         target_logits, *target_logits.stride(),
@@ -459,26 +684,25 @@ def verify_from_logits_triton(
         draft_tokens, *draft_tokens.stride(),
         q, *q.stride(),
     )
+    stats = (greedy_rows, params, argmax, row_max, inv_sum, threshold, accept)
     _row_kernel[(rows,)](
         *common,
         u_t, *u_t.stride(),
-        greedy_rows, params,
-        argmax, row_max, inv_sum, threshold, accept,
+        *stats,
         probs, *p_strides,
-        K, V, int(top_k or 0),
-        HAS_UNCOND=uncond_logits is not None, APPLY_TEMP=float(temperature) != 1.0, TOP_K=top_k_on,
-        TOP_P=top_p_on, HAS_Q=draft_probs is not None, WRITE_PROBS=return_probs, DT=_TL_DTYPE[dt],
-        RATIO_DT=_TL_DTYPE[ratio_dt], BLOCK_V=block_v, BLOCK_S=block_s, NPIV=_NUM_PIVOTS,
-        LOG2_NPIV=_LOG2_PIVOTS, **launch,
+        *crit.row_args(device),
+        jn, cj, ids,
+        K, V, int(pipe.top_k or 0), crit.n_up, crit.n_dn,
+        TOP_K=top_k_on, TOP_P=top_p_on, WRITE_PROBS=r.return_probs, BLOCK_S=block_s, BLOCK_G=block_g,
+        BLOCK_D=block_d, NPIV=_NUM_PIVOTS, LOG2_NPIV=_LOG2_PIVOTS, **crit.flags(), **flags,
     )
+    table = crit.row_args(device)[0]
     _emit_kernel[(B,)](
         *common,
         e_t, *e_t.stride(),
-        greedy_rows, params,
-        argmax, row_max, inv_sum, threshold, accept,
+        *stats,
         num_accepted, next_token, tokens, tokens.stride(0),
-        K, V,
-        HAS_UNCOND=uncond_logits is not None, APPLY_TEMP=float(temperature) != 1.0, HAS_Q=draft_probs is not None,
-        DT=_TL_DTYPE[dt], RATIO_DT=_TL_DTYPE[ratio_dt], BLOCK_V=block_v, BLOCK_K=block_k, **launch,
+        table, *table.stride(), crit.tab_off, jn, cj, moved,
+        K, V, BLOCK_K=block_k, **flags,
     )
-    return FusedVerifyOutput(num_accepted, tokens, next_token, probs if return_probs else None)
+    return FusedVerifyOutput(num_accepted, tokens, next_token, probs if r.return_probs else None)

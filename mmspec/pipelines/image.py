@@ -170,6 +170,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
         init: str = "random",
         coupled: bool = False,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
+        kernels: str = "auto",
     ):
         """Generate images.
 
@@ -195,6 +196,8 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             init: Jacobi init for new window slots: "random" (SJD), "horizontal", "vertical", "sample_horizon".
             coupled: coupled redraw of continuing Jacobi slots (lossless, fewer draft changes).
             negative_prompt_embeds: unconditional features for ``prompt_embeds`` models.
+            kernels: verification backend, ``"auto"`` (fused Triton kernels on CUDA), ``"triton"`` or ``"torch"``
+                (see ``mmspec.kernels``).
 
         Returns:
             ``SpeculativeImagePipelineOutput`` with ``images``, ``tokens`` [B, h * w] and ``stats``.
@@ -260,7 +263,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             target, proposer, input_ids, attention_mask,
             max_new_tokens=layout.num_tokens, window=window,
             pipeline=LogitsPipeline(do_sample, temperature, top_k, top_p), criterion=criterion,
-            generator=generator, eos_token_ids=None, model_kwargs=inputs, callback=on_step,
+            generator=generator, eos_token_ids=None, model_kwargs=inputs, callback=on_step, kernels=kernels,
         )
         bar.close()
         T = state.prompt_length
