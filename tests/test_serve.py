@@ -499,3 +499,38 @@ def test_serve_caption_command_loads_a_saved_pipeline_and_serves(caption_pipelin
         server.should_exit = True
         thread.join(20)
     assert not thread.is_alive() and exit_code == [0]
+
+
+def test_replicas_behind_a_round_robin_balancer_are_interchangeable():
+    """Two replicas share nothing: an overloaded one answers 503 + Retry-After, a balancer that moves on to
+    the next replica gets the same caption there, and the request id follows the request."""
+    gate = threading.Event()
+    busy, free = FakeModel(gate=gate), FakeModel()
+    settings = ServeSettings(max_batch_size=1, max_wait_ms=0, max_queue=1)
+    with serving(create_app(caption_fn=busy, settings=settings)) as (url_a, _), \
+            serving(create_app(caption_fn=free, settings=settings)) as (url_b, _), httpx.Client(timeout=30) as c:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as ex:
+            blocked = [ex.submit(post_many, url_a, [upload(png((i, 0, 0)))]) for i in (1, 2)]
+            deadline = time.monotonic() + 10
+            while not (busy.entered.is_set() and c.get(url_a + "/ready").status_code == 503):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+            def balanced(image, rid):
+                for url in (url_a, url_b):  # round robin starting at A; skip a replica that says 503
+                    r = c.post(url + "/v1/captions", files={"image": ("a.png", image, "image/png")},
+                               headers={"X-Request-ID": rid})
+                    if r.status_code != 503:
+                        return url, r
+                    assert int(r.headers["retry-after"]) >= 1
+                raise AssertionError("every replica refused")
+
+            served = [balanced(png((5, 6, i)), f"lb-{i}") for i in range(3)]
+            gate.set()
+            assert [f.result(20)[0].status_code for f in blocked] == [200, 200]
+        assert [u for u, _ in served] == [url_b] * 3
+        assert [r.json()["request_id"] for _, r in served] == ["lb-0", "lb-1", "lb-2"]
+        direct = c.post(url_a + "/v1/captions", files={"image": ("a.png", png((5, 6, 0)), "image/png")})
+        assert direct.json()["caption"] == served[0][1].json()["caption"]  # A, recovered, answers the same

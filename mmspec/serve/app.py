@@ -189,9 +189,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ServeError("payload_too_large", f"the request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # lets request.form() parse from memory
-    return body
+    return b"".join(chunks)
 
 
 async def _parse_request(request: Request, settings: ServeSettings):
@@ -217,8 +215,11 @@ async def _parse_request(request: Request, settings: ServeSettings):
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise ServeError("invalid_field", f"`{where}`: {first['msg']}") from None
         return decode_base64(req.image, settings.max_image_bytes), req.prompt, req.max_new_tokens
+    async def replay():  # the form parser reads the body already taken in, from memory
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=1, max_fields=8, max_part_size=_FIELD_BYTES)
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8, max_part_size=_FIELD_BYTES)
     except MultiPartException as e:
         raise ServeError("invalid_request", f"the multipart body is malformed: {e}") from None
     try:
