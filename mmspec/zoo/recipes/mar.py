@@ -1,0 +1,285 @@
+"""Recipe: the zoo's continuous-token models (a KL autoencoder, a MAR-style target and a smaller draft).
+
+``python -m mmspec.zoo.recipes.mar vae|target|draft --minutes M --threads 1 --out DIR``
+
+* ``vae``: a diffusers :class:`~diffusers.AutoencoderKL`, 32x32 RGB scenes <-> an 8x8 grid of 4-channel
+  latents (64 continuous tokens per image). 32x32 rather than the zoo's 64x64 keeps CPU training to minutes;
+  evaluation upsamples to 64x64 for the zoo classifier (real scenes go through the same resize). L1 + MSE reconstruction and a small KL term; after training
+  ``config.scaling_factor`` is set to 1 / (std of the latent means on held-out scenes), so scaled latents
+  have unit variance, as Stable Diffusion and MAR do.
+* ``target`` / ``draft``: :class:`mmspec.models.mar.ContinuousARModel` (causal transformer + MLP diffusion
+  head) trained on scaled latent means of one-object scenes, class-conditioned on the object's colour
+  (``mmspec.zoo.data.COLOURS``, 9 classes). Labels are dropped with probability ``label_dropout`` (the null
+  class) so classifier-free guidance works at sampling time, as in MAR. The diffusion loss repeats each
+  condition ``diffusion_batch_mul`` times with different noise levels (MAR's trick).
+
+Scenes come from seeded streams (``TRAIN_SCENE_SEED``, held-out ``HELDOUT_SCENE_SEED``); every run is seeded
+and stops by wall clock. Weights are saved in fp16 with ``metrics.json`` beside them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import COLOURS, image_to_tensor, make_scene, scene_seed
+from .common import (
+    HELDOUT_SCENE_SEED,
+    TRAIN_SCENE_SEED,
+    Budget,
+    cosine_lr,
+    dir_size_bytes,
+    psnr,
+    save_fp16,
+    seed_everything,
+    setup_threads,
+    write_json,
+)
+
+#: Scenes in this family have exactly one object; its colour is the class label.
+MAX_OBJECTS = 1
+IMAGE_SIZE = 32
+NUM_CLASSES = len(COLOURS)
+ROLES = ("vae", "target", "draft")
+
+
+def scene_batch(start: int, n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """One-object scenes ``start .. start+n-1`` of stream ``seed`` at 32x32: images [n, 3, 32, 32] in [-1, 1]."""
+    scenes = [make_scene(scene_seed(seed, i), IMAGE_SIZE, MAX_OBJECTS) for i in range(start, start + n)]
+    return torch.stack([image_to_tensor(s.image) for s in scenes]), scenes
+
+
+def scene_classes(scenes) -> torch.Tensor:
+    """LongTensor [n]: the class label (object colour index) of each one-object scene."""
+    return torch.tensor([COLOURS.index(s.attributes["objects"][0]["colour"]) for s in scenes])
+
+
+# --------------------------------------------------------------------------------------------
+# KL autoencoder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAERecipe:
+    block_out_channels: tuple = (16, 32, 64)
+    latent_channels: int = 4
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    kl_weight: float = 1e-4
+    eval_n: int = 256
+
+
+def build_vae(r: VAERecipe):
+    from diffusers import AutoencoderKL
+
+    n = len(r.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(r.block_out_channels),
+        layers_per_block=1, latent_channels=r.latent_channels, norm_num_groups=16, sample_size=IMAGE_SIZE,
+        scaling_factor=1.0, mid_block_add_attention=False,
+    )
+
+
+@torch.no_grad()
+def evaluate_vae(vae, n: int, batch_size: int = 64) -> dict[str, float]:
+    """Held-out PSNR (dB) of mean-latent reconstructions and the std of the latent means."""
+    vae.eval()
+    psnrs, latents = [], []
+    for start in range(0, n, batch_size):
+        images, _ = scene_batch(start, min(batch_size, n - start), HELDOUT_SCENE_SEED)
+        mean = vae.encode(images).latent_dist.mean
+        latents.append(mean)
+        psnrs.append(psnr(vae.decode(mean).sample, images))
+    vae.train()
+    lat = torch.cat(latents)
+    return {"heldout_psnr_db": float(torch.cat(psnrs).mean()), "latent_std": float(lat.std()),
+            "latent_mean": float(lat.mean())}
+
+
+def train_vae(out, minutes: float, seed: int = 0, max_steps: int | None = None, threads: int = 1) -> dict[str, Any]:
+    r = VAERecipe()
+    setup_threads(threads)
+    gen = seed_everything(seed)
+    vae = build_vae(r).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.lr, weight_decay=0.0)
+    budget = Budget(minutes, max_steps)
+    step, seen, ema, t0 = 0, 0, None, time.perf_counter()
+    while not budget.done(step):
+        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images, _ = scene_batch(seen, r.batch_size, TRAIN_SCENE_SEED + seed)
+        seen += r.batch_size
+        dist = vae.encode(images).latent_dist
+        recon = vae.decode(dist.sample(generator=gen)).sample
+        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        kl = dist.kl().mean() / images[0].numel()
+        loss = rec + r.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            print(f"[mar-vae] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
+    metrics = {"role": "vae", "steps": step, "images_seen": seen, "train_seconds": time.perf_counter() - t0,
+               "params": sum(p.numel() for p in vae.parameters()), "final_train_loss_ema": ema,
+               "recipe": asdict(r), "seed": seed}
+    metrics.update(evaluate_vae(vae, r.eval_n))
+    vae.register_to_config(scaling_factor=1.0 / metrics["latent_std"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_fp16(vae, out)
+    metrics["bytes"] = dir_size_bytes(out)
+    write_json(out / "metrics.json", metrics)
+    print({k: v for k, v in metrics.items() if k != "recipe"}, flush=True)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Continuous autoregressive models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MARRecipe:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    head_width: int = 192
+    head_depth: int = 3
+    batch_size: int = 32
+    diffusion_batch_mul: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.02
+    label_dropout: float = 0.1
+    train_images: int = 6144
+    eval_n: int = 256
+
+
+PRESETS = {
+    "target": MARRecipe(),
+    "draft": MARRecipe(hidden=64, layers=2, heads=2, head_width=96, head_depth=2, lr=2e-3),
+}
+
+
+@torch.no_grad()
+def encode_scenes(vae, start: int, n: int, seed: int, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latent means [n, h*w, C] (row-major tokens) and class labels [n] of scenes of stream ``seed``."""
+    from ...models.mar import latents_to_tokens
+
+    tokens, labels = [], []
+    for i in range(start, start + n, batch_size):
+        images, scenes = scene_batch(i, min(batch_size, start + n - i), seed)
+        mean = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+        tokens.append(latents_to_tokens(mean))
+        labels.append(scene_classes(scenes))
+    return torch.cat(tokens), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate_mar(model, tokens, labels, gen, batch_size: int = 64) -> dict[str, float]:
+    """Held-out diffusion loss (noise-prediction MSE per dimension, over fixed random noise levels)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, tokens.shape[0], batch_size):
+        x, y = tokens[i : i + batch_size], labels[i : i + batch_size]
+        total += float(model.diffusion_loss(x, y, generator=gen, batch_mul=4)) * x.shape[0]
+        count += x.shape[0]
+    model.train()
+    return {"heldout_diffusion_loss": total / count}
+
+
+def train_mar(out, role: str, minutes: float, seed: int = 0, max_steps: int | None = None, threads: int = 1,
+              vae_path: str | None = None) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    from ...models.mar import ContinuousARModel
+
+    r = PRESETS[role]
+    setup_threads(threads)
+    gen = seed_everything(seed)
+    vae_dir = Path(vae_path) if vae_path else Path(__file__).resolve().parents[1] / "weights" / "mar_vae"
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    train_tokens, train_labels = encode_scenes(vae, 0, r.train_images, TRAIN_SCENE_SEED + seed)
+    eval_tokens, eval_labels = encode_scenes(vae, 0, r.eval_n, HELDOUT_SCENE_SEED)
+    encode_seconds = time.perf_counter() - t0
+    print(f"[mar-{role}] encoded {r.train_images} scenes in {encode_seconds:.0f}s", flush=True)
+    n_tokens, token_dim = train_tokens.shape[1:]
+    grid = int(vae.config.sample_size) // 2 ** (len(vae.config.block_out_channels) - 1)
+    model = ContinuousARModel(
+        token_dim=token_dim, grid_size=grid, num_classes=NUM_CLASSES, hidden_size=r.hidden, num_layers=r.layers,
+        num_heads=r.heads, head_width=r.head_width, head_depth=r.head_depth,
+    ).train()
+    if grid * grid != n_tokens:
+        raise ValueError(f"the autoencoder gives {n_tokens} tokens, not a {grid}x{grid} grid")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    budget = Budget(minutes, max_steps)
+    step, seen, ema = 0, 0, None
+    perm = torch.randperm(r.train_images, generator=gen)
+    while not budget.done(step):
+        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if seen + r.batch_size > r.train_images:
+            perm, seen = torch.randperm(r.train_images, generator=gen), 0
+        idx = perm[seen : seen + r.batch_size]
+        seen += r.batch_size
+        labels = train_labels[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < r.label_dropout
+        labels[drop] = model.null_class
+        loss = model.diffusion_loss(train_tokens[idx], labels, generator=gen, batch_mul=r.diffusion_batch_mul)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0:
+            print(f"[mar-{role}] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
+    metrics = {"role": role, "steps": step, "epochs": step * r.batch_size / r.train_images,
+               "train_seconds": time.perf_counter() - t0, "encode_seconds": encode_seconds,
+               "params": sum(p.numel() for p in model.parameters()), "final_train_loss_ema": ema,
+               "recipe": asdict(r), "seed": seed}
+    metrics.update(evaluate_mar(model, eval_tokens, eval_labels, torch.Generator().manual_seed(1)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_fp16(model, out)
+    metrics["bytes"] = dir_size_bytes(out)
+    write_json(out / "metrics.json", metrics)
+    print({k: v for k, v in metrics.items() if k != "recipe"}, flush=True)
+    return metrics
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mmspec.zoo.recipes.mar", description=__doc__.split("\n\n")[0])
+    ap.add_argument("role", choices=ROLES)
+    ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vae", default=None, help="target/draft: autoencoder folder (default: the bundled mar_vae)")
+    args = ap.parse_args(argv)
+    if args.role == "vae":
+        return train_vae(args.out, args.minutes, args.seed, args.max_steps, args.threads)
+    return train_mar(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vae)
+
+
+if __name__ == "__main__":
+    main()
