@@ -105,12 +105,16 @@ class VisionLM(CausalLM):
     def _offset(positions, mask) -> torch.Tensor:
         """Per-row offset [B] of the next token's position over the valid-token count.
 
-        ``positions`` is [B, T] or [R, B, T] (R rope axes, possibly with a leading text row); the next text
-        token sits one past the largest position of the row's valid tokens.
+        ``positions`` is [B, T] or [R, B, T] (R = 3 multimodal rope axes: time, height, width); the next text
+        token sits one past the largest position of the row's valid tokens. transformers' generate hands 3-D
+        rope models [1 + 3, B, T], whose leading row is the plain text position used only to build masks, so
+        a fourth row is skipped.
         """
         n = mask.sum(-1)
         if positions is None:
             return torch.zeros_like(n)
         p = positions if positions.dim() == 3 else positions.unsqueeze(0)
+        if p.shape[0] == 4:
+            p = p[1:]
         p = p.to(mask.device).masked_fill(mask.unsqueeze(0) == 0, torch.iinfo(p.dtype).min)
         return p.amax(dim=(0, 2)) + 1 - n
