@@ -42,7 +42,7 @@ def _case(B, K, V, *, seed, pipe=None, dtype=torch.float32, spread=2.0, draft_no
     return drafts, (None if deterministic else q), logits, dict(kw, u=u, E=E)
 
 
-def _both(drafts, q, logits, block_v=16, **kw):
+def _both(drafts, q, logits, block_v=32, **kw):
     request = make_request(drafts, q, logits, return_probs=True, **kw)
     return reference.run(request), triton_verify.run(request, block_v=block_v)
 
@@ -100,14 +100,13 @@ def test_reference_equals_pipeline_then_verify(pipe, guidance, deterministic, K)
 
 
 @pytest.mark.parametrize("pipe, guidance", [
-    ({}, None),
     ({"temperature": 0.6}, None),
     ({"top_k": 7}, None),
-    ({"top_p": 0.75}, None),
+    ({"top_p": 0.75}, 1.5),
     ({"temperature": 1.4, "top_k": 12, "top_p": 0.9}, 2.5),
 ])
 def test_kernel_matches_reference_sampled(pipe, guidance):
-    B, K, V = 2, 3, 45  # V = 2 * 16 + 13: the last tile is partial
+    B, K, V = 2, 3, 45  # V = 32 + 13: the last tile is partial
     drafts, q, logits, kw = _case(B, K, V, seed=1, pipe=pipe, guidance=guidance)
     ref, ker = _both(drafts, q, logits, **kw)
     _assert_same(ref, ker, V)
@@ -294,7 +293,7 @@ def test_kernel_output_distribution_chi_square():
     """
     from scipy.stats import chisquare
 
-    B, K, V = 600, 1, 5
+    B, K, V = 400, 1, 5
     g = torch.Generator().manual_seed(15)
     row = torch.randn(1, K + 1, V, generator=g) * 1.5
     row[..., 3] = float("-inf")  # a masked token (structural forcing): never emitted

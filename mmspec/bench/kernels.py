@@ -3,8 +3,10 @@
 For each batch size B, window K and vocabulary V it times one verification step from raw logits both ways
 (Triton kernels vs the torch chain ``LogitsPipeline.probs`` + exact ``verify`` that they replace), checks
 that both emit the same tokens, and reports the achieved bandwidth against one read of the logits:
-``bytes([B, K+1, V] logits) / time``. A ``logits.sum()`` over the same tensor (one read, nothing else) is
-timed too, as the practical roofline of this GPU. Results go to ``kernels.json`` and ``kernels.md``.
+``bytes([B, K+1, V] logits) / time`` (both the cond and the uncond logits with ``--guidance``). A ``sum()``
+over the same tensors (one read, nothing else) is timed too, as the practical roofline of this GPU.
+``--criterion lantern|gsd`` times the relaxed criteria (on a random codebook's neighbour table / rank windows).
+Results go to ``kernels.json`` and ``kernels.md``.
 
 On a machine without CUDA the kernels run in Triton's CPU interpreter on a tiny subset: that checks
 correctness only, and the report says so (interpreter timings mean nothing).
@@ -41,6 +43,8 @@ def _parse(argv):
     ap.add_argument("--drafts", choices=["sampled", "deterministic", "greedy"], default="sampled",
                     help="drafts with a q row, one-hot drafts (q=None), or greedy verification")
     ap.add_argument("--return-probs", action="store_true", help="also write the p rows (as Jacobi decoding needs)")
+    ap.add_argument("--criterion", choices=["exact", "lantern", "gsd"], default="exact",
+                    help="acceptance criterion (lantern: 100 neighbours, delta 0.1; gsd: group 25, delta_p 0.15)")
     ap.add_argument("--repeats", type=int, default=20, help="timed repeats per case (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -49,10 +53,23 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
+def _criterion(name, V, device, generator):
+    """The criterion object; the relaxed ones on a random [V, 8] codebook (every token an image token)."""
+    from ..acceptance import GSD, Exact, Lantern
+
+    if name == "exact":
+        return Exact()
+    codebook = torch.randn(V, 8, device=device, generator=generator)
+    if name == "lantern":
+        return Lantern(k=100, delta=0.1, codebook=codebook)
+    return GSD(group_size=25, delta_p=0.15, codebook=codebook)
+
+
 def _inputs(B, K, V, args, device):
-    """Target logits near a draft's (so acceptance is realistic), the draft's q rows and tokens, and the noise."""
-    from ..kernels import draw_noise
-    from ..kernels.reference import guided_logits
+    """A checked request: target logits near a draft's (so acceptance is realistic), the draft's q rows and
+    tokens, and the noise."""
+    from ..kernels import draw_noise, make_request
+    from ..kernels.request import guided_logits
     from ..sampling import LogitsPipeline, sample_from_weights
 
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -66,10 +83,10 @@ def _inputs(B, K, V, args, device):
     q = pipe.probs(guided[:, :K].float() + 0.5 * torch.randn(B, K, V, device=device, generator=g))
     drafts = sample_from_weights(q, g)
     u, E = draw_noise(B, K, V, g, device)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, u=u, E=E,
-              greedy=args.drafts == "greedy", guidance_scale=args.guidance, uncond_logits=uncond,
-              return_probs=args.return_probs)
-    return drafts, (q if args.drafts == "sampled" else None), logits, kw
+    return make_request(drafts, q if args.drafts == "sampled" else None, logits, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, u=u, E=E, greedy=args.drafts == "greedy",
+                        guidance_scale=args.guidance, uncond_logits=uncond, return_probs=args.return_probs,
+                        criterion=_criterion(args.criterion, V, device, g))
 
 
 def _time(fn, device, warmup, repeats):
@@ -98,8 +115,7 @@ def run(args) -> dict:
     interpreter = device.type != "cuda"
     if interpreter:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
-    from ..kernels import reference, verify_from_logits
-    from ..kernels import triton_verify
+    from ..kernels import reference, triton_verify
 
     note = None
     if interpreter:
@@ -116,21 +132,22 @@ def run(args) -> dict:
 
     records = []
     for B, K, V in cases:
-        drafts, q, logits, kw = _inputs(B, K, V, args, device)
+        request = _inputs(B, K, V, args, device)
         out = {}
 
         def triton_step():
-            out["triton"] = verify_from_logits(drafts, q, logits, backend="triton", **kw)
+            out["triton"] = triton_verify.run(request)
 
         def torch_step():
-            out["torch"] = reference.verify_from_logits(drafts, q, logits, **kw)
+            out["torch"] = reference.run(request)
 
+        read = [t for t in (request.target_logits, request.uncond_logits) if t is not None]
         t_triton = _time(triton_step, device, warmup, repeats)
         t_torch = _time(torch_step, device, warmup, repeats)
-        t_read = _time(lambda: logits.sum(), device, warmup, repeats) if not interpreter else None
+        t_read = _time(lambda: [t.sum() for t in read], device, warmup, repeats) if not interpreter else None
         a, b = out["torch"], out["triton"]
         mismatched = int((a.tokens != b.tokens).any(-1).sum())
-        nbytes = logits.numel() * logits.element_size()
+        nbytes = sum(t.numel() * t.element_size() for t in read)
         records.append(dict(
             B=B, K=K, V=V, logits_MB=round(nbytes / 2**20, 2),
             # Interpreter timings measure Python, not the kernels: leave them out rather than mislead.
@@ -153,9 +170,10 @@ def run(args) -> dict:
         torch=torch.__version__,
         settings=dict(dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       guidance=args.guidance, drafts=args.drafts, return_probs=args.return_probs,
+                      criterion=args.criterion,
                       repeats=repeats, warmup=warmup),
-        bandwidth="bytes of one read of the [B, K+1, V] logits / median time; read_GBps = logits.sum() on the "
-                  "same tensor, the practical one-read roofline",
+        bandwidth="bytes of one read of the [B, K+1, V] logits (cond and uncond with guidance) / median time; "
+                  "read_GBps = sum() over the same tensors, the practical one-read roofline",
         results=records,
     )
     try:
@@ -177,7 +195,8 @@ def _markdown(report) -> str:
         "",
         f"Mode: **{report['mode']}** on {report['device']} (torch {report['torch']}, triton "
         f"{report.get('triton', '?')}). Logits {s['dtype']}, temperature {s['temperature']}, top-k {s['top_k']}, "
-        f"top-p {s['top_p']}, guidance {s['guidance']}, drafts {s['drafts']}, p rows written: {s['return_probs']}; "
+        f"top-p {s['top_p']}, guidance {s['guidance']}, drafts {s['drafts']}, criterion {s['criterion']}, "
+        f"p rows written: {s['return_probs']}; "
         f"median of {s['repeats']}.",
         "",
     ]
