@@ -7,9 +7,9 @@
 
 ``verify_from_logits`` runs the Triton kernels for CUDA tensors (when triton imports) and the torch
 reference elsewhere; ``backend=`` or ``MMSPEC_KERNELS=auto|triton|torch`` forces either. Triton itself is
-imported lazily, only when the Triton backend is used. ``exact``, ``lantern`` and ``gsd`` are fused;
-``mmspec.decode(..., kernels=...)`` (and ``mmspec.generate``, the image pipeline) use the fused step per
-``fused_step``.
+imported lazily, only when the Triton backend is used. ``exact``, ``lantern`` and ``gsd`` are fused (other
+criteria run on the reference). The decoding loop uses the fused step through ``decode_step.fused_verifier``:
+``mmspec.generate(..., kernels="auto"|"triton"|"torch")`` and the image pipeline's ``kernels=`` pass it on.
 """
 
 from .dispatch import BACKENDS, ENV_VAR, resolve_backend, triton_available, verify_from_logits

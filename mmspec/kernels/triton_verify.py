@@ -240,7 +240,7 @@ def _lantern_prefix(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperatu
     c_J = tl.full([], 0.0, DT)
     carry = tl.full([], 0.0, DT)
     still = inside
-    start = 0
+    start = tl.full([], 0, tl.int32)
     while still & (start < W):
         j = start + cols
         m = j < W
@@ -277,10 +277,10 @@ def _gsd_mass(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V,
     top = tl.full([], 0x7F800001, tl.int64) * V  # above every key of a finite p
     # Empty intervals (lo == hi == k_x) where a side has no window: the searches then return k_x, which
     # selects nothing on that side.
-    _, up = _search(k_x, tl.where(n_up > 0, top, k_x), n_up, row_ptr, urow_ptr, stride_v, ustride_v,
+    _up_lo, up = _search(k_x, tl.where(n_up > 0, top, k_x), n_up, row_ptr, urow_ptr, stride_v, ustride_v,
                     cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 2, HAS_UNCOND, APPLY_TEMP, DT,
                     BLOCK_S, NPIV, LOG2_NPIV)
-    dn, _ = _search(tl.where(n_dn > 0, 0, k_x).to(tl.int64), k_x, n_dn, row_ptr, urow_ptr, stride_v,
+    dn, _dn_hi = _search(tl.where(n_dn > 0, 0, k_x).to(tl.int64), k_x, n_dn, row_ptr, urow_ptr, stride_v,
                     ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 3, HAS_UNCOND,
                     APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
     n = tl.full([], 0, tl.int32)
@@ -293,7 +293,7 @@ def _gsd_mass(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V,
         key = _p_key(_prob(s, row_max, inv_sum, threshold), offs, V)
         win = mask & (((key > k_x) & (key <= up)) | ((key >= dn) & (key < k_x)))
         pos = n + tl.cumsum(win.to(tl.int32), axis=0) - 1
-        tl.store(ids_row + pos, offs.to(tl.int64), mask=win)
+        tl.store(ids_row + pos, offs.to(tl.int64), mask=win & (pos < BLOCK_G))  # never more, by construction
         n += tl.sum(win.to(tl.int32), axis=0)
     tl.debug_barrier()  # the ids written above are read back by other threads of this program
     g = tl.arange(0, BLOCK_G)
@@ -324,7 +324,9 @@ def _gsd_mass(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V,
     return p_sum, q_sum
 
 
-@triton.jit
+# Integer arguments that may be 1 would otherwise be specialised into constants (and recompiled per value).
+@triton.jit(do_not_specialize=["top_k", "n_up", "n_dn", "tab_rows", "tab_off", "tab_w", "emb_rows", "emb_off",
+                               "emb_dim"])
 def _row_kernel(
     logits_ptr, s_lb, s_lk, s_lv,
     uncond_ptr, s_ub, s_uk, s_uv,
@@ -383,14 +385,14 @@ def _row_kernel(
     if (is_greedy == 0) | WRITE_PROBS:
         total = run_sum
         if TOP_K:  # the top_k-th largest, ties counted: the largest key t with count(x >= t) >= top_k
-            kth, _ = _search(_to_key(row_min, DT), _to_key(row_max, DT) + 1, top_k, lrow, urow, s_lv, s_uv,
+            kth, _kth_hi = _search(_to_key(row_min, DT), _to_key(row_max, DT) + 1, top_k, lrow, urow, s_lv, s_uv,
                              cfg_scale, temperature, V, row_max, inv_sum, threshold, 0, 0, HAS_UNCOND, APPLY_TEMP,
                              DT, BLOCK_S, NPIV, LOG2_NPIV)
             threshold = _from_key(kth, DT)
             total = _kept_sum(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, threshold,
                               HAS_UNCOND, APPLY_TEMP, DT, BLOCK_V)
         if TOP_P:  # the smallest T with mass(x <= T) > 1 - top_p; the top token is always kept
-            _, kept = _search(_to_key(threshold, DT) - 1, _to_key(row_max, DT), cut, lrow, urow, s_lv, s_uv,
+            _kept_lo, kept = _search(_to_key(threshold, DT) - 1, _to_key(row_max, DT), cut, lrow, urow, s_lv, s_uv,
                               cfg_scale, temperature, V, row_max, _div(1.0, total, DT), threshold, 0, 1, HAS_UNCOND,
                               APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
             threshold = _from_key(kept, DT)
@@ -487,7 +489,7 @@ def _draw(lrow, urow, qrow, erow, moved_row, s_lv, s_uv, s_qv, s_ev, cfg_scale, 
     return best_idx.to(tl.int64), any_mass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tab_off"])
 def _emit_kernel(
     logits_ptr, s_lb, s_lk, s_lv,
     uncond_ptr, s_ub, s_uk, s_uv,
