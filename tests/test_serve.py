@@ -254,6 +254,10 @@ BAD_INPUTS = [
      "payload_too_large"),
     ("image as a text field", dict(data={"image": "abc"}, files={"prompt": ("p.txt", b"x", "text/plain")}), 400,
      "invalid_request"),
+    ("absurdly nested json", dict(content=b"[" * 50_000, headers={"content-type": "application/json"}), 400,
+     "invalid_request"),
+    ("two image files", dict(files=[("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(), "image/png"))]),
+     400, "invalid_request"),
     ("model rejects input", dict(files={"image": ("g.png", png((0, 255, 0)), "image/png")}), 422, "invalid_input"),
 ]
 
@@ -300,11 +304,11 @@ def test_json_and_multipart_agree_and_request_ids(caplog):
 
 def test_failure_inside_the_model_fails_alone():
     model = FakeModel(delay=0.05)
-    settings = ServeSettings(max_batch_size=8, max_wait_ms=300)
+    settings = ServeSettings(max_batch_size=4, max_wait_ms=1500)  # the batch closes when the 4th arrives
     colours = [(1, 1, 1), (255, 0, 0), (3, 3, 3), (4, 4, 4)]
     with serving(create_app(caption_fn=model, settings=settings)) as (url, _):
         rs = post_many(url, [upload(png(c)) for c in colours])
-        with httpx.Client() as c:
+        with httpx.Client(timeout=30) as c:
             assert c.get(url + "/health").status_code == 200
             after = c.post(url + "/v1/captions", files={"image": ("a.png", png((8, 8, 8)), "image/png")})
     assert [r.status_code for r in rs] == [200, 500, 200, 200]
@@ -404,7 +408,7 @@ def test_load_script_reports_rates_and_refuses_remote_hosts():
     with pytest.raises(ValueError, match="loopback"):
         asyncio.run(run_load("http://192.0.2.1:80", requests=1))
     model = FakeModel(delay=0.01)
-    with serving(create_app(caption_fn=model, settings=ServeSettings(max_batch_size=4, max_wait_ms=5))) as (url, _):
+    with serving(create_app(caption_fn=model, settings=ServeSettings(max_batch_size=4, max_wait_ms=20))) as (url, _):
         res = asyncio.run(run_load(url, requests=24, concurrency=6, duration=30, images=sample_images(3, 16)))
     assert res["sent"] == res["ok"] == 24 and res["errors"] == {}
     assert res["requests_per_s"] > 0 and res["latency_ms"]["p50"] <= res["latency_ms"]["p99"]
@@ -427,13 +431,17 @@ def test_concurrent_requests_get_the_caption_the_pipeline_gives_each_image_alone
     expected = [caption_pipeline(PIL.Image.open(io.BytesIO(b)), prompt=p, max_new_tokens=12).captions[0]
                 for b, p in zip(images, prompts)]
     assert len(set(expected)) >= 3  # the images really get different captions, so a mix-up would show
-    settings = ServeSettings(max_batch_size=8, max_wait_ms=300, max_new_tokens_limit=16)
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=1000, max_new_tokens_limit=16)
     with serving(create_app(caption_pipeline, settings=settings)) as (url, _):
         payloads = [upload(b, max_new_tokens=12, **({} if p is None else {"prompt": p}))
                     for b, p in zip(images, prompts)]
         rs = post_many(url, payloads)
     assert [r.status_code for r in rs] == [200] * 8, [r.text for r in rs]
     assert [r.json()["caption"] for r in rs] == expected
+    with serving(create_app(caption_pipeline, settings=settings)) as (url, _), httpx.Client(timeout=30) as c:
+        for prompt in ("<image> describe", "describe <eos>"):  # would ask for a second image / end the prompt
+            r = c.post(url + "/v1/captions", files={"image": ("a.png", images[0], "image/png")}, data={"prompt": prompt})
+            assert r.status_code == 422 and "special token" in r.json()["error"]["message"], r.text
     sizes = [r.json()["batch_size"] for r in rs]
     assert max(sizes) > 1, sizes  # they were decoded together, not one by one
     assert all(sizes[i] <= 2 for i in (1, 4)) and all(sizes[i] <= 6 for i in (0, 2, 3, 5, 6, 7))  # by prompt
@@ -512,9 +520,11 @@ def test_replicas_behind_a_round_robin_balancer_are_interchangeable():
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2) as ex:
-            blocked = [ex.submit(post_many, url_a, [upload(png((i, 0, 0)))]) for i in (1, 2)]
+            blocked = [ex.submit(post_many, url_a, [upload(png((1, 0, 0)))])]
+            assert busy.entered.wait(10)  # A decodes one request (blocked) ...
+            blocked.append(ex.submit(post_many, url_a, [upload(png((2, 0, 0)))]))
             deadline = time.monotonic() + 10
-            while not (busy.entered.is_set() and c.get(url_a + "/ready").status_code == 503):
+            while c.get(url_a + "/ready").status_code != 503:  # ... and has one queued: full
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
 

@@ -167,8 +167,9 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info('%s %s %d %.1fms [request_id=%s]', scope["method"], scope["path"], status[0],
-                     (time.perf_counter() - start) * 1e3, rid)
+            level = logging.DEBUG if scope["path"] in ("/health", "/ready") else logging.INFO  # probes are frequent
+            log.log(level, '%s %s %d %.1fms [request_id=%s]', scope["method"], scope["path"], status[0],
+                    (time.perf_counter() - start) * 1e3, rid)
             request_id_var.reset(token)
 
 
@@ -202,7 +203,7 @@ async def _parse_request(request: Request, settings: ServeSettings):
     if ctype == "application/json":
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
             raise ServeError("invalid_request", f"the body is not valid JSON ({e})") from None
         if not isinstance(payload, dict):
             raise ServeError("invalid_request", "the JSON body must be an object with an `image` field")
@@ -220,8 +221,9 @@ async def _parse_request(request: Request, settings: ServeSettings):
 
     try:
         form = await Request(request.scope, replay).form(max_files=1, max_fields=8, max_part_size=_FIELD_BYTES)
-    except MultiPartException as e:
-        raise ServeError("invalid_request", f"the multipart body is malformed: {e}") from None
+    except (MultiPartException, StarletteHTTPException) as e:  # Starlette reports parse errors as HTTP 400
+        raise ServeError("invalid_request", f"the multipart body is malformed or has too many parts: "
+                         f"{getattr(e, 'detail', None) or getattr(e, 'message', e)}") from None
     try:
         image = form.get("image")
         if image is None:
@@ -245,7 +247,20 @@ async def _parse_request(request: Request, settings: ServeSettings):
         await form.close()
 
 
-def _check_fields(prompt, max_new_tokens, settings: ServeSettings):
+def special_tokens(pipeline) -> tuple:
+    """The strings a prompt may not contain: the tokenizer's special tokens and the processor's image token
+    (a prompt holding ``<image>`` would ask for a second image, one holding ``<eos>`` would end the prompt)."""
+    processor = getattr(pipeline, "processor", None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for name in ("image_token", "video_token", "boi_token", "eoi_token"):
+        token = getattr(processor, name, None)
+        if isinstance(token, str) and token:
+            found.add(token)
+    return tuple(sorted(t for t in found if t))
+
+
+def _check_fields(prompt, max_new_tokens, settings: ServeSettings, forbidden=()):
     if max_new_tokens is None:
         max_new_tokens = min(settings.default_max_new_tokens, settings.max_new_tokens_limit)
     elif not 1 <= max_new_tokens <= settings.max_new_tokens_limit:
@@ -253,8 +268,12 @@ def _check_fields(prompt, max_new_tokens, settings: ServeSettings):
                          f"got {max_new_tokens}")
     if prompt is not None and len(prompt) > settings.max_prompt_chars:
         raise ServeError("invalid_field", f"`prompt` is {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
-    if prompt is not None and not prompt.strip():
-        prompt = None
+    if prompt is not None:
+        bad = [t for t in forbidden if t in prompt]
+        if bad:
+            raise ServeError("invalid_field", f"`prompt` must be plain text; it contains the special token(s) {bad}")
+        if not prompt.strip():
+            prompt = None
     return prompt, max_new_tokens
 
 
@@ -285,6 +304,7 @@ def create_app(pipeline=None, *, loader: Optional[Callable[[], Any]] = None,
         raise ValueError("give exactly one of pipeline=, loader= or caption_fn=")
     settings = settings or ServeSettings()
     state = {"caption_fn": caption_fn or (pipeline_caption_fn(pipeline, settings.decoding) if pipeline else None),
+             "forbidden": special_tokens(pipeline) if pipeline is not None else (),
              "load_error": None, "shutting_down": False}
     batcher = Batcher(lambda *a: state["caption_fn"](*a), settings.max_batch_size, settings.max_wait_ms,
                       settings.max_queue)
@@ -292,6 +312,7 @@ def create_app(pipeline=None, *, loader: Optional[Callable[[], Any]] = None,
     async def load_in_background():
         try:
             pipe = await asyncio.get_running_loop().run_in_executor(batcher.executor, loader)
+            state["forbidden"] = special_tokens(pipe)
             state["caption_fn"] = pipeline_caption_fn(pipe, settings.decoding)
             log.info("model loaded; ready")
         except BaseException as e:  # noqa: BLE001 - reported, and the CLI exits
@@ -377,7 +398,7 @@ def create_app(pipeline=None, *, loader: Optional[Callable[[], Any]] = None,
                 raise ServeError("overloaded", f"the request queue is full ({batcher.max_queue} waiting); retry later",
                                  retry_after=batcher.retry_after())
             data, prompt, max_new_tokens = await _parse_request(request, settings)
-            prompt, max_new_tokens = _check_fields(prompt, max_new_tokens, settings)
+            prompt, max_new_tokens = _check_fields(prompt, max_new_tokens, settings, state["forbidden"])
             image = await run_in_threadpool(decode_image, data, settings.max_image_bytes, settings.max_image_pixels)
             result = await batcher.submit(image, prompt, max_new_tokens, rid)
         except ServeError as e:
