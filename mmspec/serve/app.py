@@ -239,7 +239,7 @@ async def _parse_request(request: Request, settings: ServeSettings):
         if isinstance(prompt, UploadFile) or isinstance(mnt, UploadFile):
             raise ServeError("invalid_request", "`prompt` and `max_new_tokens` must be text fields, not files")
         if mnt is not None:
-            if not re.fullmatch(r"\s*[+-]?\d{1,9}\s*", mnt):
+            if not re.fullmatch(r"\s*[+-]?[0-9]{1,9}\s*", mnt):
                 raise ServeError("invalid_field", f"`max_new_tokens` must be an integer, got {mnt[:40]!r}")
             mnt = int(mnt)
         return data, prompt, mnt
@@ -315,6 +315,8 @@ def create_app(pipeline=None, *, loader: Optional[Callable[[], Any]] = None,
             state["forbidden"] = special_tokens(pipe)
             state["caption_fn"] = pipeline_caption_fn(pipe, settings.decoding)
             log.info("model loaded; ready")
+        except asyncio.CancelledError:  # shut down while loading
+            raise
         except BaseException as e:  # noqa: BLE001 - reported, and the CLI exits
             state["load_error"] = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", state["load_error"], exc_info=True)
