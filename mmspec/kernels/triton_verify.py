@@ -278,11 +278,11 @@ def _gsd_mass(row_ptr, urow_ptr, stride_v, ustride_v, cfg_scale, temperature, V,
     # Empty intervals (lo == hi == k_x) where a side has no window: the searches then return k_x, which
     # selects nothing on that side.
     _up_lo, up = _search(k_x, tl.where(n_up > 0, top, k_x), n_up, row_ptr, urow_ptr, stride_v, ustride_v,
-                    cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 2, HAS_UNCOND, APPLY_TEMP, DT,
-                    BLOCK_S, NPIV, LOG2_NPIV)
+                         cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 2, HAS_UNCOND, APPLY_TEMP,
+                         DT, BLOCK_S, NPIV, LOG2_NPIV)
     dn, _dn_hi = _search(tl.where(n_dn > 0, 0, k_x).to(tl.int64), k_x, n_dn, row_ptr, urow_ptr, stride_v,
-                    ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 3, HAS_UNCOND,
-                    APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
+                         ustride_v, cfg_scale, temperature, V, row_max, inv_sum, threshold, k_x, 3, HAS_UNCOND,
+                         APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
     n = tl.full([], 0, tl.int32)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -385,16 +385,16 @@ def _row_kernel(
     if (is_greedy == 0) | WRITE_PROBS:
         total = run_sum
         if TOP_K:  # the top_k-th largest, ties counted: the largest key t with count(x >= t) >= top_k
-            kth, _kth_hi = _search(_to_key(row_min, DT), _to_key(row_max, DT) + 1, top_k, lrow, urow, s_lv, s_uv,
-                             cfg_scale, temperature, V, row_max, inv_sum, threshold, 0, 0, HAS_UNCOND, APPLY_TEMP,
-                             DT, BLOCK_S, NPIV, LOG2_NPIV)
+            kth, _kth_hi = _search(_to_key(row_min, DT), _to_key(row_max, DT) + 1, top_k, lrow, urow, s_lv,
+                                   s_uv, cfg_scale, temperature, V, row_max, inv_sum, threshold, 0, 0, HAS_UNCOND,
+                                   APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
             threshold = _from_key(kth, DT)
             total = _kept_sum(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, threshold,
                               HAS_UNCOND, APPLY_TEMP, DT, BLOCK_V)
         if TOP_P:  # the smallest T with mass(x <= T) > 1 - top_p; the top token is always kept
-            _kept_lo, kept = _search(_to_key(threshold, DT) - 1, _to_key(row_max, DT), cut, lrow, urow, s_lv, s_uv,
-                              cfg_scale, temperature, V, row_max, _div(1.0, total, DT), threshold, 0, 1, HAS_UNCOND,
-                              APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
+            _kept_lo, kept = _search(_to_key(threshold, DT) - 1, _to_key(row_max, DT), cut, lrow, urow, s_lv,
+                                     s_uv, cfg_scale, temperature, V, row_max, _div(1.0, total, DT), threshold, 0,
+                                     1, HAS_UNCOND, APPLY_TEMP, DT, BLOCK_S, NPIV, LOG2_NPIV)
             threshold = _from_key(kept, DT)
             total = _kept_sum(lrow, urow, s_lv, s_uv, cfg_scale, temperature, V, row_max, threshold,
                               HAS_UNCOND, APPLY_TEMP, DT, BLOCK_V)
