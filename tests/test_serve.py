@@ -464,6 +464,9 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     if cli._zoo_loader() is None:
         assert cli.main(["caption", "--model", "zoo"]) == 2
         assert "no bundled captioner" in capsys.readouterr().err
+    else:
+        assert cli.main(["caption", "--model", "zoo", "--draft", str(tmp_path)]) == 2
+        assert "bundled draft" in capsys.readouterr().err
 
 
 def test_serve_caption_command_loads_a_saved_pipeline_and_serves(caption_pipeline, tmp_path):

@@ -22,11 +22,15 @@ DECODINGS = ("lookup", "jacobi", "draft", "ar")
 
 
 def _zoo_loader():
-    """The bundled captioner's loader, or None when this version does not ship one."""
+    """The bundled captioner's loader ``(device, dtype, with_draft, decoding) -> CaptionPipeline``, or None
+    when this version does not ship one."""
     try:
         from ..zoo.models import load_caption_pipeline
     except ImportError:
-        return None
+        try:
+            from ..zoo.recipes.captioner import load_caption_pipeline
+        except ImportError:
+            return None
     return load_caption_pipeline
 
 
@@ -75,6 +79,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         if _zoo_loader() is None:
             p.error("--model zoo: this version of mmspec ships no bundled captioner "
                     "(mmspec.zoo.models.load_caption_pipeline is missing); pass a CaptionPipeline directory")
+        if args.draft is not None:
+            p.error("--draft cannot be combined with --model zoo: the bundled draft is used with --decoding draft")
     elif not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a directory (expected a CaptionPipeline.save_pretrained folder or 'zoo')")
     if args.draft is not None and not os.path.isdir(args.draft):
@@ -90,11 +96,9 @@ def make_loader(args):
         import torch
 
         dtype = getattr(torch, args.dtype)
-        if args.model == "zoo":
-            kw = {"device": args.device, "dtype": dtype}
-            if args.draft is not None:
-                kw["draft"] = args.draft
-            return _zoo_loader()(**kw)
+        if args.model == "zoo":  # missing weights raise FileNotFoundError saying how to train them
+            return _zoo_loader()(device=args.device, dtype=dtype, with_draft=args.decoding == "draft",
+                                 decoding=args.decoding or "lookup")
         from ..pipelines.caption import CaptionPipeline
 
         return CaptionPipeline.from_pretrained(args.model, draft=args.draft, device=args.device, dtype=dtype)
