@@ -202,6 +202,27 @@ def test_batcher_bounded_queue_and_drain_on_stop():
     assert model.calls == [1, 1, 1]
 
 
+def test_batcher_stop_timeout_answers_every_job():
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def main():
+        b = Batcher(model, max_batch_size=1, max_wait_ms=0, max_queue=4)
+        await b.start()
+        im = PIL.Image.new("RGB", (2, 2))
+        jobs = [asyncio.ensure_future(b.submit(im, None, 1, str(i))) for i in range(3)]
+        while not model.entered.is_set():
+            await asyncio.sleep(0.005)
+        await b.stop(timeout=0.1)  # the decode is stuck: nothing may be left waiting forever
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        gate.set()
+    assert [getattr(o, "type", None) for o in out] == ["not_ready"] * 3
+
+
 # ----------------------------------------------------------------------------- the HTTP server
 def _truncated_png() -> bytes:
     data = png((1, 2, 3), (64, 64))

@@ -102,7 +102,9 @@ class Batcher:
         self._queue: Optional[asyncio.Queue] = None
         self._task: Optional[asyncio.Task] = None
         self._closing = False
-        self._busy = False
+        self._busy = False  # a decode call is running
+        self._started = 0.0  # perf_counter at the start of the latest decode call
+        self._inflight: List[_Job] = []  # taken from the queue, not answered yet
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -129,11 +131,13 @@ class Batcher:
             await self._task
         except asyncio.CancelledError:
             pass
+        leftover = list(self._inflight)
         while not self._queue.empty():
-            job = self._queue.get_nowait()
+            leftover.append(self._queue.get_nowait())
+        for job in leftover:
             if not job.future.done():
                 job.future.set_exception(ServeError("not_ready", "the server is shutting down", retry_after=1))
-        self.executor.shutdown(wait=True)
+        self.executor.shutdown(wait=False)  # a decode still running after the timeout must not block the loop
 
     # ---------------------------------------------------------------- state
     @property
@@ -201,7 +205,7 @@ class Batcher:
 
     async def _gather(self) -> List[_Job]:
         first = await self._queue.get()
-        batch = [first]
+        batch = self._inflight = [first]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch_size:
