@@ -340,3 +340,16 @@ def test_save_load_and_sample_script(tmp_path):
     assert stats["frames"] == 3 and stats["frame_size"] == [12, 8]
     with pytest.raises(SystemExit):
         script.main(["--model", str(tmp_path / "pipe"), "--out", str(out)])
+
+
+def test_bench_rows_on_a_tiny_model(tmp_path):
+    from mmspec.bench.common import markdown_table
+    from mmspec.bench.video import COLUMNS, METHODS, run
+
+    pipe = tiny_video_pipeline(frames=2, height=2, width=2)
+    rows = run(pipe, PROMPTS[:2], list(METHODS), window=8, do_sample=False)
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert all(r["new_tokens"] == rows[0]["new_tokens"] and r["lossless"] for r in rows)
+    assert rows[0]["step_compression"] == 1.0 and rows[0]["speedup_vs_ar"] == 1.0
+    assert all(r["step_compression"] >= 1.0 and 0.0 <= r["repeat_fraction"] <= 1.0 for r in rows)
+    assert "SJD temporal + coupled" in markdown_table(rows, COLUMNS)

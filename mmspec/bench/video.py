@@ -33,7 +33,8 @@ def repeat_fraction(tokens: torch.Tensor) -> float:
     return float((tokens[:, 1:] == tokens[:, :-1]).float().mean())
 
 
-def run(pipe, prompts, methods, window=16, repeats=1, guidance=3.0, seed=0, do_sample=True):
+def run(pipe, prompts, methods, window=16, repeats=1, guidance=3.0, seed=0, do_sample=True, temperature=1.0,
+        top_k=None):
     """One row per method: the stats of generating one video per prompt (all prompts in one batch)."""
     rows = []
     for name in methods:
@@ -42,7 +43,8 @@ def run(pipe, prompts, methods, window=16, repeats=1, guidance=3.0, seed=0, do_s
             kw["window"] = window
         times, out = [], None
         for _ in range(repeats):
-            out = pipe(prompts, guidance_scale=guidance, do_sample=do_sample, output_type="latent",
+            out = pipe(prompts, guidance_scale=guidance, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                       output_type="latent",
                        generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))], **kw)
             times.append(out.stats.wall_time)
         s = out.stats
@@ -75,7 +77,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per method (medians reported)")
     p.add_argument("--window", type=int, default=16, help="Jacobi window (anchor included)")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at temperature 1")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"subset of: {list(METHODS)}")
     p.add_argument("--model", default=None, help="video model folder (default: the bundled one)")
@@ -94,10 +98,13 @@ def main(argv=None):
     layout = pipe.family.layout()
     n = 1 if args.tiny else args.prompts
     methods = ["AR", "SJD temporal init"] if args.tiny else args.methods
-    prompts = [make_moving_scene(scene_seed(VIDEO_HELDOUT_SEED + 7, i), 64, layout.frames).caption for i in range(n)]
-    rows = run(pipe, prompts, methods, args.window, args.repeats, args.guidance, args.seed, not args.greedy)
+    size = getattr(pipe.model.config, "frame_size", 4 * layout.height)
+    prompts = [make_moving_scene(scene_seed(VIDEO_HELDOUT_SEED + 7, i), size, layout.frames).caption for i in range(n)]
+    rows = run(pipe, prompts, methods, args.window, args.repeats, args.guidance, args.seed, not args.greedy,
+               args.temperature, args.top_k)
     cmd = "mmspec bench video " + " ".join(argv if argv is not None else sys.argv[1:])
-    mode = "greedy" if args.greedy else "sampling at temperature 1"
+    mode = "greedy" if args.greedy else f"sampling at temperature {args.temperature}" + (
+        f", top-k {args.top_k}" if args.top_k else "")
     md = (f"# mmspec bench video (bundled caption-to-video model)\n\n`{cmd}`\n\n"
           f"{n} held-out captions in one batch, {layout.frames} frames of {layout.height}x{layout.width} codes "
           f"({layout.num_tokens} tokens per video), guidance {args.guidance}, {mode}, window {args.window}, seeds "

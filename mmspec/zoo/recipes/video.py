@@ -2,8 +2,9 @@
 
 A transformers ``LlamaForCausalLM`` over a joint vocabulary ``[caption words | 1024 image codes | BOI, EOF,
 EOI]`` learns ``[bos, caption..., BOI, frame_0, EOF, frame_1, EOF, ..., frame_{F-1}, EOF, EOI]`` where each
-frame is the bundled VQ's 16x16 code grid (row-major) of one 64x64 frame of a moving scene
-(:func:`mmspec.zoo.data.make_moving_scene`: shapes moving at constant velocity over a static background).
+frame is the bundled VQ's code grid (row-major; 8x8 codes for the default 32x32-pixel frames) of one frame of a
+moving scene (:func:`mmspec.zoo.data.make_moving_scene`: shapes moving at constant velocity over a static
+background).
 Captions name shape, colour, size, direction and background. They are dropped with probability
 ``caption_dropout`` so classifier-free guidance works with the empty prompt as the unconditional branch. The
 loss covers codes, EOF and EOI.
@@ -39,18 +40,19 @@ __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "loa
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
 VIDEO_TRAIN_SEED = 20
 VIDEO_HELDOUT_SEED = 10_020
-FRAME_SIZE = 64  # pixels; the bundled VQ maps 64x64 to 16x16 codes
+VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
 
 
 @dataclass
 class VideoRecipe:
     frames: int = 8
+    frame_size: int = 32  # pixels: 8x8 codes per frame (64x64 frames, 16x16 codes, were too slow to train here)
     hidden: int = 128
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 344
-    batch_size: int = 2
+    batch_size: int = 4
     lr: float = 2e-3
     warmup_steps: int = 30
     weight_decay: float = 0.05
@@ -59,10 +61,11 @@ class VideoRecipe:
     eval_n: int = 32
 
 
-def build_model(r: VideoRecipe, n_text: int, codebook_size: int, grid: int = 16):
+def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
     """A randomly initialised video token model with ``config.video_layout`` and ``config.boi_token_id``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    grid = r.frame_size // VQ_DOWNSAMPLE
     offset = n_text
     boi, eof, eoi = (offset + codebook_size + i for i in range(3))
     span = r.frames * (grid * grid + 1) + 1
@@ -74,12 +77,13 @@ def build_model(r: VideoRecipe, n_text: int, codebook_size: int, grid: int = 16)
     cfg.video_layout = dict(frames=r.frames, height=grid, width=grid, image_token_offset=offset,
                             codebook_size=codebook_size, eol_token_id=None, eof_token_id=eof, eoi_token_id=eoi)
     cfg.boi_token_id = boi
+    cfg.frame_size = r.frame_size
     return LlamaForCausalLM(cfg)
 
 
-def clip_batch(start: int, n: int, seed: int, frames: int, max_objects: int):
-    """Clips ``start .. start+n-1`` of stream ``seed``: frames ``[n, F, 3, 64, 64]`` in [-1, 1], captions."""
-    clips = [make_moving_scene(scene_seed(seed, i), FRAME_SIZE, frames, max_objects) for i in range(start, start + n)]
+def clip_batch(start: int, n: int, seed: int, frames: int, size: int, max_objects: int):
+    """Clips ``start .. start+n-1`` of stream ``seed``: frames ``[n, F, 3, size, size]`` in [-1, 1], captions."""
+    clips = [make_moving_scene(scene_seed(seed, i), size, frames, max_objects) for i in range(start, start + n)]
     return torch.stack([image_to_tensor(c.frames) for c in clips]), [c.caption for c in clips]
 
 
@@ -88,7 +92,7 @@ def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects
     """Sequences [n, L] (right padded), loss mask [n, L] (True where the token is predicted), captions."""
     spec = config.video_layout
     frames = spec["frames"]
-    video, captions = clip_batch(start, n, seed, frames, max_objects)
+    video, captions = clip_batch(start, n, seed, frames, config.frame_size, max_objects)
     codes = hub.encode_images(vq, video.flatten(0, 1)).view(n, frames, -1) + spec["image_token_offset"]
     codes = torch.cat([codes, codes.new_full((n, frames, 1), spec["eof_token_id"])], dim=2).flatten(1)
     drop = torch.rand(n, generator=gen) < caption_dropout if caption_dropout > 0 else torch.zeros(n, dtype=torch.bool)
@@ -215,12 +219,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--frames", type=int, default=VideoRecipe.frames)
+    ap.add_argument("--frame-size", type=int, default=VideoRecipe.frame_size, help="pixels per side (multiple of 4)")
     ap.add_argument("--vq", default=None, help="VQ tokenizer folder (default: the bundled one)")
     args = ap.parse_args(argv)
     if args.frames < 2:
         ap.error("--frames must be >= 2")
+    if args.frame_size < 8 or args.frame_size % VQ_DOWNSAMPLE:
+        ap.error(f"--frame-size must be a multiple of {VQ_DOWNSAMPLE}, at least 8")
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
-                 VideoRecipe(frames=args.frames))
+                 VideoRecipe(frames=args.frames, frame_size=args.frame_size))
 
 
 if __name__ == "__main__":
