@@ -426,6 +426,12 @@ def test_openapi_documents_both_request_forms():
 def test_load_script_reports_rates_and_refuses_remote_hosts():
     assert is_loopback("http://127.0.0.1:8000") and is_loopback("http://localhost:1") and is_loopback("http://[::1]:8")
     assert not is_loopback("http://10.0.0.1:8000") and not is_loopback("http://example.com")
+    assert not is_loopback("http://127.0.0.1.example.com") and not is_loopback("http://localhost.example.com:1")
+    from mmspec.serve import load
+
+    with pytest.raises(SystemExit) as e:
+        load.main(["--url", "http://10.1.2.3:8000", "--requests", "1"])
+    assert e.value.code == 2
     with pytest.raises(ValueError, match="loopback"):
         asyncio.run(run_load("http://192.0.2.1:80", requests=1))
     model = FakeModel(delay=0.01)
