@@ -104,3 +104,22 @@ def test_bundled_continuous_models():
     out = pipe("red", generator=torch.Generator().manual_seed(0), draft_model=draft, window=3,
                num_inference_steps=6, output_type="pt")
     assert out.images.shape == (1, 3, 32, 32) and out.stats.new_tokens == 64
+
+
+def test_sample_script_writes_images_and_stats(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    pipe, draft = tiny_pipe()
+    pipe.save_pretrained(tmp_path / "pipe")
+    draft.save_pretrained(tmp_path / "draft")
+    path = Path(__file__).resolve().parents[1] / "samples" / "generate_continuous.py"
+    spec = importlib.util.spec_from_file_location("generate_continuous", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--model", str(tmp_path / "pipe"), "--draft", str(tmp_path / "draft"), "--prompt", "green",
+                       "--num-images", "2", "--steps", "2", "--window", "3", "--out", str(tmp_path / "out")])
+    assert out.images.shape[0] == 2
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["new_tokens"] == 32 and stats["lossless"] is True
+    assert (tmp_path / "out" / "grid.png").is_file() and (tmp_path / "out" / "image_001.png").is_file()

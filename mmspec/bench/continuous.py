@@ -2,8 +2,8 @@
 
 For each method, in one process, on the same class labels and per-image seeds: target forwards, step
 compression (tokens / target forward), mean accepted length, the measured acceptance rate of drafts, draft
-forwards, wall-clock median and its ratio to AR, class adherence (the zoo classifier's colour accuracy against
-the requested class, on images upsampled from 32x32 to the classifier's 64x64) and the Frechet distance of
+forwards, wall-clock median and its ratio to AR, class adherence (the zoo classifier's background-colour accuracy
+against the requested class, on images upsampled from 32x32 to the classifier's 64x64) and the Frechet distance of
 classifier features to real one-object scenes put through the same resize (the FID analogue; with few images
 it is biased upwards, so compare rows, not absolute values). Writes ``continuous.json`` and ``continuous.md``.
 """
@@ -60,7 +60,7 @@ def run(pipe, draft, labels, methods, repeats=1, guidance=3.0, steps=25, tempera
                "median_s": statistics.median(times), "times": times, "accepted_histogram": st.accepted_histogram}
         if clf is not None:
             images = to_classifier(out.images)
-            pred = hub.classify(clf, images)["colour"]
+            pred = hub.classify(clf, images)["background_colour"]
             row["adherence"] = 100 * float((pred == labels).float().mean())
             if real_feats is not None:
                 row["frechet"] = hub.frechet_distance(hub.features(clf, images), real_feats)
@@ -122,13 +122,13 @@ def main(argv=None):
                real_feats)
     cmd = "mmspec bench continuous " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"# mmspec bench continuous (bundled MAR-style zoo models)\n\n`{cmd}`\n\n"
-          f"{n} images (class = object colour, cycling), one seed per image, guidance {args.guidance}, "
+          f"{n} images (class = background colour, cycling), one seed per image, guidance {args.guidance}, "
           f"{steps} DDPM steps, temperature {args.temperature}; medians of {args.repeats} run(s).\n\n"
           f"{markdown_table(rows, COLUMNS)}\n\n"
           "step compression = tokens / target forwards (prefill included; AR = 1); draft acc. rate = accepted / "
           "proposed drafts; every row is lossless (exact Gaussian acceptance, reflection residual); adherence = "
-          "classifier colour accuracy against the class; Frechet = classifier-feature distance to real scenes "
-          "(few samples: biased upwards, compare rows).\n\n"
+          "classifier background-colour accuracy against the class; Frechet = classifier-feature distance to "
+          "real scenes (few samples: biased upwards, compare rows).\n\n"
           f"Environment: {environment()}\n")
     payload = {"args": vars(args), "env": environment(), "labels": labels.tolist(), "rows": rows}
     js, mdp = write_report(args.out, "continuous", payload, md)

@@ -110,7 +110,8 @@ class _Block(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(), nn.Linear(mlp_ratio * hidden, hidden))
+        width = mlp_ratio * hidden
+        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
 
     def forward(self, h, cache=None, rows=None, positions=None, mask=None):
         """h [R, L, H]. Without a cache: causal self-attention over the block. With one (a pair of [R, S, heads,
@@ -167,7 +168,8 @@ class ContinuousARModel(ModelMixin, ConfigMixin):
         kw.update(overrides)
         return DDPMScheduler(**kw)
 
-    def embed(self, class_labels: torch.Tensor | None, tokens: torch.Tensor | None, first_item: int = 0) -> torch.Tensor:
+    def embed(self, class_labels: torch.Tensor | None, tokens: torch.Tensor | None,
+              first_item: int = 0) -> torch.Tensor:
         """Input embeddings of items ``first_item ..``: the class item (only when ``first_item == 0``, from
         ``class_labels`` [R]) then ``tokens`` [R, L, C]. Positions are added by the caller."""
         parts = []

@@ -99,7 +99,7 @@ class SpeculativeContinuousPipeline(DiffusionPipeline):
     @classmethod
     def from_zoo(cls, device="cpu", dtype=torch.float32, with_draft: bool = True):
         """The bundled continuous models (``mmspec/zoo/weights/mar_*``, see ``mmspec/zoo/cards/mar.md``):
-        returns ``(pipeline, draft_model or None)``; classes are the zoo's object colours."""
+        returns ``(pipeline, draft_model or None)``; classes are the scene's background colour (``COLOURS``)."""
         from diffusers import AutoencoderKL
 
         from ..zoo.data import COLOURS
@@ -194,7 +194,8 @@ class SpeculativeContinuousPipeline(DiffusionPipeline):
             raise ValueError("`decoding='draft'` needs a `draft_model` (a smaller ContinuousARModel).")
         if decoding == "ar" and draft_model is not None:
             raise ValueError("`draft_model` is only used with decoding='draft'.")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        n = num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")

@@ -3,15 +3,18 @@
 ``python -m mmspec.zoo.recipes.mar vae|target|draft --minutes M --threads 1 --out DIR``
 
 * ``vae``: a diffusers :class:`~diffusers.AutoencoderKL`, 32x32 RGB scenes <-> an 8x8 grid of 4-channel
-  latents (64 continuous tokens per image). 32x32 rather than the zoo's 64x64 keeps CPU training to minutes;
-  evaluation upsamples to 64x64 for the zoo classifier (real scenes go through the same resize). L1 + MSE reconstruction and a small KL term; after training
-  ``config.scaling_factor`` is set to 1 / (std of the latent means on held-out scenes), so scaled latents
-  have unit variance, as Stable Diffusion and MAR do.
+  latents (64 continuous tokens per image). 32x32 rather than the zoo's 64x64 keeps CPU training to
+  minutes; evaluation upsamples to 64x64 for the zoo classifier (real scenes go through the same resize).
+  L1 + MSE reconstruction and a small KL term; after training ``config.scaling_factor`` is set to
+  1 / (std of the latent means on held-out scenes), so scaled latents have unit variance, as Stable
+  Diffusion and MAR do.
 * ``target`` / ``draft``: :class:`mmspec.models.mar.ContinuousARModel` (causal transformer + MLP diffusion
-  head) trained on scaled latent means of one-object scenes, class-conditioned on the object's colour
-  (``mmspec.zoo.data.COLOURS``, 9 classes). Labels are dropped with probability ``label_dropout`` (the null
-  class) so classifier-free guidance works at sampling time, as in MAR. The diffusion loss repeats each
-  condition ``diffusion_batch_mul`` times with different noise levels (MAR's trick).
+  head) trained on scaled latent means of one-object scenes, class-conditioned on the background colour
+  (``mmspec.zoo.data.COLOURS``, 9 classes: the background is what an 8x8 latent grid of a 32x32 scene and
+  a minutes-long CPU run can follow, and what the zoo classifier's ``background_colour`` head scores).
+  Labels are dropped with probability ``label_dropout`` (the null class) so classifier-free guidance works
+  at sampling time, as in MAR. The diffusion loss can repeat each condition ``diffusion_batch_mul`` times
+  with different noise levels (MAR's trick; 1 here, the head is not cheap next to the transformer on a CPU).
 
 Scenes come from seeded streams (``TRAIN_SCENE_SEED``, held-out ``HELDOUT_SCENE_SEED``); every run is seeded
 and stops by wall clock. Weights are saved in fp16 with ``metrics.json`` beside them.
@@ -41,7 +44,7 @@ from .common import (
     write_json,
 )
 
-#: Scenes in this family have exactly one object; its colour is the class label.
+#: Scenes in this family have exactly one object; the background colour is the class label.
 MAX_OBJECTS = 1
 IMAGE_SIZE = 32
 NUM_CLASSES = len(COLOURS)
@@ -55,8 +58,8 @@ def scene_batch(start: int, n: int, seed: int) -> tuple[torch.Tensor, list]:
 
 
 def scene_classes(scenes) -> torch.Tensor:
-    """LongTensor [n]: the class label (object colour index) of each one-object scene."""
-    return torch.tensor([COLOURS.index(s.attributes["objects"][0]["colour"]) for s in scenes])
+    """LongTensor [n]: the class label (background colour index) of each scene."""
+    return torch.tensor([COLOURS.index(s.attributes["background_colour"]) for s in scenes])
 
 
 # --------------------------------------------------------------------------------------------
