@@ -44,11 +44,11 @@ class DraftModelProposer(Proposer):
         self.draft_forwards = 0
 
     def start(self, state):
-        dev = state.device
+        dev = self._device = self.lm.device  # the draft may live on any device; its logits come back to state's
         T = state.prompt_length
         self.lm.prefill(state.tokens[:, :T].to(dev), state.valid[:, :T].to(dev), **self.prefill_kwargs)
         self.draft_forwards += 1
-        self._pending = state.last_tokens(1).to(dev)  # [B, P] right-aligned
+        self._pending = state.last_tokens(1).to(state.device)  # [B, P] right-aligned
         self._pending_valid = torch.ones(state.batch_size, 1, dtype=torch.bool)
         self._k = self.num_drafts
 
@@ -72,7 +72,7 @@ class DraftModelProposer(Proposer):
         active = self._active = state.active.clone()
         pending_valid = self._pending_valid & active.unsqueeze(1)
         self._fed_pending = pending_valid.sum(-1)
-        logits = self.lm.forward(self._pending, pending_valid)[:, -1]
+        logits = self.lm.forward(self._pending.to(self._device), pending_valid)[:, -1].to(dev)
         self.draft_forwards += 1
         drafts, probs = [], []
         while True:
@@ -83,7 +83,7 @@ class DraftModelProposer(Proposer):
                 break
             if self.confidence is not None and bool((conf.max(-1).values[active.to(dev)] < self.confidence).all()):
                 break
-            logits = self.lm.forward(token.unsqueeze(1), active.unsqueeze(1))[:, -1]
+            logits = self.lm.forward(token.unsqueeze(1).to(self._device), active.unsqueeze(1))[:, -1].to(dev)
             self.draft_forwards += 1
         self._drafted = torch.stack(drafts, 1)
         return self._drafted, None if state.greedy else torch.stack(probs, 1)

@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-__all__ = ["CausalLM", "RollbackError", "vocab_size_of"]
+__all__ = ["CausalLM", "RollbackError", "input_device", "vocab_size_of"]
 
 
 class RollbackError(TypeError):
@@ -30,6 +30,18 @@ def vocab_size_of(model) -> int:
         return int(head.weight.shape[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
+
+
+def input_device(model) -> torch.device:
+    """The device a model's input ids must be on, honouring accelerate's dispatch hooks (offloaded weights)."""
+    module = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if module is None:
+        return next(model.parameters()).device
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+    return module.weight.device
 
 
 def _check_cache(cache) -> None:
@@ -88,9 +100,10 @@ class CausalLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device if hasattr(
-            self.model, "get_input_embeddings"
-        ) else next(self.model.parameters()).device
+        """Where input ids go: the input embedding's device, or its execution device when accelerate offloads
+        it (``device_map`` with ``"cpu"`` / ``"disk"`` entries keeps the weight on ``meta``). Logits are moved
+        here too, so a model sharded over several devices (``device_map="auto"``) needs nothing else."""
+        return input_device(self.model)
 
     @property
     def length(self) -> int:
@@ -124,7 +137,7 @@ class CausalLM:
                 f"the model cached {seq_len} positions for a prompt of {mask.shape[1]}; models that expand the "
                 "prompt inside forward need their own adapter."
             )
-        return logits[:, -1]
+        return logits[:, -1].to(self.device)
 
     def call_model(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs):
         """One forward of the wrapped model -> (logits [B, L, V], cache). Families with quirks (separate
@@ -163,7 +176,7 @@ class CausalLM:
         mask = None if self._dense and bool(valid.all()) else self.mask
         self._dense = mask is None
         logits, self.cache = self.call_model(tokens, mask, position_ids, self.cache, **kwargs)
-        return logits
+        return logits.to(dev)  # no-op unless the model is sharded over devices (logits on the last one)
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Keep the first ``keep[b]`` valid tokens added since ``checkpoint`` in row b; drop the rest.

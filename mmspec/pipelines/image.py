@@ -15,6 +15,7 @@ from .. import acceptance as _acceptance
 from ..decoding import GenerationStats, decode
 from ..drafting import DraftModelProposer, JacobiProposer, NoDraft
 from ..drafting.jacobi import INIT_STRATEGIES
+from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
 from ..sampling import LogitsPipeline
@@ -221,7 +222,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             if negative_prompt_embeds is not None:
                 negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(n, dim=0)
         inputs = family.prefill_inputs(prompts, negatives, class_labels, prompt_embeds, negative_prompt_embeds)
-        device = self.model.device
+        device = input_device(self.model)  # honours accelerate offload / device maps
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
         B = input_ids.shape[0]
