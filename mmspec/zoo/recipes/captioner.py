@@ -39,15 +39,15 @@ DRAFT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "captioner_dra
 @dataclass
 class CaptionerRecipe:
     patch: int = 16  # 64 x 64 pixels -> 4 x 4 = 16 image tokens (the CLS feature is dropped)
-    vision_hidden: int = 96
+    vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
     hidden: int = 128
-    layers: int = 4
+    layers: int = 3
     heads: int = 4
     kv_heads: int = 2
-    intermediate: int = 320
-    lr: float = 2e-3
+    intermediate: int = 256
+    lr: float = 3e-3
     batch_size: int = 32
     fresh_per_step: int = 6  # new scenes added to the training pool each step
     initial_pool: int = 1024
@@ -204,13 +204,14 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
     metrics = {"role": role, "steps": step, "train_minutes": round(train_minutes, 2), "final_loss_ema": ema,
                "parameters": n_params, "training_scenes_seen": step * r.batch_size,
                "distinct_training_scenes": len(pool.captions), "recipe": asdict(r), "threads": threads, "seed": seed}
-    model = model.float()
-    metrics.update({f"heldout_{k}": v for k, v in evaluate(model, processor, r.eval_n, max_objects=r.max_objects).items()})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_fp16(model, out)
+    save_fp16(model, out)  # saved before the evaluation, so a failing evaluation loses no training
     processor.save_pretrained(out)
     metrics["size_bytes"] = dir_size_bytes(out)
+    write_json(out / "metrics.json", metrics)
+    model = model.float()  # evaluate the weights as shipped (fp16-rounded), in float32
+    metrics.update({f"heldout_{k}": v for k, v in evaluate(model, processor, r.eval_n, max_objects=r.max_objects).items()})
     write_json(out / "metrics.json", metrics)
     print(metrics, flush=True)
     return metrics
