@@ -120,3 +120,22 @@ def test_two_gloo_processes_match_one_process_and_resume(tmp_path):
     again = json.loads((tmp_path / "two" / "stats.json").read_text())
     assert again["ok"] == len(PROMPTS) and again["skipped_on_rank0"] == len(shard_indices(len(PROMPTS), 0, 2))
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("image_*.png")}
+
+
+def test_text_script_batches_resumes_and_matches_unbatched(tmp_path):
+    sys.path.insert(0, str(ROOT / "samples"))
+    try:
+        import generate_text
+    finally:
+        sys.path.pop(0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def add(a, b):\nimport os\n# a comment line\nclass Point:\n    return self\n")
+    args = ["--model", "zoo", "--prompt-file", str(prompts), "--max-new-tokens", "10", "--method", "draft"]
+    batched = generate_text.main(args + ["--batch-size", "4", "--out", str(tmp_path / "b")])
+    single = generate_text.main(args + ["--batch-size", "1", "--out", str(tmp_path / "s")])
+    assert batched["ok"] == single["ok"] == 4
+    for a, b in zip(batched["records"], single["records"]):
+        assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 10
+        assert (tmp_path / "b" / a["file"]).read_text().startswith(a["prompt"])
+    again = generate_text.main(args + ["--batch-size", "4", "--out", str(tmp_path / "b")])
+    assert again["skipped_on_rank0"] == 4

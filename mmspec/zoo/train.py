@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--eval-n", type=int, default=None, help="vq/classifier: held-out images per evaluation set")
     ap.add_argument("--vq", default=None, help="classifier/t2i/c2i: tokenizer folder (default: the bundled one)")
     ap.add_argument("--tokenizer", default=None, help="text_draft: the target's folder, whose tokenizer it shares")
+    ap.add_argument("--init-from", default=None, help="text_*/c2i: continue training from this earlier run's folder")
     args = ap.parse_args(argv)
     module_name, role, default_minutes, _ = MODELS[args.model]
     minutes = default_minutes if args.minutes is None else args.minutes
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None):
     if module_name == "t2i":
         return recipe.train(out, role, vq_path=args.vq, **common)
     if module_name == "text_lm":
-        return recipe.train(out, role, tokenizer_path=args.tokenizer, **common)
-    return recipe.train(out, vq_path=args.vq, **common)
+        return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, **common)
+    return recipe.train(out, vq_path=args.vq, init_from=args.init_from, **common)
 
 
 if __name__ == "__main__":

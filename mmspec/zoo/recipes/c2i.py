@@ -92,13 +92,20 @@ def evaluate(model, vq, n: int, batch_size: int = 64) -> dict[str, float]:
 
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
-          vq_path: str | None = None) -> dict[str, Any]:
-    """Train the class-conditional model; save fp16 safetensors + config + metrics in ``out``."""
+          vq_path: str | None = None, init_from: str | None = None) -> dict[str, Any]:
+    """Train the class-conditional model; save fp16 safetensors + config + metrics in ``out``.
+
+    ``init_from``: continue from an earlier run's folder (a second budget; the schedule restarts)."""
     r = C2IRecipe()
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path)
-    model = build_model(r, int(hub.codebook(vq).shape[0]))
+    if init_from:
+        from ...models.llamagen import LlamaGenGPT
+
+        model = LlamaGenGPT.from_pretrained(init_from, torch_dtype=torch.float32)
+    else:
+        model = build_model(r, int(hub.codebook(vq).shape[0]))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -128,7 +135,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             print(f"[c2i] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
     bar.close()
     metrics = {"steps": step, "images_seen": seen, "train_seconds": time.perf_counter() - t0, "params": n_params,
-               "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed, "classes": list(NATURAL_CLASSES)}
+               "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed, "init_from": init_from, "classes": list(NATURAL_CLASSES)}
     metrics.update(evaluate(model, vq, r.eval_n))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -118,8 +118,11 @@ def evaluate(model, ids: torch.Tensor, r: TextRecipe) -> dict[str, float]:
 
 
 def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: int = 0, max_steps: int | None = None,
-          threads: int = 1, tokenizer_path: str | None = None) -> dict[str, Any]:
-    """Train the ``role`` ("target" or "draft") text LM; save fp16 safetensors + tokenizer + metrics."""
+          threads: int = 1, tokenizer_path: str | None = None, init_from: str | None = None) -> dict[str, Any]:
+    """Train the ``role`` ("target" or "draft") text LM; save fp16 safetensors + tokenizer + metrics.
+
+    ``init_from``: continue from the weights (and tokenizer) of an earlier run's folder instead of a fresh
+    initialisation (a second budget; the learning-rate schedule restarts)."""
     from transformers import AutoTokenizer
 
     r = PRESETS[role]
@@ -127,14 +130,19 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
     gen = seed_everything(seed)
     t_start = time.perf_counter()
     train_text, val_text = text_corpus_splits(r.corpus_chars)
-    if tokenizer_path:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if tokenizer_path or init_from:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or init_from)
     else:
         tokenizer = train_tokenizer(train_text[: r.tokenizer_chars], r.vocab_size)
     train_ids, val_ids = encode_corpus(tokenizer, train_text), encode_corpus(tokenizer, val_text)
     print(f"[text-{role}] corpus {len(train_text):,} chars -> {train_ids.numel():,} tokens "
           f"(val {val_ids.numel():,}) in {time.perf_counter() - t_start:.0f}s", flush=True)
-    model = build_model(r, tokenizer)
+    if init_from:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+    else:
+        model = build_model(r, tokenizer)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -164,7 +172,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
     bar.close()
     metrics = {"role": role, "steps": step, "tokens_seen": step * r.batch_size * r.seq_len,
                "train_seconds": time.perf_counter() - t0, "params": n_params, "final_train_loss_ema": ema,
-               "recipe": asdict(r), "seed": seed}
+               "recipe": asdict(r), "seed": seed, "init_from": init_from}
     metrics.update(evaluate(model, val_ids, r))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
