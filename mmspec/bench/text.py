@@ -16,7 +16,7 @@ import torch
 from .. import generate
 from .common import environment, markdown_table, timed, write_report
 
-__all__ = ["main", "run", "raw_greedy_loop", "random_pair"]
+__all__ = ["main", "run", "assisted_generate", "raw_greedy_loop", "random_pair"]
 
 
 def random_pair(vocab_size=16384, hidden=384, layers=6, draft_hidden=128, draft_layers=2, seed=0):
@@ -49,6 +49,27 @@ def raw_greedy_loop(model, input_ids, max_new_tokens):
     return torch.cat([input_ids] + tokens, dim=1)
 
 
+def assisted_generate(target, draft, input_ids, num_drafts, **kwargs):
+    """transformers' assisted generation with exactly ``num_drafts`` drafts per step, like ``mmspec draft``.
+
+    Its candidate generator reads the draft length, its schedule and the early-stop confidence threshold from
+    the *assistant's* generation config (the same arguments given to ``generate`` are not used for that), whose
+    defaults are 20 drafts cut short once the draft's confidence falls under 0.4. They are set there for the
+    call and restored afterwards.
+    """
+    config = draft.generation_config
+    settings = dict(num_assistant_tokens=num_drafts, num_assistant_tokens_schedule="constant",
+                    assistant_confidence_threshold=0.0)
+    saved = {k: getattr(config, k, None) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(config, k, v)
+        return target.generate(input_ids, assistant_model=draft, **kwargs)
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
 def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, window_lookup=8, corpus_ids=None):
     """Time every method on ``input_ids`` [B, T]; returns a list of result rows."""
     B = input_ids.shape[0]
@@ -66,9 +87,8 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
     ]
     if B == 1:  # transformers' assisted generation and prompt lookup support batch size 1 only
         cases += [
-            ("transformers assisted", "peer", lambda: (target.generate(
-                input_ids, assistant_model=draft, num_assistant_tokens=K, num_assistant_tokens_schedule="constant",
-                assistant_confidence_threshold=0.0, **hf_common), None)),
+            ("transformers assisted", "peer", lambda: (assisted_generate(target, draft, input_ids, K, **hf_common),
+                                                       None)),
             ("transformers prompt lookup", "peer", lambda: (target.generate(
                 input_ids, prompt_lookup_num_tokens=window_lookup - 1, **hf_common), None)),
         ]

@@ -8,6 +8,8 @@ step, with holes where a row has fewer of them.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..models.causal_lm import CausalLM
@@ -42,6 +44,9 @@ class DraftModelProposer(Proposer):
         self.max_drafts = max_drafts or num_drafts
         self.adaptive, self.confidence = adaptive, confidence
         self.draft_forwards = 0
+        # Only the last position's draft logits are used: ask adapters that can skip the others to do so.
+        can_skip = "logits_to_keep" in inspect.signature(self.lm.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if can_skip else {}
 
     def start(self, state):
         dev = self._device = self.lm.device  # the draft may live on any device; its logits come back to state's
@@ -70,9 +75,14 @@ class DraftModelProposer(Proposer):
             return torch.empty(B, 0, dtype=torch.long, device=dev), None
         self.lm.checkpoint()
         active = self._active = state.active.clone()
-        pending_valid = self._pending_valid & active.unsqueeze(1)
+        pending, pending_valid = self._pending, self._pending_valid & active.unsqueeze(1)
+        # Pending blocks are right-aligned: leading columns that no active row feeds (the last draft after a
+        # rejection, at batch size 1 every step) would only leave holes in the draft cache, which cost memory
+        # and force the masked attention path from then on. Skip them.
+        skip = int(pending_valid.any(0).long().argmax())
+        pending, pending_valid = pending[:, skip:], pending_valid[:, skip:]
         self._fed_pending = pending_valid.sum(-1)
-        logits = self.lm.forward(self._pending.to(self._device), pending_valid)[:, -1].to(dev)
+        logits = self.lm.forward(pending.to(self._device), pending_valid, **self._last_only)[:, -1].to(dev)
         self.draft_forwards += 1
         drafts, probs = [], []
         while True:

@@ -151,14 +151,16 @@ class CausalLM:
         self._start = self.length
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append a block and return its logits.
 
         Args:
             tokens: LongTensor [B, L] on the model's device (values at invalid places are ignored).
             valid: BoolTensor [B, L] on the CPU; invalid places become holes in the attention mask.
+            logits_to_keep: 0 for the logits of every position, n > 0 for the last n only (a drafter needs
+                one row; skipping the others saves most of a small model's output projection).
         Returns:
-            logits [B, L, V].
+            logits [B, L, V] (``[B, n, V]`` with ``logits_to_keep=n``).
         """
         B, L = tokens.shape
         dev = tokens.device
@@ -171,11 +173,15 @@ class CausalLM:
         self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
         self.mask = torch.cat([self.mask, valid_dev], dim=1)
         kwargs = {"cache_position": torch.arange(S, S + L, device=dev)} if self._has_cache_position else {}
+        if logits_to_keep and self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         # Without padding or holes the 2-D mask says nothing causality does not: let the model take its
         # fast (mask-free) attention path.
         mask = None if self._dense and bool(valid.all()) else self.mask
         self._dense = mask is None
         logits, self.cache = self.call_model(tokens, mask, position_ids, self.cache, **kwargs)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         return logits.to(dev)  # no-op unless the model is sharded over devices (logits on the last one)
 
     def rollback(self, keep: torch.Tensor) -> None:
