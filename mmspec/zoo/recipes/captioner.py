@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import SCENE_VOCAB, make_scene, scene_seed
+from ..data import SCENE_VOCAB, make_scene, parse_caption, scene_seed
 from .common import (HELDOUT_SCENE_SEED, TRAIN_SCENE_SEED, Budget, cosine_lr, dir_size_bytes, save_fp16,
                      seed_everything, setup_threads, write_json)
 
@@ -150,21 +150,34 @@ def _loss(model, ids, mask, labels, pixels):
 @torch.no_grad()
 def evaluate(model, processor, n: int = 256, batch_size: int = 64, max_objects: int = 2) -> dict[str, float]:
     """Greedy captions of ``n`` held-out scenes: exact match, word accuracy (position-wise over the reference's
-    words, a missing word counts wrong) and the mean caption length."""
+    words, a missing word counts wrong), the mean caption length, the share of well-formed captions
+    (``parse_caption`` accepts them) and how often the background kind, its colour and the object count are
+    right (a malformed caption counts wrong)."""
     from ...pipelines.caption import CaptionPipeline
 
     model.eval()
     pipe = CaptionPipeline(model, processor, decoding="ar", prompt=PROMPT)
     scenes = [make_scene(scene_seed(HELDOUT_SCENE_SEED, i), IMAGE_SIZE, max_objects) for i in range(n)]
     out = pipe([s.image for s in scenes], max_new_tokens=32, batch_size=batch_size, progress=False)
-    exact = words_ok = words = 0
+    exact = words_ok = words = parsed = 0
+    fields = {"background": 0, "background_colour": 0, "objects": 0}
     for s, cap in zip(scenes, out.captions):
         ref, hyp = s.caption.split(), cap.split()
         exact += ref == hyp
         words_ok += sum(a == b for a, b in zip(ref, hyp))
         words += len(ref)
+        try:
+            attrs = parse_caption(cap)
+        except ValueError:
+            continue
+        parsed += 1
+        truth = parse_caption(s.caption)
+        fields["background"] += attrs["background"] == truth["background"]
+        fields["background_colour"] += attrs["background_colour"] == truth["background_colour"]
+        fields["objects"] += len(attrs["objects"]) == len(truth["objects"])
     return {"exact_match": exact / n, "word_accuracy": words_ok / words,
-            "mean_caption_words": sum(len(c.split()) for c in out.captions) / n}
+            "mean_caption_words": sum(len(c.split()) for c in out.captions) / n, "well_formed": parsed / n,
+            **{f"{k}_accuracy": v / n for k, v in fields.items()}}
 
 
 def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: int = 0, max_steps: int | None = None,
@@ -232,17 +245,36 @@ def load_caption_pipeline(device="cpu", dtype=torch.float32, with_draft: bool = 
                                            prompt=PROMPT)
 
 
+def evaluate_saved(path: str | Path, n: int = 256) -> dict:
+    """Evaluate saved weights (as shipped, fp16 loaded in float32) and add the numbers to ``metrics.json``."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    result = {f"heldout_{k}": v for k, v in evaluate(model, AutoProcessor.from_pretrained(path), n).items()}
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics.update(result, heldout_n=n, heldout_evaluated_on="the saved fp16 weights, loaded in float32")
+    write_json(metrics_path, metrics)
+    print(result, flush=True)
+    return metrics
+
+
 def main(argv=None):
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m mmspec.zoo.recipes.captioner", description=__doc__.split("\n\n")[0])
-    ap.add_argument("role", choices=sorted(PRESETS))
+    ap.add_argument("role", choices=sorted(PRESETS) + ["eval"], help="train the target or draft, or evaluate --out")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.role == "eval":
+        return evaluate_saved(args.out)
     if not math.isfinite(args.minutes) or args.minutes <= 0:
         ap.error("--minutes must be > 0")
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads)
