@@ -59,7 +59,25 @@ def _criterion(spec):
     return spec
 
 
-def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None):
+def _concat(outs):
+    """One output for several sequential pipeline calls: images/tokens stacked, stats summed (forwards of
+    sequential batches add up; target_forwards is then the total over batches)."""
+    from dataclasses import replace
+
+    if len(outs) == 1:
+        return outs[0]
+    s = [o.stats for o in outs]
+    width = max(len(x.accepted_histogram) for x in s)
+    hist = [sum(x.accepted_histogram[k] if k < len(x.accepted_histogram) else 0 for x in s) for k in range(width)]
+    stats = replace(s[0], target_forwards=sum(x.target_forwards for x in s), draft_forwards=sum(x.draft_forwards for x in s),
+                    new_tokens=sum(x.new_tokens for x in s), new_tokens_per_row=sum((x.new_tokens_per_row for x in s), []),
+                    row_forwards=sum((x.row_forwards for x in s), []), accepted_histogram=hist,
+                    wall_time=sum(x.wall_time for x in s))
+    return replace(outs[0], images=torch.cat([o.images for o in outs]), tokens=torch.cat([o.tokens for o in outs]),
+                   stats=stats)
+
+
+def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None, batch_size=None):
     from ..zoo import hub
     from ..zoo.data import POSITIONS, caption_labels
 
@@ -73,10 +91,12 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
         if "acceptance" in kw:
             kw["acceptance"] = _criterion(kw["acceptance"])
         times, stats = [], None
+        bs = batch_size or len(prompts)
         for r in range(repeats):
-            out = pipe(prompts, guidance_scale=guidance, generator=[torch.Generator().manual_seed(seed + i)
-                                                                    for i in range(len(prompts))],
-                       output_type="pt", **kw)
+            outs = [pipe(prompts[i : i + bs], guidance_scale=guidance, output_type="pt", **kw,
+                         generator=[torch.Generator().manual_seed(seed + j) for j in range(i, min(i + bs, len(prompts)))])
+                    for i in range(0, len(prompts), bs)]
+            out = _concat(outs)
             times.append(out.stats.wall_time)
             stats = out.stats
         row = {"method": name, "lossless": out.lossless, "target_forwards": stats.target_forwards,
@@ -154,6 +174,8 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"subset of: {list(METHODS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per pipeline call (default: all at once); 1 measures single-image latency")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="outputs/bench", help="folder for image.json, image.md, image.png")
     p.add_argument("--tiny", action="store_true", help="a smoke run: 2 prompts, AR and SJD only, no plots")
@@ -178,10 +200,11 @@ def main(argv=None):
     else:
         real, _ = scene_batch(0, max(n, 64), HELDOUT_SCENE_SEED + 8, 2)
         real_feats = hub.features(clf, real)
-    rows = run(pipe, draft, prompts, methods, args.repeats, args.guidance, args.seed, clf, real_feats)
+    rows = run(pipe, draft, prompts, methods, args.repeats, args.guidance, args.seed, clf, real_feats,
+               args.batch_size)
     cmd = "mmspec bench image " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"# mmspec bench image (bundled text-to-image zoo models)\n\n`{cmd}`\n\n"
-          f"{n} held-out captions, one image each, guidance {args.guidance}, seeds per image; "
+          f"{n} held-out captions, one image each, batch {args.batch_size or n}, guidance {args.guidance}, seeds per image; "
           f"medians of {args.repeats} run(s).\n\n{markdown_table(rows, COLUMNS)}\n\n"
           "step compression = tokens / target forwards; vs SJD = its ratio to SJD as published on the same model; "
           "adherence = mean classifier accuracy over shape, colour, size, position, background, background colour "
