@@ -10,7 +10,7 @@ from . import hub
 
 __all__ = [
     "T2I_TARGET", "T2I_DRAFT", "TEXT_TARGET", "TEXT_DRAFT", "C2I", "load_token_model", "load_image_pipeline",
-    "load_text_pair", "text_prompts", "load_c2i_pipeline",
+    "load_text_pair", "text_prompts", "load_c2i_pipeline", "load_caption_pipeline", "load_video_pipeline",
 ]
 
 T2I_TARGET, T2I_DRAFT = "t2i_target", "t2i_draft"
@@ -90,3 +90,18 @@ def load_c2i_pipeline(device="cpu", dtype=torch.float32):
 
     model = LlamaGenGPT.from_pretrained(_folder(C2I), torch_dtype=dtype).to(device).eval()
     return SpeculativeImagePipeline(model=model, vq=hub.load_vq(device=device, dtype=dtype))
+
+
+def load_caption_pipeline(device="cpu", dtype=torch.float32, with_draft: bool = True, decoding: str = "lookup"):
+    """The bundled captioner (a tiny LLaVA trained on the zoo scenes) as a ``CaptionPipeline``; see
+    :func:`mmspec.zoo.recipes.captioner.load_caption_pipeline`."""
+    from .recipes.captioner import load_caption_pipeline as load
+
+    return load(device=device, dtype=dtype, with_draft=with_draft, decoding=decoding)
+
+
+def load_video_pipeline(device="cpu", dtype=torch.float32):
+    """The bundled caption-to-video token model (8 frames of 8x8 codes) as a ``SpeculativeVideoPipeline``."""
+    from .recipes.video import load_video_pipeline as load
+
+    return load(device=device, dtype=dtype)
