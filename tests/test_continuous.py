@@ -46,13 +46,15 @@ def test_trajectory_steps_match_diffusers(variance_type):
     traj = DDPMTrajectory(sched, num_inference_steps=6)
     ref = DDPMScheduler.from_config(sched.config)
     ref.set_timesteps(6)
+    torch.manual_seed(0)
     x = torch.randn(5, 3, dtype=torch.float64)
     for i, t in enumerate(traj.timesteps):
         eps = torch.randn(5, 3, dtype=torch.float64)
         expected = ref.step(eps, t, x, generator=_gen(i)).prev_sample
         noise = torch.randn(5, 3, generator=_gen(i), dtype=torch.float64)
         got = traj.step_mean(i, x, eps) + float(traj.sigmas[i]) * noise
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+        # diffusers keeps its schedule in float32: agreement to float32 precision
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         x = got
     assert traj.num_steps == 5 and traj.last_scale > 0
 
