@@ -28,7 +28,16 @@ MODELS = {
     "text_target": ("text_lm", "target", 15.0, "text LM on the Python standard library's source"),
     "text_draft": ("text_lm", "draft", 10.0, "its draft (shares the target's tokenizer)"),
     "c2i": ("c2i", None, 20.0, "class-conditional LlamaGen GPT on natural-image crops"),
+    "captioner": ("captioner", "target", 15.0, "LLaVA-architecture captioner of the scenes"),
+    "captioner_draft": ("captioner", "draft", 12.0, "its draft (a smaller LLaVA, same processor)"),
+    "mar_vae": ("mar", "vae", 10.0, "diffusers AutoencoderKL for the continuous-token models"),
+    "mar_target": ("mar", "target", 12.0, "MAR-style continuous AR model with a diffusion head"),
+    "mar_draft": ("mar", "draft", 8.0, "its draft"),
+    "video": ("video", None, 20.0, "caption-to-video token model (8 frames of 8x8 codes)"),
 }
+
+#: recipes with their own command line: train.py forwards the common flags to ``recipes.NAME.main``
+_OWN_CLI = {"captioner", "mar", "video"}
 
 
 def main(argv: list[str] | None = None):
@@ -52,6 +61,14 @@ def main(argv: list[str] | None = None):
         ap.error("--minutes must be > 0")
     out = args.out or os.path.join("outputs", "zoo", args.model)
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
+    if module_name in _OWN_CLI:
+        forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
+                                                "--threads", str(args.threads)]
+        if args.max_steps:
+            forwarded += ["--max-steps", str(args.max_steps)]
+        if args.vq and module_name == "video":
+            forwarded += ["--vq", args.vq]
+        return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
         return recipe.train(out, eval_n=args.eval_n, **common)

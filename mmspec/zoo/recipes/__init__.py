@@ -5,6 +5,9 @@
 * :mod:`.t2i`: the text-to-image token target and draft.
 * :mod:`.text_lm`: the text LM target and draft (Python standard library source).
 * :mod:`.c2i`: the class-conditional LlamaGen model on natural-image crops.
+* :mod:`.captioner`: the LLaVA-architecture captioner and its draft.
+* :mod:`.mar`: the continuous-token autoencoder, MAR target and draft.
+* :mod:`.video`: the caption-to-video token model.
 """
 
-RECIPES = ("vq", "classifier", "t2i", "text_lm", "c2i")
+RECIPES = ("vq", "classifier", "t2i", "text_lm", "c2i", "captioner", "mar", "video")
