@@ -509,11 +509,13 @@ def test_serve_caption_command_loads_a_saved_pipeline_and_serves(caption_pipelin
     args = parse_args(["--model", str(tmp_path / "captioner"), "--host", "127.0.0.1", "--port", str(port),
                        "--max-batch-size", "4", "--max-wait-ms", "50", "--max-new-tokens-limit", "8",
                        "--decoding", "jacobi"])
+    # Loaded before the server thread starts its own load: transformers' from_pretrained patches module
+    # constructors process-wide while it loads, so two concurrent loads can leave parameters on `meta`.
+    reference = CaptionPipeline.from_pretrained(tmp_path / "captioner")  # float32, as the server loads it
     server, exit_code = make_server(args)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    reference = CaptionPipeline.from_pretrained(tmp_path / "captioner")  # float32, as the server loads it
     images = [png((200, 30, 90), (40, 40)), png((10, 220, 90), (24, 50)), sample_images(1, 32, seed=5)[0]]
     expected = [reference(b, max_new_tokens=8, decoding="ar").captions[0] for b in images]
     try:

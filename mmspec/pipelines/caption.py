@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from ..decoding import GenerationStats
 from ..generation import METHODS, generate
 
+_LOAD_LOCK = threading.RLock()
 __all__ = ["CaptionPipeline", "CaptionOutput", "load_image", "merge_stats", "DEFAULT_PROMPT"]
 
 DEFAULT_PROMPT = "describe the image"
@@ -167,7 +169,16 @@ class CaptionPipeline:
             draft: a draft model, a folder to load one from, or None (then ``path/draft`` is used when present).
             device, dtype: where and in which dtype to load the weights.
             **kwargs: ``decoding``, ``window``, ``prompt`` (override the values saved with the pipeline).
+
+        Thread-safe: transformers' ``from_pretrained`` patches module constructors process-wide while it loads,
+        so loads through this method are serialised (a server loading in a worker thread while other code loads
+        too would otherwise end with parameters left on ``meta``).
         """
+        with _LOAD_LOCK:
+            return cls._from_pretrained(path, draft, device, dtype, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, path, draft, device, dtype, **kwargs):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
         path = Path(path)
