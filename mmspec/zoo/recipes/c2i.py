@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..data import NATURAL_CLASSES, NaturalCropDataset
 from .common import (
+    adamw,
     HELDOUT_CROP_SEED,
     TRAIN_CROP_SEED,
     Budget,
@@ -108,10 +109,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         model = build_model(r, int(hub.codebook(vq).shape[0]))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = adamw(model, r.lr, r.weight_decay)
     budget = Budget(minutes, max_steps)
     step, seen, ema, t0 = 0, 0, None, time.perf_counter()
     bar = tqdm(desc="c2i", unit="step", mininterval=10)

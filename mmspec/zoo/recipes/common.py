@@ -59,6 +59,14 @@ class Budget:
         return self.progress(step) >= 1.0
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on matrices only (not on norms, biases or scalars)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def cosine_lr(base: float, progress: float, step: int, warmup_steps: int, floor: float = 0.1) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``floor * base`` at progress 1."""
     w = min(1.0, (step + 1) / max(warmup_steps, 1))

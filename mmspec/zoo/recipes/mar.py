@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..data import COLOURS, image_to_tensor, make_scene, scene_seed
 from .common import (
+    adamw,
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
     Budget,
@@ -226,10 +227,7 @@ def train_mar(out, role: str, minutes: float, seed: int = 0, max_steps: int | No
     ).train()
     if grid * grid != n_tokens:
         raise ValueError(f"the autoencoder gives {n_tokens} tokens, not a {grid}x{grid} grid")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = adamw(model, r.lr, r.weight_decay)
     budget = Budget(minutes, max_steps)
     step, seen, ema = 0, 0, None
     perm = torch.randperm(r.train_images, generator=gen)

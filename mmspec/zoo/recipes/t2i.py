@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..data import SCENE_VOCAB
 from .common import (
+    adamw,
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
     Budget,
@@ -153,10 +154,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     model = build_model(r, len(tokenizer), codebook_size)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = adamw(model, r.lr, r.weight_decay)
     budget = Budget(minutes, max_steps)
     step, seen, t0 = 0, 0, time.perf_counter()
     bar = tqdm(desc=f"t2i-{role}", unit="step")

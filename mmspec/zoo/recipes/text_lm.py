@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import text_corpus_splits
-from .common import Budget, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import adamw, Budget, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
@@ -145,10 +145,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
         model = build_model(r, tokenizer)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = adamw(model, r.lr, r.weight_decay)
     budget = Budget(minutes, max_steps)
     data = batches(train_ids, r.seq_len, r.batch_size, gen)
     step, ema, t0 = 0, None, time.perf_counter()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import hub
 from ..data import image_to_tensor, make_moving_scene, scene_seed
-from .common import Budget, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import adamw, Budget, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
@@ -152,10 +152,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = adamw(model, r.lr, r.weight_decay)
     budget = Budget(minutes, max_steps)
     step, seen, ema, t0 = 0, 0, None, time.perf_counter()
     while not budget.done(step):
