@@ -222,12 +222,39 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             if negative_prompt_embeds is not None:
                 negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(n, dim=0)
         inputs = family.prefill_inputs(prompts, negatives, class_labels, prompt_embeds, negative_prompt_embeds)
+        state, stats, layout, criterion = self._decode(
+            family, inputs, family_for, guidance_scale=guidance_scale, acceptance=acceptance, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, decoding=decoding,
+            draft_model=draft_model, window=window, init=init, coupled=coupled,
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images")
+        T = state.prompt_length
+        codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
+        if output_type == "latent":
+            images = codes.view(-1, layout.height, layout.width)
+        else:
+            images = ((family.decode_codes(codes) + 1) / 2).float().cpu()  # [B, 3, H, W] in [0, 1]
+        if output_type == "np":
+            images = images.permute(0, 2, 3, 1).numpy()
+        elif output_type == "pil":
+            arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            images = [PIL.Image.fromarray(a) for a in arr]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, codes, stats
+        return SpeculativeImagePipelineOutput(images=images, tokens=codes, stats=stats, lossless=criterion.lossless)
+
+    def _decode(self, family, inputs, draft_family_for, *, guidance_scale, acceptance, do_sample, temperature, top_k,
+                top_p, generator, decoding, draft_model, window, init, coupled, callback_on_step_end, kernels="auto",
+                unit="images"):
+        """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
+        with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``draft_family_for`` recognises the
+        draft model's family. Returns ``(state, stats, layout, criterion)``."""
         device = input_device(self.model)  # honours accelerate offload / device maps
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
         B = input_ids.shape[0]
         if isinstance(generator, list) and len(generator) != B:
-            raise ValueError(f"got {len(generator)} generators for {B} images; pass one, or one per image.")
+            raise ValueError(f"got {len(generator)} generators for {B} {unit}; pass one, or one per {unit[:-1]}.")
 
         layout = family.layout()
         target = GuidedLM(self.model, layout, guidance_scale, adapter=family.adapter)
@@ -239,9 +266,9 @@ class SpeculativeImagePipeline(DiffusionPipeline):
         if decoding == "jacobi":
             proposer = JacobiProposer(window, init=init, coupled=coupled, layout=layout)
         elif decoding == "draft":
-            draft_family = family_for(draft_model, tokenizer=self.tokenizer, vq=self.vq)
+            draft_family = draft_family_for(draft_model, tokenizer=self.tokenizer, vq=self.vq)
             if draft_family.layout() != layout:
-                raise ValueError("`draft_model` must share the target's image layout and vocabulary.")
+                raise ValueError(f"`draft_model` must share the target's {unit[:-1]} layout and vocabulary.")
             drafter = GuidedLM(draft_model, layout, guidance_scale, adapter=draft_family.adapter)
             if drafter.vocab_size != target.vocab_size:
                 raise ValueError("`draft_model` must have the target's vocabulary size.")
@@ -267,18 +294,4 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             generator=generator, eos_token_ids=None, model_kwargs=inputs, callback=on_step, kernels=kernels,
         )
         bar.close()
-        T = state.prompt_length
-        codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
-        if output_type == "latent":
-            images = codes.view(-1, layout.height, layout.width)
-        else:
-            images = ((family.decode_codes(codes) + 1) / 2).float().cpu()  # [B, 3, H, W] in [0, 1]
-        if output_type == "np":
-            images = images.permute(0, 2, 3, 1).numpy()
-        elif output_type == "pil":
-            arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            images = [PIL.Image.fromarray(a) for a in arr]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, codes, stats
-        return SpeculativeImagePipelineOutput(images=images, tokens=codes, stats=stats, lossless=criterion.lossless)
+        return state, stats, layout, criterion

@@ -18,12 +18,9 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
-from .. import acceptance as _acceptance
-from ..decoding import GenerationStats, decode
-from ..drafting import DraftModelProposer, JacobiProposer, NoDraft
+from ..decoding import GenerationStats
 from ..models.families import JointVocabFamily
-from ..models.image_tokens import GuidedLM, VideoLayout
-from ..sampling import LogitsPipeline
+from ..models.image_tokens import VideoLayout
 from .image import SpeculativeImagePipeline, _as_list
 
 __all__ = ["SpeculativeVideoPipeline", "SpeculativeVideoPipelineOutput", "JointVocabVideoFamily",
@@ -129,6 +126,7 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
         window: int = 16,
         init: str = "temporal",
         coupled: bool = False,
+        kernels: str = "auto",
     ):
         """Generate videos.
 
@@ -151,6 +149,7 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
             init: Jacobi init for new window slots: "temporal" (same place, previous frame), "vertical",
                 "horizontal", "random" (SJD), "sample_horizon".
             coupled: coupled redraw of continuing Jacobi slots (lossless, fewer draft changes).
+            kernels: verification backend, ``"auto"`` (fused Triton kernels on CUDA), ``"triton"`` or ``"torch"``.
 
         Returns:
             ``SpeculativeVideoPipelineOutput`` with ``frames``, ``tokens`` [B, F, h * w] and ``stats``.
@@ -170,52 +169,12 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
         prompts = [p for p in prompts for _ in range(n)]
         if negatives is not None:
             negatives = [m for m in (negatives * len(prompts) if len(negatives) == 1 else negatives) for _ in range(n)]
-        device = self.model.device
-        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                  for k, v in family.prefill_inputs(prompts, negatives).items()}
-        input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        B = input_ids.shape[0]
-        if isinstance(generator, list) and len(generator) != B:
-            raise ValueError(f"got {len(generator)} generators for {B} videos; pass one, or one per video.")
-
-        layout = family.layout()
-        target = GuidedLM(self.model, layout, guidance_scale, adapter=family.adapter)
-        criterion = _acceptance.get(acceptance)
-        if not do_sample and criterion.requires_sampling:
-            raise ValueError(f"acceptance={criterion.name!r} needs sampling; pass do_sample=True.")
-        criterion.prepare(codebook=family.codebook().to(device), image_token_offset=layout.image_token_offset,
-                          vocab_size=target.vocab_size)
-        if decoding == "jacobi":
-            proposer = JacobiProposer(window, init=init, coupled=coupled, layout=layout)
-        elif decoding == "draft":
-            draft_family = video_family_for(draft_model, tokenizer=self.tokenizer, vq=self.vq)
-            if draft_family.layout() != layout:
-                raise ValueError("`draft_model` must share the target's video layout and vocabulary.")
-            drafter = GuidedLM(draft_model, layout, guidance_scale, adapter=draft_family.adapter)
-            if drafter.vocab_size != target.vocab_size:
-                raise ValueError("`draft_model` must have the target's vocabulary size.")
-            proposer = DraftModelProposer(drafter, window - 1, prefill_kwargs=dict(inputs))
-        else:
-            proposer, window = NoDraft(), 1
-
-        bar = self.progress_bar(total=layout.num_tokens)
-        done = [0]
-
-        def on_step(step, state):
-            fewest = int(state.num_new.min())
-            bar.update(fewest - done[0])
-            done[0] = fewest
-            if callback_on_step_end is not None:
-                T = state.prompt_length
-                callback_on_step_end(self, step, fewest, {"tokens": state.tokens[:, T:T + fewest]})
-
-        state, stats = decode(
-            target, proposer, input_ids, attention_mask,
-            max_new_tokens=layout.num_tokens, window=window,
-            pipeline=LogitsPipeline(do_sample, temperature, top_k, top_p), criterion=criterion,
-            generator=generator, eos_token_ids=None, model_kwargs=inputs, callback=on_step,
-        )
-        bar.close()
+        state, stats, layout, criterion = self._decode(
+            family, family.prefill_inputs(prompts, negatives), video_family_for, guidance_scale=guidance_scale,
+            acceptance=acceptance, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, decoding=decoding, draft_model=draft_model, window=window, init=init,
+            coupled=coupled, callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos")
+        B = state.batch_size
         T = state.prompt_length
         codes = layout.to_frames(state.tokens[:, T:T + layout.num_tokens])  # [B, F, h * w]
         if output_type == "latent":
