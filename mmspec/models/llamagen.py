@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compat import make_output, output_cache
+
 __all__ = [
     "GPT_PRESETS",
     "VQ_PRESETS",
@@ -796,8 +798,8 @@ class LlamaGenGPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(), ignore_index=-100)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values,
+        return make_output(
+            CausalLMOutputWithPast, loss=loss, logits=logits, past_key_values=past_key_values,
             hidden_states=tuple(hidden) if hidden is not None else None,
         )
 
@@ -916,7 +918,7 @@ def llamagen_generate(
         return u + (c - u) * cfg_scale if use_cfg else c
 
     out = model(cond=cond_all, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     token = llamagen_sample(guided(out.logits[:, -1], True), **kw)[0]  # [B, 1]
     tokens = [token]
     for i in range(max_new_tokens - 1):
