@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .drafting.base import Proposer
 from .kernels.decode_step import fused_verifier
 from .sampling import LogitsPipeline, sample_from_weights
-from .verify import verify
+from .verify import check_rows, invalid_rows, verify
 
 __all__ = ["DecodeState", "GenerationStats", "decode"]
 
@@ -182,11 +182,13 @@ def decode(
         stats.target_forwards += 1
         row_forwards += 1
         scores = pipeline.process(last.unsqueeze(1), state.tokens, state.lengths)[:, 0]
-        if state.greedy:
-            anchor = scores.argmax(-1)
-        else:
-            anchor = sample_from_weights(pipeline.probs(scores), generator)
-        state.commit(anchor.cpu().unsqueeze(1), eos_token_ids)
+        rows = scores.unsqueeze(1) if state.greedy else pipeline.probs(scores).unsqueeze(1)
+        anchor = scores.argmax(-1) if state.greedy else sample_from_weights(rows[:, 0], generator)
+        invalid = invalid_rows(anchor.new_empty(anchor.shape[0], 0), None, rows, torch.zeros_like(anchor),
+                               greedy=state.greedy)
+        first = torch.stack([anchor, invalid], 1).cpu()  # the token and the validity flag in one copy
+        check_rows(first[:, 1])
+        state.commit(first[:, :1], eos_token_ids)
         proposer.start(state)
         if callback is not None:
             callback(0, state)
@@ -194,9 +196,10 @@ def decode(
     while bool(state.active.any()):
         active = state.active.clone()
         max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1))
-        drafts, draft_probs = proposer.propose(state, max_drafts)
+        drafts, draft_probs = proposer.propose(state, max_drafts)  # -1 after a row's own drafts
         K = drafts.shape[1]
-        block = torch.cat([anchor.unsqueeze(1), drafts], dim=1)
+        fed = drafts.clamp_min(0)  # a row's slots after its own drafts are fed a placeholder and never used
+        block = torch.cat([anchor.unsqueeze(1), fed], dim=1)
         target.checkpoint()
         logits = target.forward(block, active.unsqueeze(1).expand(-1, K + 1))
         stats.target_forwards += 1
@@ -204,12 +207,17 @@ def decode(
         if fused is not None:
             result, rows = fused(drafts, draft_probs, logits, generator)
         elif state.greedy:
-            rows = pipeline.process(logits, state.tokens, state.lengths, drafts)
-            result = verify(drafts, None, rows, greedy=True)
+            rows = pipeline.process(logits, state.tokens, state.lengths, fed)
+            result = verify(drafts, None, rows, greedy=True, check=False)
         else:
-            rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, drafts))
-            result = verify(drafts, draft_probs, rows, criterion, generator)
-        emitted = result.tokens.cpu()  # the one device -> host sync of the step
+            rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, fed))
+            result = verify(drafts, draft_probs, rows, criterion, generator, check=False)
+        if result.invalid is None:
+            emitted = result.tokens.cpu()  # the one device -> host sync of the step
+        else:  # the tokens and each row's validity in that one copy
+            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
+            check_rows(emitted[:, -1], active)
+            emitted = emitted[:, :-1]
         num_accepted = (emitted >= 0).sum(-1) - 1
         for k in num_accepted[active].tolist():
             stats.accepted_histogram[k] += 1
