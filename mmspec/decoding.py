@@ -208,7 +208,7 @@ def decode(
             result, rows = fused(drafts, draft_probs, logits, generator)
         elif state.greedy:
             rows = pipeline.process(logits, state.tokens, state.lengths, fed)
-            result = verify(drafts, None, rows, greedy=True, check=False)
+            result = verify(drafts, None, rows, criterion, greedy=True, check=False)
         else:
             rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, fed))
             result = verify(drafts, draft_probs, rows, criterion, generator, check=False)

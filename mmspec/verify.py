@@ -141,7 +141,7 @@ def verify(
         )
 
     if greedy:
-        accepted, num_accepted, next_token = greedy_step(draft_tokens, target_probs)
+        accepted, num_accepted, next_token = greedy_step(draft_tokens, target_probs, _acceptance.get(criterion))
         invalid = invalid_rows(draft_tokens, None, target_probs, num_accepted, greedy=True)
     else:
         dtype = compute_dtype(target_probs, draft_probs)
@@ -187,12 +187,17 @@ def invalid_rows(draft_tokens, draft_probs, target_rows, num_accepted, greedy: b
     return invalid
 
 
-def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor):
+def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor, criterion=None):
     """Greedy verification: [B, K] drafts, [B, K+1, V] scores -> (accepted [B, K], num_accepted [B],
-    next_token [B]): accept iff ``x_i == argmax``, emit the argmax (first index on ties)."""
+    next_token [B]): accept iff ``x_i == argmax`` (or the criterion's ``greedy_accept``, e.g. greedy LANTERN),
+    emit the argmax (first index on ties). Drafts of -1 end a row's window."""
     K = draft_tokens.shape[1]
     best = scores.argmax(-1)  # [B, K+1]
-    accepted = (draft_tokens == best[:, :K]).long().cumprod(-1).bool()
+    if criterion is None or type(criterion).greedy_accept is _acceptance.Criterion.greedy_accept:
+        passed = draft_tokens == best[:, :K]
+    else:
+        passed = criterion.greedy_accept(draft_tokens.clamp_min(0), scores[:, :K]) & (draft_tokens >= 0)
+    accepted = passed.long().cumprod(-1).bool()
     num_accepted = accepted.sum(-1)
     next_token = best.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
     return accepted, num_accepted, next_token

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..drafting.base import Proposer
+from .. import acceptance as _acceptance
 from ..sampling import per_row
 from ..verify import VerifyResult, _pack, _row, num_drafts
 from .dispatch import resolve_backend, verify_from_logits
@@ -77,6 +78,9 @@ def fused_verifier(kernels: str, pipeline, criterion, proposer: Proposer, device
         return None
     greedy = not pipeline.do_sample
     if not greedy and not fusable(criterion):
+        return None
+    crit = _acceptance.get(criterion)
+    if greedy and type(crit).greedy_accept is not _acceptance.Criterion.greedy_accept:  # e.g. greedy LANTERN
         return None
     need_rows = type(proposer).update is not Proposer.update
     return FusedVerifier(pipeline, criterion, greedy, need_rows)
