@@ -511,3 +511,32 @@ def test_greedy_lantern_through_generate():
     assert relaxed.sequences.shape == exact.sequences.shape
     assert relaxed.stats.target_forwards <= exact.stats.target_forwards
     assert not torch.equal(relaxed.sequences, exact.sequences)  # lossy: some relaxed drafts were accepted
+
+
+def test_gsd_keeps_the_users_embeddings_when_a_pipeline_prepares_it():
+    """A pipeline calls prepare(codebook=..., image_token_offset=...): embeddings given by the user stay the space
+    of d_max, sliced again at the pipeline's image-token offset (they are indexed by token id)."""
+    V, off, N = 30, 6, 20
+    emb = torch.randn(V, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cb = torch.randn(N, 3, dtype=torch.float64)
+    gsd = GSD(group_size=5, delta_p=0.5, d_max=1.0, embeddings=emb)
+    assert torch.equal(gsd._emb, emb)  # offset 0 until prepared
+    gsd.prepare(codebook=cb, image_token_offset=off, vocab_size=V)
+    assert torch.equal(gsd._emb, emb[off:]) and gsd.image_token_offset == off
+    from_codebook = GSD(group_size=5, delta_p=0.5, d_max=1.0).prepare(codebook=cb, image_token_offset=off)
+    assert torch.equal(from_codebook._emb, cb)  # no user embeddings: the pipeline's codebook is used
+    gsd.prepare(embeddings=emb * 2, image_token_offset=off)  # explicit embeddings in prepare replace them
+    assert torch.equal(gsd._emb, 2 * emb[off:])
+
+
+def test_image_pipeline_uses_the_users_gsd_embeddings():
+    from image_fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    model = pipe.model
+    emb = model.get_input_embeddings().weight.detach()
+    gsd = GSD(group_size=14, delta_p=0.15, d_max=0.5, embeddings=emb)
+    pipe("a red circle", do_sample=True, acceptance=gsd, generator=torch.Generator().manual_seed(0),
+         output_type="pt")
+    off = gsd.image_token_offset
+    assert off > 0 and torch.equal(gsd._emb, emb[off:])
