@@ -18,6 +18,7 @@ from ..drafting.jacobi import INIT_STRATEGIES
 from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
+from ..progress import TerminalProgressMixin, quiet_loading
 from ..sampling import LogitsPipeline
 
 __all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "DECODINGS"]
@@ -52,7 +53,7 @@ def _as_list(x, name):
     raise ValueError(f"`{name}` must be a string or a list of strings, got {type(x).__name__}.")
 
 
-class SpeculativeImagePipeline(DiffusionPipeline):
+class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
     """Generate images with an autoregressive image-token model, decoded speculatively.
 
     Components:
@@ -92,6 +93,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             json.dump(index, fh, indent=2, sort_keys=True)
 
     @classmethod
+    @quiet_loading
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``. A folder holding components saved by module path (see
         ``save_pretrained``) is loaded component by component with each class's own ``from_pretrained``."""
