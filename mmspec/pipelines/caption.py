@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..decoding import GenerationStats
 from ..generation import METHODS, generate
+from ..models.vocab import warn_unknown_words
 from ..progress import quiet_loading
 
 _LOAD_LOCK = threading.RLock()
@@ -243,6 +244,8 @@ class CaptionPipeline:
         """Processor outputs for a batch (left padded), floats in the model's dtype, on its device."""
         texts = [self.format_prompt(prompt)] * len(images)
         tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            warn_unknown_words(tokenizer, [prompt])
         if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
             tokenizer.padding_side = "left"  # mmspec.generate (like generate for decoder-only models) needs left padding
         inputs = self.processor(images=[[im] for im in images], text=texts, padding=True, return_tensors="pt")
