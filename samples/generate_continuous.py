@@ -34,11 +34,18 @@ def build_parser():
     p.add_argument("--no-align", action="store_true", help="independent draft noise (lower acceptance, still exact)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="outputs/continuous")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores free now, at most 4; see `mmspec image --help`)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import torch
+
+    from mmspec.bench.common import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     import torch
     from torchvision.utils import make_grid, save_image
 

@@ -1,8 +1,11 @@
 """Generate images with speculative decoding and save them, a grid, and the decoding stats.
 
     python samples/generate_image.py --model zoo --prompt "a small red circle at the top left on a plain blue background"
+
+Defaults follow ``mmspec image`` (Jacobi, vertical init, coupled redraw, window 16, threads that do not
+oversubscribe the CPU).
     python samples/generate_image.py --model PIPELINE_DIR --class-label 207 --class-label 360 --decoding jacobi \\
-        --init vertical --coupled --window 32 --guidance 4 --out outputs/llamagen
+        --init vertical --window 32 --guidance 4 --out outputs/llamagen
     python samples/generate_image.py --model PIPELINE_DIR --prompt "..." --acceptance lantern \\
         --acceptance-param k=100 --acceptance-param delta=0.2 --decoding draft --draft DRAFT_DIR
 
@@ -52,8 +55,15 @@ def _load_draft(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mmspec.cli import THREADS_HELP
+    from mmspec.drafting.jacobi import INIT_STRATEGIES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True, help="pipeline folder (save_pretrained) or 'zoo'")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable)")
     p.add_argument("--prompt-file", default=None, help="one prompt per line: data-parallel, resumable mode (torchrun)")
@@ -63,8 +73,9 @@ def build_parser():
     p.add_argument("--num-images", type=int, default=1, help="images per prompt / class")
     p.add_argument("--decoding", choices=["jacobi", "draft", "ar"], default="jacobi")
     p.add_argument("--draft", default=None, help="draft model folder for --decoding draft ('zoo' for the bundled draft)")
-    p.add_argument("--init", default="vertical", help="Jacobi init: random, horizontal, vertical, sample_horizon")
-    p.add_argument("--coupled", action="store_true", help="coupled redraw of Jacobi drafts")
+    p.add_argument("--init", choices=sorted(INIT_STRATEGIES), default="vertical", help="Jacobi init for new slots")
+    p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
+                   help="coupled redraw of Jacobi drafts (lossless; as `mmspec image`)")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--acceptance", default="exact", help="exact (lossless), lantern, gsd, typical")
     p.add_argument("--acceptance-param", action="append", type=_param, default=[], metavar="NAME=VALUE",
@@ -76,6 +87,7 @@ def build_parser():
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="outputs/images")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return p
 
 
@@ -155,6 +167,11 @@ def run_prompt_file(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import torch
+
+    from mmspec.bench.common import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
     if args.prompt_file:

@@ -35,6 +35,8 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     p.add_argument("--out", default="outputs/text")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores free now, at most 4; see `mmspec image --help`)")
     return p
 
 
@@ -62,6 +64,11 @@ def _load(args, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import torch
+
+    from mmspec.bench.common import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch-size and --max-new-tokens must be >= 1")
     import torch

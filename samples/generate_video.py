@@ -1,7 +1,7 @@
 """Generate short videos with speculative decoding and save them as GIF (or MP4) plus the decoding stats.
 
     python samples/generate_video.py --model zoo --prompt "a large red circle moving right on a plain blue background"
-    python samples/generate_video.py --model zoo --prompt "..." --init temporal --coupled --window 32 --format mp4
+    python samples/generate_video.py --model zoo --prompt "..." --init temporal --window 32 --format mp4
     python samples/generate_video.py --model PIPELINE_DIR --prompt "..." --decoding draft --draft DRAFT_DIR
 
 ``--model`` is a folder written by ``SpeculativeVideoPipeline.save_pretrained`` or ``zoo`` for the bundled
@@ -29,7 +29,8 @@ def build_parser():
     p.add_argument("--decoding", choices=["jacobi", "draft", "ar"], default="jacobi")
     p.add_argument("--draft", default=None, help="draft model folder for --decoding draft")
     p.add_argument("--init", default="temporal", help="Jacobi init: temporal, vertical, horizontal, random, sample_horizon")
-    p.add_argument("--coupled", action="store_true", help="coupled redraw of Jacobi drafts")
+    p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
+                   help="coupled redraw of Jacobi drafts (lossless; as `mmspec image`)")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -41,6 +42,8 @@ def build_parser():
     p.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames")
     p.add_argument("--format", choices=["gif", "mp4"], default="gif")
     p.add_argument("--out", default="outputs/videos")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores free now, at most 4; see `mmspec image --help`)")
     return p
 
 
@@ -56,6 +59,11 @@ def _load_draft(path):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import torch
+
+    from mmspec.bench.common import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     if not args.prompt:
         build_parser().error("pass at least one --prompt")
     import torch

@@ -86,3 +86,11 @@ def ragged_prompts(batch: int, vocab_size: int, seed: int = 0, min_len: int = 3,
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands under test may set torch's thread count (``--threads`` and its default): restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

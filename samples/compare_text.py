@@ -1,10 +1,12 @@
 """Speculative text generation with mmspec on any transformers causal LM.
 
-    python samples/text_generate.py                   # a random-weight Llama built locally (no download)
-    python samples/text_generate.py --model PATH      # a local checkpoint (from_pretrained), with its tokenizer
+    python samples/compare_text.py                   # a random-weight Llama built locally (no download)
+    python samples/compare_text.py --model PATH      # a local checkpoint (from_pretrained), with its tokenizer
 
 Runs plain greedy decoding and each speculative method on the same prompts, checks that every method gives
-exactly the greedy tokens, and prints target forwards, step compression and wall time.
+exactly the greedy tokens, and prints target forwards, step compression and wall time: after a warm-up, the
+median of --repeats runs interleaved with AR, and the spread of the per-run speedups (as ``mmspec text
+--compare``). For batch generation from a prompt file see ``generate_text.py``.
 """
 
 import argparse
@@ -23,7 +25,13 @@ def main():
     p.add_argument("--draft", help="local path of a draft LM sharing the tokenizer (default: a random tiny Llama)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; needs --model for a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each method (interleaved with AR)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores free now, at most 4; see `mmspec image --help`)")
     args = p.parse_args()
+    from mmspec.bench.common import default_threads, interleaved_times, speedup_summary
+
+    torch.set_num_threads(args.threads or default_threads())
 
     tokenizer = None
     if args.model:
@@ -49,12 +57,22 @@ def main():
 
     greedy = target.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=0)
-    print(f"{'method':8s} {'= greedy':>9s}  stats")
-    for method in ["ar", "lookup", "jacobi"] + (["draft"] if draft is not None else []):
+
+    def run(method):
         out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, method=method,
                               draft_model=draft if method == "draft" else None, pad_token_id=0)
+        return out, out.stats.wall_time
+
+    print(f"{'method':8s} {'= greedy':>9s}  stats")
+    for method in ["ar", "lookup", "jacobi"] + (["draft"] if draft is not None else []):
+        if method == "ar":
+            out, _ = run("ar")
+            timing = ""
+        else:
+            results, times = interleaved_times({"AR": lambda: run("ar"), method: lambda: run(method)}, args.repeats)
+            out, timing = results[method], "\n" + " " * 20 + speedup_summary(times, "AR", method)
         same = torch.equal(out.sequences, greedy)
-        print(f"{method:8s} {str(same):>9s}  {out.stats}")
+        print(f"{method:8s} {str(same):>9s}  {out.stats}{timing}")
         if not same:
             raise SystemExit(f"{method} differs from greedy decoding")
     if tokenizer is not None:
