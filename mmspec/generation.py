@@ -100,15 +100,17 @@ def generate(
             defaults per method: ``DEFAULT_WINDOW``. For ``adaptive`` drafting it is the cap.
         acceptance: a criterion name (``mmspec.acceptance.available()``) or object; ``"exact"`` is lossless.
         do_sample, temperature, top_k, top_p: as in transformers; greedy when ``do_sample=False``.
-        generator: a ``torch.Generator`` or a list with one per row; every random draw comes from it.
+        generator: a ``torch.Generator`` or a list with one per row; every random draw comes from it. With
+            one per row, a row gives the same tokens alone as in any batch (every method).
         eos_token_id: int or list; defaults to ``model.generation_config.eos_token_id``. Rows stop
             independently at EOS (kept) or at ``max_new_tokens``.
         pad_token_id: fills finished rows; defaults to the generation config's, else the first EOS id.
         init: Jacobi init strategy for new window slots (``"random"``, ``"repeat"``, ...).
         coupled: Jacobi coupled redraw of continuing slots (sampling only).
-        adaptive: draft-model length schedule (+2 on full acceptance, else -1).
-        draft_confidence: stop drafting a step once the draft's top probability is under this value in
-            every active row (one host sync per draft token), None to always draft ``window - 1``.
+        adaptive: draft-model length schedule, per row (+2 on full acceptance, else -1).
+        draft_confidence: a row stops drafting a step once the draft's top probability is under this value;
+            the step's drafting ends when every active row has (one host sync per draft token), None to
+            always draft ``window - 1``.
         max_ngram: longest n-gram for ``lookup``.
         logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
             scores alike, before temperature/top-k/top-p.
