@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from lm_fixtures import tiny_causal_lm
 from vlm_fixtures import random_images, tiny_llava, tiny_qwen2_vl
 
 import mmspec

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mmspec
-from conftest import perturbed_copy, tiny_causal_lm
+from lm_fixtures import perturbed_copy, tiny_causal_lm
 from mmspec.decoding import DecodeState
 from mmspec.drafting.lookup import LookupProposer
 from mmspec.sampling import LogitsPipeline

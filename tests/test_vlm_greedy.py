@@ -8,7 +8,7 @@ through the same adapter. Batches mix images of different sizes and prompts of d
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from lm_fixtures import tiny_causal_lm
 from vlm_fixtures import FAMILIES, family_batch
 
 import mmspec
