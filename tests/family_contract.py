@@ -73,6 +73,9 @@ class FamilyContract:
     def check_speculative(self, name: str, out, ar) -> None:
         """Extra checks of one speculative case against the AR output (both greedy); none by default."""
 
+    def restore_after_load(self, pipe, again) -> None:
+        """Re-apply settings a component does not save (none by default) to a pipeline loaded from disk."""
+
     # -- parametrisation --------------------------------------------------------------------------------
     def pytest_generate_tests(self, metafunc):
         if "case" in metafunc.fixturenames:
@@ -178,6 +181,7 @@ class FamilyContract:
         pipe.save_pretrained(tmp_path)
         again = SpeculativeImagePipeline.from_pretrained(tmp_path)
         again.set_progress_bar_config(disable=True)
+        self.restore_after_load(pipe, again)
         assert type(again.family) is self.family_class
         kw = dict(self.conditions(pipe), do_sample=False, output_type="pt")
         a, b = pipe(**kw), again(**kw)
