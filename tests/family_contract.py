@@ -70,11 +70,11 @@ class FamilyContract:
             return pipe.model
         raise NotImplementedError(name)
 
-    def check_speculative(self, name: str, out, ar) -> None:
+    def check_speculative(self, pipe, name: str, out, ar) -> None:
         """Extra checks of one speculative case against the AR output (both greedy); none by default."""
 
-    def restore_after_load(self, pipe, again) -> None:
-        """Re-apply settings a component does not save (none by default) to a pipeline loaded from disk."""
+    def after_load(self, pipe, again) -> None:
+        """Called on a pipeline loaded from disk: re-apply settings a component does not save, check family state."""
 
     # -- parametrisation --------------------------------------------------------------------------------
     def pytest_generate_tests(self, metafunc):
@@ -116,7 +116,7 @@ class FamilyContract:
                    output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs)
         assert torch.equal(out.tokens, ar.tokens)
         assert out.stats.target_forwards <= ar.stats.target_forwards
-        self.check_speculative(case, out, ar)
+        self.check_speculative(pipe, case, out, ar)
 
     def test_sampling_is_reproducible_per_image(self, pipe):
         kw = dict(self.conditions(pipe), guidance_scale=self.guidance_scale, output_type="latent")
@@ -181,7 +181,7 @@ class FamilyContract:
         pipe.save_pretrained(tmp_path)
         again = SpeculativeImagePipeline.from_pretrained(tmp_path)
         again.set_progress_bar_config(disable=True)
-        self.restore_after_load(pipe, again)
+        self.after_load(pipe, again)
         assert type(again.family) is self.family_class
         kw = dict(self.conditions(pipe), do_sample=False, output_type="pt")
         a, b = pipe(**kw), again(**kw)

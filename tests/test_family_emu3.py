@@ -229,7 +229,7 @@ class TestEmu3(FamilyContract):
     def make_draft(self, pipe, name):
         return emu3_model(pipe.tokenizer, seed=5, hidden=16, layers=1)
 
-    def restore_after_load(self, pipe, again):
+    def after_load(self, pipe, again):
         # the image size is a call-time setting of Emu3Processor (set on the instance here), not saved with it
         again.tokenizer.ratio, again.tokenizer.image_area = pipe.tokenizer.ratio, pipe.tokenizer.image_area
 

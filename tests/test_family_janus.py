@@ -155,7 +155,7 @@ class TestJanus(FamilyContract):
             return perturbed_copy(pipe.model, noise=0.1)
         return super().make_draft(pipe, name)
 
-    def check_speculative(self, name, out, ar):
+    def check_speculative(self, pipe, name, out, ar):
         if name == "draft-perturbed":
             assert out.stats.target_forwards < ar.stats.target_forwards and sum(out.stats.accepted_histogram[1:]) > 0
         if name == "draft-self":

@@ -116,7 +116,7 @@ class LlamaGenContract(FamilyContract):
     def make_draft(self, pipe, name):
         return tiny_gpt(self.kind, seed=5) if name == "other" else super().make_draft(pipe, name)
 
-    def check_speculative(self, name, out, ar):
+    def check_speculative(self, pipe, name, out, ar):
         if name == "draft-self":
             assert out.stats.target_forwards <= ar.stats.target_forwards // 2
 
