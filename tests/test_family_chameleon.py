@@ -25,7 +25,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from family_contract import FamilyContract  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 import mmspec.models.chameleon as chameleon  # noqa: E402  (registers the family)
@@ -38,6 +37,8 @@ from mmspec.models.chameleon import (  # noqa: E402
 )
 from mmspec.models.families import family_for  # noqa: E402
 from mmspec.pipelines import SpeculativeImagePipeline  # noqa: E402
+
+from family_contract import FamilyContract  # noqa: E402
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "background"]
 CODES = 16

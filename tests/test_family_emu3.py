@@ -23,7 +23,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from family_contract import FamilyContract  # noqa: E402
 
 import mmspec.models.emu3  # noqa: E402,F401  (registers the family)
 from mmspec.models.emu3 import END, Emu3Family, Emu3Layout  # noqa: E402
@@ -31,9 +30,12 @@ from mmspec.models.families import family_for  # noqa: E402
 from mmspec.models.image_tokens import AFTER, EOL, IMAGE  # noqa: E402
 from mmspec.pipelines import SpeculativeImagePipeline  # noqa: E402
 
+from family_contract import FamilyContract  # noqa: E402
+
 SPECIAL = ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<|image start|>", "<|image end|>", "<|image token|>",
            "<|extra_200|>", "<|extra_201|>", "<image>", "<unk>"]
-WORDS = ["a", "red", "blue", "green", "cat", "dog", "on", "grass", "blurry", "ugly", "dark", "*"] + [str(d) for d in range(10)]
+WORDS = ["a", "red", "blue", "green", "cat", "dog", "on", "grass", "blurry", "ugly", "dark", "*"]
+WORDS += [str(d) for d in range(10)]
 CODES = 12
 H, W = 3, 4  # ratio "4:3" (width:height), image_area 768 -> 3 x 4 tokens -> 24 x 32 pixels
 PROMPTS = ["a red cat on grass", "blue dog", "a green cat"]
@@ -196,7 +198,8 @@ def test_layout_and_prompts(pipe):
     assert tok.decode(header[1:-1]).replace(" ", "") == f"{H}*{W}"
     empty = family.prefill_inputs(PROMPTS)
     for b in range(len(PROMPTS)):
-        assert empty["uncond_input_ids"][b][empty["uncond_attention_mask"][b].bool()].tolist() == [tok.bos_token_id] + header
+        row = empty["uncond_input_ids"][b][empty["uncond_attention_mask"][b].bool()].tolist()
+        assert row == [tok.bos_token_id] + header
     # tokenizer-free path: pre-built ids give the same inputs; the grid is read from the header
     bare = Emu3Family(pipe.model)
     again = bare.prefill_inputs([list(r) for r in ref])
@@ -251,7 +254,8 @@ def test_guidance_matters():
     """With negative prompts, guidance changes the greedy images, so the unconditional branch is tested."""
     pipe = cached_pipeline(False)
     kw = dict(negative_prompt=NEGATIVES, do_sample=False, decoding="ar", output_type="latent")
-    assert not torch.equal(pipe(PROMPTS, guidance_scale=1.0, **kw).tokens, pipe(PROMPTS, guidance_scale=3.0, **kw).tokens)
+    plain, guided = pipe(PROMPTS, guidance_scale=1.0, **kw), pipe(PROMPTS, guidance_scale=3.0, **kw)
+    assert not torch.equal(plain.tokens, guided.tokens)
 
 
 def test_prebuilt_ids_docs_form_equals_transformers_generate():

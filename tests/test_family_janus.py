@@ -11,12 +11,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from family_contract import FamilyContract
 
 import mmspec.models.janus  # noqa: F401  (registers the family)
 from mmspec.models.families import family_for
 from mmspec.models.janus import JanusFamily, JanusLM
 from mmspec.pipelines import SpeculativeImagePipeline
+
+from family_contract import FamilyContract
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<image_placeholder>", "<begin_of_image>", "<end_of_image>", "<unk>",
          "a", "red", "blue", "green", "circle", "square", "on", "background"]
@@ -41,8 +42,13 @@ def tiny_tokenizer():
 
 def tiny_janus(seed=0, hidden=32, layers=2, dtype=torch.float64, sharpen=4.0):
     """A random JanusForConditionalGeneration: 4x4 code grid, 16 codes, VQ decoding to 8x8 pixels."""
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
-                              LlamaConfig)
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+    )
 
     torch.manual_seed(seed)
     text = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,

@@ -15,13 +15,14 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from family_contract import FamilyContract  # noqa: E402
 
 from mmspec.models import llamagen as lg  # noqa: E402
 from mmspec.models import llamagen_family  # noqa: E402,F401  (registers the family)
 from mmspec.models.families import family_for  # noqa: E402
 from mmspec.models.llamagen_family import LlamaGenFamily, caption_mask  # noqa: E402
 from mmspec.pipelines import SpeculativeImagePipeline  # noqa: E402
+
+from family_contract import FamilyContract  # noqa: E402
 
 NODROP = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, attn_dropout_p=0.0)
 BASE = dict(dim=32, n_layer=2, n_head=4, n_kv_head=2, vocab_size=16, block_size=16, multiple_of=16, **NODROP)
@@ -251,9 +252,9 @@ def test_pipeline_saved_by_mmspec_0_1_loads(tmp_path):
     """mmspec 0.1 saved LlamaGen components as ``model.safetensors`` with the config in the metadata (no
     ``config.json``) and named ``mmspec.models.llamagen`` as their library; such folders still load."""
     pipe = make_pipe("t2i")
-    for name in ("model", "vq"):
+    for name, save in (("model", lg.save_gpt), ("vq", lg.save_vq)):
         (tmp_path / name).mkdir()
-        getattr(lg, f"save_{'gpt' if name == 'model' else 'vq'}")(getattr(pipe, name), tmp_path / name / "model.safetensors")
+        save(getattr(pipe, name), tmp_path / name / "model.safetensors")
     index = {"_class_name": "SpeculativeImagePipeline", "_diffusers_version": "0.42.1", "tokenizer": [None, None],
              "model": ["mmspec.models.llamagen", "LlamaGenGPT"], "vq": ["mmspec.models.llamagen", "LlamaGenVQ"]}
     (tmp_path / "model_index.json").write_text(json.dumps(index))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mmspec
+
 from lm_fixtures import tiny_causal_lm
 
 

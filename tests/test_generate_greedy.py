@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mmspec
+
 from lm_fixtures import perturbed_copy, ragged_prompts, tiny_causal_lm
 
 METHODS = ("ar", "jacobi", "lookup", "draft")

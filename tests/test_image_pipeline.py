@@ -4,13 +4,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from utils_stats import all_outcomes, chi2_pvalue, guided_sequence_law, outcome_counts
 
 import mmspec
-from mmspec.pipelines import SpeculativeImagePipeline
-from image_fixtures import tiny_image_lm, tiny_pipeline, tiny_tokenizer, tiny_vq
 from mmspec.models.families import family_for
 from mmspec.models.image_tokens import EOL, ImageLayout
+from mmspec.pipelines import SpeculativeImagePipeline
+
+from image_fixtures import tiny_image_lm, tiny_pipeline, tiny_tokenizer, tiny_vq
+from utils_stats import all_outcomes, chi2_pvalue, guided_sequence_law, outcome_counts
 
 PROMPTS = ["a red circle", "a blue square on green background", "green"]
 

@@ -13,12 +13,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: the kern
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from utils_stats import chi2_pvalue  # noqa: E402
 
 import mmspec  # noqa: E402
 from mmspec.kernels import draw_noise, make_request, resolve_backend, verify_from_logits  # noqa: E402
 from mmspec.kernels import reference  # noqa: E402
 from mmspec.sampling import LogitsPipeline, sample_from_weights  # noqa: E402
+
+from utils_stats import chi2_pvalue  # noqa: E402
 
 triton_verify = pytest.importorskip("mmspec.kernels.triton_verify")
 

@@ -10,12 +10,13 @@ import math
 
 import pytest
 import torch
-from utils_stats import chi2_pvalue
 
 import mmspec
 from mmspec.acceptance import GSD, Lantern, deviation, get, modified_target
 from mmspec.acceptance.neighbours import codebook_neighbours, image_neighbours
 from mmspec.sampling import sample_from_weights
+
+from utils_stats import chi2_pvalue
 
 ALPHA = 1e-6  # significance of every Monte Carlo bound below
 

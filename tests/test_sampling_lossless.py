@@ -9,11 +9,12 @@ has power.
 
 import pytest
 import torch
-from lm_fixtures import perturbed_copy, tiny_causal_lm
-from utils_stats import all_outcomes, chi2_pvalue, outcome_counts, sequence_law
 
 import mmspec
 from mmspec.acceptance import Criterion
+
+from lm_fixtures import perturbed_copy, tiny_causal_lm
+from utils_stats import all_outcomes, chi2_pvalue, outcome_counts, sequence_law
 
 V, NEW, N, ALPHA = 8, 3, 20_000, 1e-3
 PROMPT = torch.tensor([[3, 5, 3, 5, 3]])

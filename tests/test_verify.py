@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from utils_stats import chi2_pvalue
 
 import mmspec
 from mmspec.acceptance import get
 from mmspec.sampling import onehot, sample_from_weights
 from mmspec.verify import speculative_redraw
+
+from utils_stats import chi2_pvalue
 
 
 def _onehot_rows(tokens, V):

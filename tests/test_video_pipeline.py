@@ -6,12 +6,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from utils_stats import all_outcomes, chi2_pvalue, guided_sequence_law, outcome_counts
 
-from image_fixtures import WORDS, tiny_tokenizer, tiny_vq
 from mmspec.drafting.jacobi import INIT_STRATEGIES, JacobiProposer
 from mmspec.models.image_tokens import AFTER, EOF, EOI, EOL, IMAGE, ImageLayout, VideoLayout
 from mmspec.pipelines.video import SpeculativeVideoPipeline, export_video, video_family_for
+
+from image_fixtures import WORDS, tiny_tokenizer, tiny_vq
+from utils_stats import all_outcomes, chi2_pvalue, guided_sequence_law, outcome_counts
 
 PROMPTS = ["a red circle", "a blue square on green background", "green"]
 

@@ -65,7 +65,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model->vq"
-    _optional_components = ["tokenizer", "vq"]  # vq: families that decode with the model's own VQ (Emu3) or latents only
+    _optional_components = ["tokenizer", "vq"]  # vq: Emu3 decodes with the model's own VQ; others may emit latents
 
     def __init__(self, model, vq, tokenizer=None):
         super().__init__()

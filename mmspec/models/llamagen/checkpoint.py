@@ -43,7 +43,9 @@ def _torch_load(path: str, weights_only: bool):
         ) from exc
 
 
-def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False, weights_only: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def read_state_dict(
+    path: str | os.PathLike, *, use_ema: bool = False, weights_only: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a LlamaGen-style checkpoint on the CPU.
 
     Accepts ``.safetensors`` files and ``torch.save`` files holding ``{"model": sd}`` (LlamaGen DDP),
@@ -82,7 +84,10 @@ def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False, weights_o
         elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             sd = obj
         else:
-            raise ValueError(f"{path}: no 'model' / 'module' / 'state_dict' entry and not a bare state dict (keys: {sorted(obj)[:10]})")
+            raise ValueError(
+                f"{path}: no 'model' / 'module' / 'state_dict' entry and not a bare state dict "
+                f"(keys: {sorted(obj)[:10]})"
+            )
     out = {}
     for k, v in sd.items():
         for p in _PREFIXES:
@@ -116,7 +121,8 @@ def _check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str) ->
 def infer_gpt_args(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """GPT arguments readable from a state dict's shapes: model_type, vocab_size, dim, n_layer,
     num_classes (c2i, assuming a null-class row) / caption_dim (t2i) and, when (dim, n_layer) matches
-    one, the preset's n_head (:func:`load_gpt` then also reads n_kv_head from ``wqkv``). ``cls_token_num`` and ``block_size`` are not stored in checkpoints."""
+    one, the preset's n_head (:func:`load_gpt` then also reads n_kv_head from ``wqkv``). ``cls_token_num`` and
+    ``block_size`` are not stored in checkpoints."""
     args: dict[str, Any] = {}
     if "tok_embeddings.weight" in sd:
         args["vocab_size"], args["dim"] = map(int, sd["tok_embeddings.weight"].shape)
@@ -129,7 +135,7 @@ def infer_gpt_args(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     elif "cls_embedding.cap_proj.fc1.weight" in sd:
         args["model_type"] = "t2i"
         args["caption_dim"] = int(sd["cls_embedding.cap_proj.fc1.weight"].shape[1])
-    for name, preset in GPT_PRESETS.items():
+    for preset in GPT_PRESETS.values():
         if preset["dim"] == args.get("dim") and preset["n_layer"] == args.get("n_layer"):
             args["n_head"] = preset["n_head"]
             break

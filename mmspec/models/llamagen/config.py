@@ -171,7 +171,7 @@ class LlamaGenConfig:
     def num_key_value_heads(self) -> int:
         return self.kv_heads
 
-    def get_text_config(self, *args, **kwargs) -> "LlamaGenConfig":
+    def get_text_config(self, *args, **kwargs) -> LlamaGenConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -69,18 +69,20 @@ class LlamaGenGPT(DataclassConfigModel):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # float32 rotary table; a plain attribute (not a buffer) so ``model.to(bfloat16)`` leaves it float32
         # and it never enters the state dict - as in LlamaGen.
-        self._rope_cpu = precompute_freqs_cis_2d(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num)
+        self._rope_cpu = precompute_freqs_cis_2d(
+            config.grid_size, config.head_dim, config.rope_base, config.cls_token_num
+        )
         self._rope_by_device: dict[torch.device, torch.Tensor] = {}
         self.init_weights()
 
     # -- construction helpers ---------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, preset: str, **kwargs) -> "LlamaGenGPT":
+    def from_preset(cls, preset: str, **kwargs) -> LlamaGenGPT:
         """``LlamaGenGPT.from_preset("GPT-B", vocab_size=16384, block_size=256)``."""
         return cls(_make_config(LlamaGenConfig, preset, GPT_PRESETS, kwargs))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LlamaGenGPT":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LlamaGenGPT:
         """diffusers' ``ModelMixin.from_pretrained`` (a folder with ``config.json``), plus two more sources read by
         :func:`~mmspec.models.llamagen.load_gpt`: a checkpoint file (LlamaGen's ``.pt`` or safetensors), and a
         folder written by mmspec 0.1 (``model.safetensors`` with the config in its metadata). For those two only
@@ -149,9 +151,13 @@ class LlamaGenGPT(DataclassConfigModel):
             cond = torch.as_tensor(cond, device=self.device)
             return self.cls_embedding(cond, cond_drop)
         if cond.dim() != 3 or cond.shape[-1] != self.config.caption_dim:
-            raise ValueError(f"t2i condition must be [B, T, {self.config.caption_dim}] caption features, got {tuple(cond.shape)}")
+            raise ValueError(
+                f"t2i condition must be [B, T, {self.config.caption_dim}] caption features, got {tuple(cond.shape)}"
+            )
         if cond.shape[1] < self.cls_token_num:
-            raise ValueError(f"captions have {cond.shape[1]} tokens, the model needs cls_token_num={self.cls_token_num}")
+            raise ValueError(
+                f"captions have {cond.shape[1]} tokens, the model needs cls_token_num={self.cls_token_num}"
+            )
         return self.cls_embedding(cond[:, : self.cls_token_num], cond_drop)
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
@@ -202,7 +208,8 @@ class LlamaGenGPT(DataclassConfigModel):
             return allowed[None, None].expand(batch_size, 1, -1, -1)
         if attention_mask.shape != (batch_size, key_len):
             raise ValueError(
-                f"2-D attention_mask must be [B, past + L] = [{batch_size}, {key_len}], got {tuple(attention_mask.shape)}"
+                f"2-D attention_mask must be [B, past + L] = [{batch_size}, {key_len}], "
+                f"got {tuple(attention_mask.shape)}"
             )
         am = attention_mask.to(device=cache_position.device).bool()
         return ((allowed[None] & am[:, None, :]) | diag[None])[:, None]

@@ -152,7 +152,10 @@ class CaptionEmbedder(nn.Module):
         caption = caption.to(self.cap_proj.fc1.weight.dtype)
         if drop is not None:
             if T > self.uncond_embedding.shape[0]:
-                raise ValueError(f"captions of {T} tokens are longer than the unconditional caption ({self.uncond_embedding.shape[0]})")
+                raise ValueError(
+                    f"captions of {T} tokens are longer than the unconditional caption "
+                    f"({self.uncond_embedding.shape[0]})"
+                )
             uncond = self.uncond_embedding[:T].to(caption.dtype)
             caption = torch.where(drop.to(caption.device).reshape(-1, 1, 1).bool(), uncond, caption)
         return self.cap_proj(caption)

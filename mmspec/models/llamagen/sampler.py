@@ -15,7 +15,11 @@ __all__ = ["top_k_top_p_filtering", "llamagen_sample", "llamagen_generate"]
 
 
 def top_k_top_p_filtering(
-    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    filter_value: float = -float("inf"),
+    min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """Mask logits [B, V] outside the top-k and/or nucleus (top-p) set with ``filter_value``.
 

@@ -125,7 +125,9 @@ class Encoder(nn.Module):
             if lvl != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
             self.conv_blocks.append(level)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in), ResnetBlock(block_in, block_in, dropout)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in), ResnetBlock(block_in, block_in, dropout)]
+        )
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
@@ -156,7 +158,9 @@ class Decoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in), ResnetBlock(block_in, block_in, dropout)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in), ResnetBlock(block_in, block_in, dropout)]
+        )
         self.conv_blocks = nn.ModuleList()
         for lvl in reversed(range(self.num_resolutions)):
             level = _Level()
@@ -293,11 +297,11 @@ class LlamaGenVQ(DataclassConfigModel):
         self.post_quant_conv = nn.Conv2d(c.codebook_embed_dim, c.z_channels, 1)
 
     @classmethod
-    def from_preset(cls, preset: str = "VQ-16", **kwargs) -> "LlamaGenVQ":
+    def from_preset(cls, preset: str = "VQ-16", **kwargs) -> LlamaGenVQ:
         return cls(_make_config(LlamaGenVQConfig, preset, VQ_PRESETS, kwargs))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LlamaGenVQ":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LlamaGenVQ:
         """diffusers' ``ModelMixin.from_pretrained``, plus a checkpoint file or an mmspec 0.1 folder read by
         :func:`~mmspec.models.llamagen.load_vq` (see :meth:`LlamaGenGPT.from_pretrained`)."""
         from .checkpoint import checkpoint_file, load_vq, loader_kwargs
