@@ -1,10 +1,12 @@
 """Acceptance criteria behind one small protocol, constructible by name.
 
 >>> from mmspec import acceptance
->>> acceptance.available()
-['exact', 'typical']
+>>> {"exact", "typical", "lantern", "gsd"} <= set(acceptance.available())  # and any registered later
+True
 >>> crit = acceptance.get("exact"); crit.lossless
 True
+>>> acceptance.get("lantern", k=4, delta=0.1).lossless  # relaxed criteria say they are lossy
+False
 """
 
 from .base import Criterion, available, gather_token_probs, get, register

@@ -82,7 +82,8 @@ def available() -> list[str]:
 def get(criterion="exact", **params) -> Criterion:
     """A criterion from its registry name (or pass a criterion object through unchanged).
 
-    >>> mmspec.acceptance.get("typical", epsilon=0.09, alpha=0.3)
+    >>> get("typical", epsilon=0.09, alpha=0.3).name
+    'typical'
     """
     if isinstance(criterion, Criterion):
         if params:

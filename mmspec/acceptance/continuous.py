@@ -1,4 +1,4 @@
-"""Exact speculative acceptance for continuous tokens from a diffusion head (ALGORITHMS.md section 5).
+"""Exact speculative acceptance for continuous tokens from a diffusion head (docs/algorithms.md section 5).
 
 Why the output is exactly the target's distribution
 ---------------------------------------------------

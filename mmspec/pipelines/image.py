@@ -65,65 +65,11 @@ class SpeculativeImagePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model->vq"
-    _optional_components = ["tokenizer"]
+    _optional_components = ["tokenizer", "vq"]  # vq: Emu3 decodes with the model's own VQ; others may emit latents
 
     def __init__(self, model, vq, tokenizer=None):
         super().__init__()
         self.register_modules(model=model, vq=vq, tokenizer=tokenizer)
-
-    def save_pretrained(self, save_directory, **kwargs):
-        """diffusers' ``save_pretrained``, plus components diffusers does not know (e.g. the LlamaGen GPT and
-        VQ) saved with their own ``save_pretrained`` and recorded in ``model_index.json`` by module path."""
-        import json
-        import os
-
-        super().save_pretrained(save_directory, **kwargs)
-        index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path) as fh:
-            index = json.load(fh)
-        for name, component in self.components.items():
-            if component is None or index.get(name, [None])[0] is not None:
-                continue
-            if not hasattr(component, "save_pretrained"):
-                raise ValueError(f"component `{name}` ({type(component).__name__}) has no `save_pretrained`.")
-            component.save_pretrained(os.path.join(save_directory, name))
-            index[name] = [type(component).__module__, type(component).__name__]
-        with open(index_path, "w") as fh:
-            json.dump(index, fh, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``from_pretrained``. A folder holding components saved by module path (see
-        ``save_pretrained``) is loaded component by component with each class's own ``from_pretrained``."""
-        import importlib
-        import json
-        import os
-
-        path = str(pretrained_model_name_or_path)
-        index_file = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_file):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        with open(index_file) as fh:
-            index = json.load(fh)
-        specs = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-        if not any(v[0] and v[0].startswith("mmspec.") for v in specs.values()):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        dtype = kwargs.pop("torch_dtype", None)
-        components = {}
-        for name, (library, class_name) in specs.items():
-            if name in kwargs:
-                components[name] = kwargs.pop(name)
-            elif library is None:
-                components[name] = None
-            else:
-                klass = getattr(importlib.import_module(library), class_name)
-                extra = {"torch_dtype": dtype} if dtype is not None and library != "transformers" else {}
-                if dtype is not None and library == "transformers" and hasattr(klass, "config_class"):
-                    extra = {"dtype": dtype}
-                components[name] = klass.from_pretrained(os.path.join(path, name), **extra)
-        if kwargs:
-            raise ValueError(f"unexpected arguments for a pipeline with custom components: {sorted(kwargs)}")
-        return cls(**components)
 
     @property
     def family(self):
