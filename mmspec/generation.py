@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import acceptance as _acceptance
-from .decoding import GenerationStats, decode
+from .decoding import DecodeState, GenerationStats, decode
 from .drafting.base import NoDraft
 from .drafting.jacobi import INIT_STRATEGIES, JacobiProposer
 from .drafting.lookup import LookupProposer
@@ -202,21 +202,10 @@ def generate(
                                       adaptive=adaptive, max_drafts=window - 1, confidence=draft_confidence,
                                       prefill_kwargs=draft_kwargs)
 
-    state, stats = decode(
-        target,
-        proposer,
-        input_ids,
-        attention_mask,
-        max_new_tokens=max_new_tokens,
-        window=window,
-        pipeline=pipeline,
-        criterion=criterion,
-        generator=generator,
-        eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None,
-        model_kwargs=model_kwargs,
-        progress=progress,
-        kernels=kernels,
-    )
+    state = DecodeState(input_ids, attention_mask, max_new_tokens, V, pipeline, generator, target.device,
+                        eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None)
+    state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=model_kwargs,
+                          progress=progress, kernels=kernels)
     T = input_ids.shape[1]
     new = int(state.num_new.max()) if state.batch_size else 0
     sequences = state.tokens[:, : T + new].clone()

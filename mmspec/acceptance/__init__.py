@@ -2,13 +2,17 @@
 
 >>> from mmspec import acceptance
 >>> acceptance.available()
-['exact', 'typical']
+['continuous', 'exact', 'gsd', 'lantern', 'typical']
+>>> acceptance.available("tokens")
+['exact', 'gsd', 'lantern', 'typical']
 >>> crit = acceptance.get("exact"); crit.lossless
+True
+>>> acceptance.get("continuous").lossless
 True
 """
 
 from .base import Criterion, available, gather_token_probs, get, register
-from .continuous import ContinuousCriterion, verify_continuous  # continuous tokens: not in the token registry
+from .continuous import ContinuousCriterion, verify_continuous
 from .exact import Exact
 from .gsd import GSD
 from .lantern import Lantern, deviation, modified_target

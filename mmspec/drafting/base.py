@@ -13,8 +13,8 @@ class Proposer(ABC):
     """Proposes draft tokens for every row before each target forward.
 
     The loop calls ``start`` once after the target's prefill, then per step ``propose`` -> (target forward,
-    verify, commit) -> ``update``. Proposers read the committed text from ``state`` (a
-    ``mmspec.decoding.DecodeState``) and never touch the target's cache.
+    verify, commit) -> ``update``. Proposers read the committed tokens from ``state`` (a ``mmspec.decoding.State``:
+    ``DecodeState`` for ids, ``mmspec.continuous.ContinuousState`` for vectors) and never touch the target's cache.
     """
 
     #: number of forwards this proposer ran on a separate draft model
@@ -26,7 +26,8 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, state, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return drafts [B, K] (K <= max_tokens, on ``state.device``) and the rows [B, K, V] they were
-        drawn from, or None when every draft is deterministic (one-hot ``q``)."""
+        drawn from, or None when every draft is deterministic (one-hot ``q``). Continuous proposers return
+        drafts [B, K, C] and a ``GaussianDrafts``."""
 
     def update(self, state, result, target_rows: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """After verification: ``result`` is the ``VerifyResult``, ``target_rows`` [B, K+1, V] the target's
@@ -37,4 +38,4 @@ class NoDraft(Proposer):
     """Plain autoregressive decoding through the same loop: an empty window every step."""
 
     def propose(self, state, max_tokens):
-        return torch.empty(state.batch_size, 0, dtype=torch.long, device=state.device), None
+        return state.no_drafts(), None

@@ -219,12 +219,12 @@ class SpeculativeContinuousPipeline(DiffusionPipeline):
         bar = self.progress_bar(total=N)
         done = [0]
 
-        def on_step(step, tokens, num_new):
-            fewest = int(num_new.min())
+        def on_step(step, state):
+            fewest = int(state.num_new.min())
             bar.update(fewest - done[0])
             done[0] = fewest
             if callback_on_step_end is not None:
-                callback_on_step_end(self, step, fewest, {"tokens": tokens})
+                callback_on_step_end(self, step, fewest, {"tokens": state.tokens.float()})
 
         tokens, stats, info = decode_continuous(
             target, labels, trajectory=trajectory, draft=draft, draft_trajectory=draft_traj,

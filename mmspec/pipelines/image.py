@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .. import acceptance as _acceptance
-from ..decoding import GenerationStats, decode
+from ..decoding import DecodeState, GenerationStats, decode
 from ..drafting import DraftModelProposer, JacobiProposer, NoDraft
 from ..drafting.jacobi import INIT_STRATEGIES
 from ..models.causal_lm import input_device
@@ -287,11 +287,10 @@ class SpeculativeImagePipeline(DiffusionPipeline):
                 T = state.prompt_length
                 callback_on_step_end(self, step, fewest, {"tokens": state.tokens[:, T:T + fewest]})
 
-        state, stats = decode(
-            target, proposer, input_ids, attention_mask,
-            max_new_tokens=layout.num_tokens, window=window,
-            pipeline=LogitsPipeline(do_sample, temperature, top_k, top_p), criterion=criterion,
-            generator=generator, eos_token_ids=None, model_kwargs=inputs, callback=on_step, kernels=kernels,
-        )
+        pipeline = LogitsPipeline(do_sample, temperature, top_k, top_p)
+        state = DecodeState(input_ids, attention_mask, layout.num_tokens, target.vocab_size, pipeline, generator,
+                            device)
+        state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=inputs,
+                              callback=on_step, kernels=kernels)
         bar.close()
         return state, stats, layout, criterion
