@@ -18,8 +18,7 @@ import torch
 from .acceptance import get as get_criterion
 from .acceptance.continuous import normal, verify_continuous
 from .decoding import GenerationStats, State, decode
-from .drafting.base import NoDraft
-from .drafting.continuous import ContinuousDraftProposer
+from .drafting import make_proposer
 from .models.mar import DDPMTrajectory, MARRunner
 
 __all__ = ["ContinuousState", "decode_continuous"]
@@ -146,10 +145,8 @@ def decode_continuous(
     class_labels = torch.as_tensor(class_labels).reshape(-1).long()
     crit = get_criterion(criterion, kind="continuous")
     draft_trajectory = draft_trajectory or trajectory
-    if draft is None:
-        proposer, window = NoDraft(), 1
-    else:
-        proposer = ContinuousDraftProposer(draft, draft_trajectory, window - 1, align=align)
+    proposer, window = make_proposer("ar" if draft is None else "draft", window, kind="continuous", draft=draft,
+                                     draft_trajectory=draft_trajectory, align=align)
     state = ContinuousState(class_labels, target.num_tokens, target.token_dim, trajectory, generator, target.device)
     state, stats = decode(target, proposer, state, window=window, criterion=crit, progress=progress,
                           callback=callback)
