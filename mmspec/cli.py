@@ -78,7 +78,10 @@ def _image(argv):
                    "a striped blue background'")
     p.add_argument("-o", "--output", default="image.png",
                    help="output PNG (several images: a grid, plus one file per image next to it)")
-    p.add_argument("--decoding", choices=["jacobi", "draft", "ar"], default="jacobi", help="decoding method")
+    from .drafting import available_methods, method_spec
+
+    p.add_argument("--method", "--decoding", dest="decoding", choices=available_methods(), default="jacobi",
+                   help="decoding method (--decoding is an alias)")
     p.add_argument("--init", default="vertical", help="Jacobi init: random, horizontal, vertical, sample_horizon")
     p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
                    help="coupled redraw of Jacobi drafts (lossless)")
@@ -112,20 +115,16 @@ def _image(argv):
         p.error(f"--acceptance must be one of {available()}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe, draft = load_image_pipeline(with_draft=args.decoding == "draft")
+    pipe, draft = load_image_pipeline(with_draft=method_spec(args.decoding).needs_draft)
     common = dict(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                   num_images_per_prompt=args.num_images, output_type="pt")
 
     def run(decoding, **kw):
-        return pipe(args.prompt, decoding=decoding, generator=torch.Generator().manual_seed(args.seed), **common, **kw)
+        return pipe(args.prompt, method=decoding, generator=torch.Generator().manual_seed(args.seed), **common, **kw)
 
-    kw = dict(window=args.window, acceptance=args.acceptance)
-    if args.decoding == "jacobi":
-        kw.update(init=args.init, coupled=args.coupled)
-    elif args.decoding == "draft":
+    kw = dict(window=args.window, acceptance=args.acceptance, init=args.init, coupled=args.coupled)
+    if draft is not None:
         kw.update(draft_model=draft)
-    else:
-        kw = {}
     out = run(args.decoding, **kw)
     s = out.stats
     print(f"{args.decoding}: {s.new_tokens} tokens, {s.target_forwards} target forwards, step compression "
@@ -157,8 +156,10 @@ def _text(argv):
         "speculatively. Prints tokens, target forwards, step compression and time; --compare also runs plain AR.",
     )
     p.add_argument("prompt", nargs="+", help="one or more prompts (a batch), e.g. 'def fibonacci(n):'")
-    p.add_argument("--decoding", choices=["draft", "lookup", "jacobi", "ar"], default="draft",
-                   help="decoding method (draft: the bundled draft model)")
+    from .drafting import available_methods, method_spec
+
+    p.add_argument("--method", "--decoding", dest="decoding", choices=available_methods(), default="draft",
+                   help="decoding method (draft: the bundled draft model; --decoding is an alias)")
     p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
@@ -187,9 +188,9 @@ def _text(argv):
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
 
     def run(method):
-        kw = dict(draft_model=draft) if method == "draft" else {}
-        if method != "ar" and args.window is not None:
-            kw["window"] = args.window
+        kw = dict(draft_model=draft) if method_spec(method).needs_draft else {}
+        if args.window is not None:
+            kw["window"] = args.window  # methods with a fixed window (ar) ignore it
         return generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
                         method=method, generator=torch.Generator().manual_seed(args.seed), **sampling, **kw)
 

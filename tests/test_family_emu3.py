@@ -261,7 +261,7 @@ def test_guidance_matters():
 def test_prebuilt_ids_docs_form_equals_transformers_generate():
     """Tokenizer-free path (pre-built ids) through the shared loop, with the negative prompt exactly as in
     transformers' docs example (no size header); the whole generated span, structure tokens included, matches."""
-    from mmspec.decoding import decode
+    from mmspec.decoding import DecodeState, decode
     from mmspec.drafting import NoDraft
     from mmspec.models.image_tokens import GuidedLM
     from mmspec.sampling import LogitsPipeline
@@ -276,9 +276,10 @@ def test_prebuilt_ids_docs_form_equals_transformers_generate():
     layout = family.layout()
     assert layout == pipe.family.layout()
     ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-    state, stats = decode(GuidedLM(pipe.model, layout, scale, adapter=family.adapter), NoDraft(), ids, mask,
-                          max_new_tokens=layout.num_tokens, window=1, pipeline=LogitsPipeline(do_sample=False),
-                          model_kwargs=inputs)
+    target = GuidedLM(pipe.model, layout, scale, adapter=family.adapter)
+    state = DecodeState(ids, mask, layout.num_tokens, target.vocab_size, LogitsPipeline(do_sample=False), None,
+                        ids.device)
+    state, stats = decode(target, NoDraft(), state, window=1, model_kwargs=inputs)
     assert torch.equal(state.tokens[:, state.prompt_length:], span)
     with_header = pipe(PROMPTS, negative_prompt=NEGATIVES, do_sample=False, decoding="ar", guidance_scale=scale,
                        output_type="latent")
