@@ -30,7 +30,7 @@ from . import acceptance as _acceptance
 from .drafting.base import Proposer
 from .kernels.decode_step import fused_verifier
 from .sampling import LogitsPipeline
-from .verify import verify
+from .verify import check_rows, verify
 
 __all__ = ["DecodeState", "GenerationStats", "State", "decode"]
 
@@ -174,7 +174,9 @@ class DecodeState(State):
         return torch.empty(self.batch_size, 0, dtype=torch.long, device=self.device)
 
     def block(self, drafts):
-        block = torch.cat([self.anchor.unsqueeze(1), drafts], dim=1)  # [B, K+1]
+        # A row's slots after its own drafts (-1, see mmspec.drafting.base.pad_drafts) are fed a placeholder whose
+        # outputs are never used.
+        block = torch.cat([self.anchor.unsqueeze(1), drafts.clamp_min(0)], dim=1)  # [B, K+1]
         return block, self.active.unsqueeze(1).expand(-1, block.shape[1])
 
     def verifier(self, target, proposer, criterion, kernels):
@@ -185,17 +187,22 @@ class DecodeState(State):
         if fused is not None:
             return lambda drafts, draft_probs, logits: fused(drafts, draft_probs, logits, self.generator)
 
-        def step(drafts, draft_probs, logits):  # [B, K], [B, K, V] or None, [B, K+1, V]
-            scores = self.pipeline.process(logits, self.tokens, self.lengths, drafts)
+        def step(drafts, draft_probs, logits):  # [B, K] (-1 after a row's own), [B, K, V] or None, [B, K+1, V]
+            scores = self.pipeline.process(logits, self.tokens, self.lengths, drafts.clamp_min(0))
             if self.greedy:
-                return verify(drafts, None, scores, greedy=True), scores
+                return verify(drafts, None, scores, criterion, greedy=True, check=False), scores
             rows = self.pipeline.probs(scores)
-            return verify(drafts, draft_probs, rows, criterion, self.generator), rows
+            return verify(drafts, draft_probs, rows, criterion, self.generator, check=False), rows
 
         return step
 
     def commit(self, result):
-        emitted = result.tokens.cpu()  # [B, K+1], -1 padded: the one device -> host sync of the step
+        if getattr(result, "invalid", None) is None:
+            emitted = result.tokens.cpu()  # [B, K+1], -1 padded: the one device -> host sync of the step
+        else:  # the tokens and each row's validity code in that one copy
+            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
+            check_rows(emitted[:, -1], self.active)
+            emitted = emitted[:, :-1]
         self.append(emitted)
         self.anchor = result.next_token
         return (emitted >= 0).sum(-1) - 1

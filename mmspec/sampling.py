@@ -6,7 +6,11 @@ as processors from the model adapter, user processors after them) -> temperature
 softmax. Using the same object for ``p`` and ``q`` is what keeps exact acceptance exact.
 
 Every random draw takes a ``generator`` that is either one ``torch.Generator`` for the whole batch or a
-list with one generator per row, so a row can be reproduced on its own.
+list with one generator per row, so a row can be reproduced on its own. For that, a row must consume the same
+draws alone as in any batch: draws over a window take ``counts`` [B], the slots each row really uses (its own
+window, never the batch's widest), and with per-row generators row ``b`` draws only ``counts[b]`` slots. The
+unused slots hold a constant that callers never read. (With one shared generator ``counts`` is ignored: the
+whole tensor is drawn, as rows are not reproducible alone then anyway.)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = [
     "exponential",
     "sample_from_weights",
     "onehot",
+    "per_row",
 ]
 
 
@@ -36,14 +41,22 @@ def _check_generator(generator: Generator, batch: int) -> None:
         )
 
 
-def _draw(shape: Sequence[int], generator: Generator, device, fill: Callable[[torch.Tensor, object], None]):
-    """Allocate float64 ``shape`` and fill it from ``generator`` (row-wise if it is a list)."""
+def _draw(shape: Sequence[int], generator: Generator, device, fill: Callable[[torch.Tensor, object], None],
+          counts=None):
+    """Allocate float64 ``shape`` and fill it from ``generator`` (row-wise if it is a list; then row ``b`` draws
+    only its first ``counts[b]`` slots along dim 1 when ``counts`` is given, the rest is 0.5)."""
     if isinstance(generator, (list, tuple)):
         _check_generator(generator, shape[0])
+        counts = None if counts is None else torch.as_tensor(counts).tolist()
         rows = []
-        for g in generator:
+        for b, g in enumerate(generator):
             t = torch.empty(tuple(shape[1:]), dtype=torch.float64, device=g.device)
-            fill(t, g)
+            if counts is None:
+                fill(t, g)
+            else:
+                t.fill_(0.5)
+                if counts[b] > 0:
+                    fill(t[: counts[b]], g)
             rows.append(t.to(device))
         return torch.stack(rows) if rows else torch.empty(tuple(shape), dtype=torch.float64, device=device)
     gen_device = generator.device if generator is not None else device
@@ -52,28 +65,38 @@ def _draw(shape: Sequence[int], generator: Generator, device, fill: Callable[[to
     return t.to(device)
 
 
-def uniform(shape: Sequence[int], generator: Generator = None, device=None) -> torch.Tensor:
-    """Uniform draws in (0, 1], float64, so that ``u <= ratio`` accepts ratio 1 always and ratio 0 never."""
-    return 1.0 - _draw(shape, generator, device, lambda t, g: t.uniform_(0.0, 1.0, generator=g))
+def uniform(shape: Sequence[int], generator: Generator = None, device=None, counts=None) -> torch.Tensor:
+    """Uniform draws in (0, 1], float64, so that ``u <= ratio`` accepts ratio 1 always and ratio 0 never.
+
+    ``counts`` [B] (optional): with per-row generators, row ``b`` draws only its first ``counts[b]`` slots of dim 1.
+    """
+    return 1.0 - _draw(shape, generator, device, lambda t, g: t.uniform_(0.0, 1.0, generator=g), counts)
 
 
-def exponential(shape: Sequence[int], generator: Generator = None, device=None) -> torch.Tensor:
-    """Exp(1) draws in float64, clamped away from 0 so ``w / E`` is never ``0 / 0``."""
-    e = _draw(shape, generator, device, lambda t, g: t.exponential_(1.0, generator=g))
+def exponential(shape: Sequence[int], generator: Generator = None, device=None, counts=None) -> torch.Tensor:
+    """Exp(1) draws in float64, clamped away from 0 so ``w / E`` is never ``0 / 0`` (``counts`` as ``uniform``)."""
+    e = _draw(shape, generator, device, lambda t, g: t.exponential_(1.0, generator=g), counts)
     return e.clamp_min_(torch.finfo(torch.float64).tiny)
 
 
-def sample_from_weights(weights: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+def sample_from_weights(weights: torch.Tensor, generator: Generator = None, counts=None) -> torch.Tensor:
     """Exact draw from ``weights / weights.sum(-1)`` without normalising: ``argmax(w / E)``, ``E ~ Exp(1)``.
 
     Args:
         weights: [..., V] non-negative, not necessarily normalised; every row must have positive mass.
         generator: one generator, or one per leading (batch) row.
+        counts: optional [B] for weights [B, L, V]: with per-row generators row ``b`` draws only for its first
+            ``counts[b]`` slots (its own window); the tokens of the other slots are arbitrary.
     Returns:
         LongTensor [...] of token ids in ``[0, V)``.
     """
-    e = exponential(weights.shape, generator, weights.device)
+    e = exponential(weights.shape, generator, weights.device, counts)
     return (weights.to(torch.float64) / e).argmax(-1)
+
+
+def per_row(generator: Generator) -> bool:
+    """True when ``generator`` is a list with one generator per row (rows are then reproducible alone)."""
+    return isinstance(generator, (list, tuple))
 
 
 def onehot(tokens: torch.Tensor, vocab_size: int, dtype=torch.float32) -> torch.Tensor:

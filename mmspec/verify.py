@@ -12,9 +12,38 @@ from dataclasses import dataclass
 import torch
 
 from . import acceptance as _acceptance
-from .sampling import Generator, sample_from_weights, uniform
+from .sampling import Generator, per_row, sample_from_weights, uniform
 
-__all__ = ["verify", "VerifyResult", "speculative_redraw"]
+__all__ = ["verify", "VerifyResult", "speculative_redraw", "InvalidDistributionError", "check_rows"]
+
+
+class InvalidDistributionError(ValueError):
+    """A target row with no valid distribution (no allowed token, NaN or inf), or a draft its own q excludes."""
+
+
+#: codes of ``VerifyResult.invalid``: what is wrong with a row (0: nothing)
+INVALID_REASONS = {
+    1: "the target's distribution has no allowed token or is not finite (all scores -inf, all-zero, NaN or inf "
+       "probabilities); check the logits processors (e.g. no_repeat_ngram_size or bad_words_ids can exclude "
+       "every token of a small vocabulary), temperature, top_k and top_p, and the model's logits",
+    2: "a draft has probability 0 (or NaN) under the q row it was drawn from: the proposer's `draft_probs` do "
+       "not belong to its drafts",
+}
+
+
+def check_rows(invalid: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    """Raise ``InvalidDistributionError`` if any (active) row of ``invalid`` [B] (CPU codes, see
+    ``VerifyResult.invalid``) is flagged; the message names the rows and the cause."""
+    bad = invalid if active is None else torch.where(active, invalid, 0)
+    if bool((bad > 0).any()):
+        rows = (bad > 0).nonzero().flatten().tolist()
+        reasons = "; ".join(INVALID_REASONS[c] for c in sorted(set(bad[bad > 0].tolist())))
+        raise InvalidDistributionError(f"cannot sample rows {rows}: {reasons}.")
+
+
+def compute_dtype(*rows: torch.Tensor | None) -> torch.dtype:
+    """float64 if any of ``rows`` is float64, else float32: verification never computes in half precision."""
+    return torch.float64 if any(r is not None and r.dtype == torch.float64 for r in rows) else torch.float32
 
 
 @dataclass
@@ -27,12 +56,15 @@ class VerifyResult:
         next_token: LongTensor [B], the correction token at a rejection, or the bonus token when all K
             drafts were accepted; it equals ``tokens[b, num_accepted[b]]``.
         accepted: BoolTensor [B, K], True on the accepted prefix.
+        invalid: LongTensor [B] (device), 0 for a valid row, else a code of ``INVALID_REASONS`` (a row whose
+            distribution cannot be sampled); None where it was not computed. ``check_rows`` raises on it.
     """
 
     num_accepted: torch.Tensor
     tokens: torch.Tensor
     next_token: torch.Tensor
     accepted: torch.Tensor
+    invalid: torch.Tensor | None = None
 
     @property
     def num_emitted(self) -> torch.Tensor:
@@ -63,11 +95,16 @@ def verify(
     generator: Generator = None,
     *,
     greedy: bool = False,
+    check: bool = True,
 ) -> VerifyResult:
     """Verify K draft tokens per row against the target in one vectorised step.
 
     Args:
-        draft_tokens: LongTensor [B, K], the drafts ``x_1..x_K`` (K may be 0: plain AR).
+        draft_tokens: LongTensor [B, K], the drafts ``x_1..x_K`` (K may be 0: plain AR). A row may propose
+            fewer than K drafts: its unused slots hold -1, after its drafts. Such a row verifies its own drafts
+            only; when it accepts all of them its next token is the bonus draw from ``p`` right after them, so a
+            row gives the same result as with a window of its own (and, with per-row generators, draws only for
+            its own slots).
         draft_probs: [B, K, V] rows ``q_i`` the drafts were drawn from, or None for deterministic drafts
             (one-hot ``q``: prompt lookup, greedy drafters, fresh Jacobi init tokens).
         target_probs: [B, K+1, V] target rows ``p_1..p_{K+1}`` after the logits pipeline. With
@@ -75,9 +112,15 @@ def verify(
         criterion: a registry name or a ``mmspec.acceptance.Criterion``.
         generator: a ``torch.Generator`` or a list with one per row; every draw comes from it.
         greedy: accept iff ``x_i == argmax p_i`` and emit ``argmax p``; no randomness is consumed.
+        check: raise ``InvalidDistributionError`` when a row it used cannot be sampled (a target row with no
+            allowed token, NaN or inf; a draft with ``q(x) = 0``). That costs one host sync; the decoding loop
+            passes False and checks ``VerifyResult.invalid`` with the copy of the tokens it makes anyway.
 
     Returns:
-        VerifyResult with ``num_accepted`` [B], ``tokens`` [B, K+1] (-1 padded) and ``next_token`` [B].
+        VerifyResult with ``num_accepted`` [B], ``tokens`` [B, K+1] (-1 padded), ``next_token`` [B] and
+        ``invalid`` [B].
+
+    Probabilities are promoted to float32 (float64 stays float64) before any arithmetic, whatever comes in.
 
     The criterion gives the acceptance probability ``a_i``; ``u_i ~ U(0, 1]`` in float64 accepts iff
     ``u_i <= a_i``, left to right, stopping at the first rejection. At a rejection the emitted token is an
@@ -97,27 +140,64 @@ def verify(
             f"got shape {tuple(draft_probs.shape)}."
         )
 
-    if K == 0 and greedy:  # plain greedy decoding: nothing to verify
-        next_token = target_probs[:, 0].argmax(-1)
-        return VerifyResult(torch.zeros_like(next_token), next_token.unsqueeze(1), next_token,
-                            draft_tokens.new_zeros((B, 0), dtype=torch.bool))
     if greedy:
-        accepted, num_accepted, next_token = greedy_step(draft_tokens, target_probs)
+        accepted, num_accepted, next_token = greedy_step(draft_tokens, target_probs, _acceptance.get(criterion))
+        invalid = invalid_rows(draft_tokens, None, target_probs, num_accepted, greedy=True)
     else:
+        dtype = compute_dtype(target_probs, draft_probs)
+        target_probs = target_probs.to(dtype)
+        draft_probs = None if draft_probs is None else draft_probs.to(dtype)
+        # Per-row generators draw for each row's own drafts only (one host read of the counts, per-row mode only).
+        counts = num_drafts(draft_tokens).cpu() if per_row(generator) else None
         accepted, num_accepted, next_token = sampled_step(
             draft_tokens, draft_probs, target_probs, _acceptance.get(criterion),
-            lambda shape: uniform(shape, generator, draft_tokens.device),
+            lambda shape: uniform(shape, generator, draft_tokens.device, counts),
             lambda weights: sample_from_weights(weights, generator),
         )
-    return VerifyResult(num_accepted, _pack(draft_tokens, num_accepted, next_token), next_token, accepted)
+        invalid = invalid_rows(draft_tokens, draft_probs, target_probs, num_accepted)
+    if check:
+        check_rows(invalid.cpu())
+    return VerifyResult(num_accepted, _pack(draft_tokens, num_accepted, next_token), next_token, accepted, invalid)
 
 
-def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor):
+def num_drafts(draft_tokens: torch.Tensor) -> torch.Tensor:
+    """[B, K] drafts, -1 after each row's own -> LongTensor [B]: the drafts each row proposes."""
+    return (draft_tokens >= 0).long().cumprod(-1).sum(-1)
+
+
+def invalid_rows(draft_tokens, draft_probs, target_rows, num_accepted, greedy: bool = False) -> torch.Tensor:
+    """LongTensor [B] of ``INVALID_REASONS`` codes for the rows this step used (positions ``0..num_accepted``
+    of the target, the drafts up to the first rejection); no host sync.
+
+    ``target_rows`` are probabilities [B, K+1, V], or scores when ``greedy`` (then a row is invalid when no
+    score is above -inf, or one is NaN).
+    """
+    K1 = target_rows.shape[1]
+    used = torch.arange(K1, device=target_rows.device) <= num_accepted.unsqueeze(1)  # [B, K+1]
+    if greedy:
+        bad_p = ~(target_rows.amax(-1) > float("-inf")) | target_rows.isnan().any(-1)
+    else:
+        bad_p = ~torch.isfinite(target_rows).all(-1) | ~(target_rows.sum(-1) > 0) | (target_rows < 0).any(-1)
+    invalid = torch.where((bad_p & used).any(-1), 1, 0)
+    if draft_probs is not None and draft_tokens.shape[1]:
+        K = draft_tokens.shape[1]
+        q_x = draft_probs.gather(-1, draft_tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, K]
+        bad_q = ~(q_x > 0) & (draft_tokens >= 0) & used[:, :K]
+        invalid = torch.where(bad_q.any(-1) & (invalid == 0), 2, invalid)
+    return invalid
+
+
+def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor, criterion=None):
     """Greedy verification: [B, K] drafts, [B, K+1, V] scores -> (accepted [B, K], num_accepted [B],
-    next_token [B]): accept iff ``x_i == argmax``, emit the argmax (first index on ties)."""
+    next_token [B]): accept iff ``x_i == argmax`` (or the criterion's ``greedy_accept``, e.g. greedy LANTERN),
+    emit the argmax (first index on ties). Drafts of -1 end a row's window."""
     K = draft_tokens.shape[1]
     best = scores.argmax(-1)  # [B, K+1]
-    accepted = (draft_tokens == best[:, :K]).long().cumprod(-1).bool()
+    if criterion is None or type(criterion).greedy_accept is _acceptance.Criterion.greedy_accept:
+        passed = draft_tokens == best[:, :K]
+    else:
+        passed = criterion.greedy_accept(draft_tokens.clamp_min(0), scores[:, :K]) & (draft_tokens >= 0)
+    accepted = passed.long().cumprod(-1).bool()
     num_accepted = accepted.sum(-1)
     next_token = best.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
     return accepted, num_accepted, next_token
@@ -129,22 +209,25 @@ def sampled_step(draft_tokens, draft_probs, target_probs, criterion, draw_unifor
     ``draw_uniform((B, K))`` gives float64 uniforms in (0, 1] (drawn after nothing else, so a generator's
     stream is consumed as ``u`` then the token draw); ``draw_token(weights [B, V])`` gives an exact draw
     [B] from unnormalised weights. ``verify`` passes generator draws; ``mmspec.kernels`` passes fixed noise
-    tensors. Returns ``(accepted [B, K], num_accepted [B], next_token [B])``.
+    tensors. Drafts of -1 end a row's window (see ``verify``). Returns ``(accepted [B, K], num_accepted [B],
+    next_token [B])``.
     """
     K = draft_tokens.shape[1]
-    ratio = criterion.acceptance(draft_tokens, draft_probs, target_probs[:, :K])  # [B, K]
+    own = draft_tokens >= 0  # [B, K]: the row's own drafts (a prefix)
+    tokens = draft_tokens.clamp_min(0)
+    ratio = criterion.acceptance(tokens, draft_probs, target_probs[:, :K])  # [B, K]
     u = draw_uniform(tuple(draft_tokens.shape))
-    accepted = (u <= ratio.to(torch.float64)).long().cumprod(-1).bool()
+    accepted = ((u <= ratio.to(torch.float64)) & own).long().cumprod(-1).bool()
     num_accepted = accepted.sum(-1)
 
-    p_n = _row(target_probs, num_accepted)  # [B, V]: residual row at the rejection, or p_{K+1}
+    p_n = _row(target_probs, num_accepted)  # [B, V]: residual row at the rejection, or the bonus row
     if K > 0:
         at = num_accepted.clamp(max=K - 1)
-        x_n = _row(draft_tokens, at)
+        x_n = _row(tokens, at)
         q_n = None if draft_probs is None else _row(draft_probs, at)
         weights = criterion.residual(x_n, q_n, p_n)
         empty = weights.sum(-1, keepdim=True) <= 0
-        rejected = (num_accepted < K).unsqueeze(1)
+        rejected = (num_accepted < num_drafts(draft_tokens)).unsqueeze(1)
         weights = torch.where(rejected & ~empty, weights, p_n)
     else:
         weights = p_n
@@ -156,6 +239,7 @@ def speculative_redraw(
     old_probs: torch.Tensor | None,
     new_probs: torch.Tensor,
     generator: Generator = None,
+    counts=None,
 ) -> torch.Tensor:
     """Coupled redraw of every slot independently: a draw from ``new_probs`` that keeps ``old_tokens``
     as often as possible.
@@ -163,11 +247,18 @@ def speculative_redraw(
     Keeps ``x`` with probability ``min(1, p(x)/q(x))``, else draws from ``max(p - q, 0)`` (or ``p`` when
     that is empty). The marginal of the result is exactly ``p`` whatever ``q`` was, so the result can be
     verified as a draft drawn from ``p``. Shapes: [B, L], [B, L, V] or None (one-hot), [B, L, V] -> [B, L].
+    ``counts`` [B]: the slots each row uses (per-row generators draw only those; see ``mmspec.sampling``).
+    Slots holding -1 (no old draft) are drawn from ``new_probs``.
     """
     exact = _acceptance.get("exact")
-    keep = uniform(old_tokens.shape, generator, old_tokens.device) <= exact.acceptance(
-        old_tokens, old_probs, new_probs
+    dtype = compute_dtype(new_probs, old_probs)
+    new_probs = new_probs.to(dtype)
+    old_probs = None if old_probs is None else old_probs.to(dtype)
+    tokens = old_tokens.clamp_min(0)
+    keep = uniform(old_tokens.shape, generator, old_tokens.device, counts) <= exact.acceptance(
+        tokens, old_probs, new_probs
     ).to(torch.float64)
-    weights = exact.residual(old_tokens, old_probs, new_probs)
+    weights = exact.residual(tokens, old_probs, new_probs)
     weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, new_probs)
-    return torch.where(keep, old_tokens, sample_from_weights(weights, generator))
+    keep &= old_tokens >= 0
+    return torch.where(keep, old_tokens, sample_from_weights(weights, generator, counts))

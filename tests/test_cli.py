@@ -8,7 +8,7 @@ from PIL import Image
 
 from mmspec.cli import main
 
-PROMPT = "a small red circle at the top left on a striped blue background"
+PROMPT = "a small red circle at the top left on a vertically striped blue background"  # words the model knows
 
 
 @pytest.mark.slow
@@ -29,7 +29,8 @@ def test_image_compare_reports_speedup_and_grid(tmp_path, capsys):
     assert main(["image", PROMPT, "a large green square at the center on a plain white background", "-o", str(out),
                  "--decoding", "draft", "--window", "4", "--compare", "--guidance", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "wall-clock speedup vs AR" in printed
+    assert "wall-clock speedup vs AR" in printed and "median of 3 interleaved runs" in printed
+    assert "per-run ratios" in printed
     with Image.open(out) as im:  # a grid of two 64x64 images with 2-pixel padding
         assert im.size == (2 * 64 + 3 * 2, 64 + 2 * 2)
     assert (tmp_path / "grid_0.png").is_file() and (tmp_path / "grid_1.png").is_file()
@@ -38,8 +39,10 @@ def test_image_compare_reports_speedup_and_grid(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["image", PROMPT, "-o", "x.jpg"], "--output must end with .png"),
     (["image", PROMPT, "--window", "0"], "--window must be >= 1"),
-    (["image", PROMPT, "--init", "diagonal"], "--init must be one of"),
-    (["image", PROMPT, "--acceptance", "nope"], "--acceptance must be one of"),
+    (["image", PROMPT, "--init", "diagonal"], "argument --init: invalid choice: 'diagonal' (choose from"),
+    (["image", PROMPT, "--acceptance", "nope"], "argument --acceptance: invalid choice: 'nope' (choose from"),
+    (["image", PROMPT, "--compare", "--decoding", "ar"], "--compare runs plain AR beside"),
+    (["image", PROMPT, "--repeats", "0"], "--repeats must be >= 1"),
     (["image", PROMPT, "--decoding", "beam"], "invalid choice"),
     (["image"], "the following arguments are required"),
     (["text", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
@@ -51,6 +54,58 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
         main(argv)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_values_fail_before_any_model_loads(monkeypatch, capsys):
+    import mmspec.zoo.models as zoo
+
+    monkeypatch.setattr(zoo, "load_image_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bad in (["--init", "diagonal"], ["--acceptance", "nope"]):
+        with pytest.raises(SystemExit):
+            main(["image", PROMPT, *bad])
+
+
+def test_image_help_shows_defaults_choices_and_the_vocabulary(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["image", "--help"])
+    assert err.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 16)" in out and "(default: vertical)" in out and "(default: exact)" in out
+    for init in ("random", "horizontal", "vertical", "sample_horizon"):
+        assert init in out
+    assert "--device" in out and "--threads" in out and "oversubscribes" in out
+    for word in ("vertically", "striped", "checkered", "ellipse"):  # the model's vocabulary
+        assert word in out
+
+
+def test_text_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["text", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64)" in out and "(default: draft)" in out and "--device" in out
+
+
+def test_version(capsys):
+    import mmspec
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mmspec {mmspec.__version__}"
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "mmspec.serve" or m.startswith("mmspec.serve.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if fastapi were not installed
+    assert main(["serve", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'mmspec[serve]'" in err and "Traceback" not in err
+
+
+def test_image_warns_about_unknown_words(tmp_path, capsys):
+    with pytest.warns(UserWarning, match=r"'photo', 'of', 'cat'.*The model knows: a and at background"):
+        main(["image", "a photo of a cat", "-o", str(tmp_path / "x.png"), "--window", "32", "--threads", "1"])
 
 
 def test_unknown_benchmark_is_refused(capsys):

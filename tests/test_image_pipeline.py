@@ -177,7 +177,7 @@ def test_outputs_and_reproducibility():
     (dict(output_type="jpeg"), "`output_type`"),
     (dict(num_images_per_prompt=0), "`num_images_per_prompt`"),
     (dict(decoding="draft"), "needs a `draft_model`"),
-    (dict(acceptance="lantern", do_sample=False), "needs sampling"),
+    (dict(acceptance="gsd", do_sample=False), "needs sampling"),
     (dict(generator=[torch.Generator()] * 5), "generators"),
 ])
 def test_bad_arguments(kwargs, match):

@@ -60,6 +60,18 @@ def test_generate_sampled_on_kernels_equals_torch_path(model, kernel_calls):
     assert fused.stats.accepted_histogram == plain.stats.accepted_histogram
 
 
+@pytest.mark.parametrize("method", ["jacobi", "lookup"])
+def test_rows_with_fewer_drafts_on_kernels_equal_torch_path(model, kernel_calls, method):
+    """Rows propose fewer drafts than the window (-1 padded: own remaining budget, short lookup matches); with
+    per-row generators the fused step draws what the torch path draws and takes each row's own bonus."""
+    ids = torch.tensor([[5, 6, 5, 6, 5], [7, 8, 9, 10, 7]])
+    kw = dict(max_new_tokens=NEW, method=method, window=5, do_sample=True, temperature=0.9, eos_token_id=[])
+    runs = [mmspec.generate(model, ids, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                            kernels=k, **kw) for k in ("triton", "torch")]
+    assert len(kernel_calls) > 0
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
 def test_cpu_default_and_processors_keep_the_torch_path(model, kernel_calls, monkeypatch):
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 

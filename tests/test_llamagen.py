@@ -330,7 +330,7 @@ def test_left_padded_captions_and_4d_mask():
     b = model(input_ids=IDS[:, :4], cond=cap2, attention_mask=mask, use_cache=False).logits
     assert torch.isfinite(a).all()
     torch.testing.assert_close(b[0, 1:], a[0, 1:], atol=1e-12, rtol=0)
-    torch.testing.assert_close(b[1], a[1], atol=0, rtol=0)
+    torch.testing.assert_close(b[1], a[1], atol=1e-12, rtol=0)  # same shapes, but another row's values changed
     # a ready 4-D boolean mask is used as given
     four = lg.LlamaGenGPT.build_attention_mask(mask, torch.arange(7), 2, 7)
     assert four.shape == (2, 1, 7, 7) and four.dtype == torch.bool
@@ -377,7 +377,9 @@ def test_training_mode_and_accessors():
     assert model.freqs_cis.dtype == torch.float32  # stays fp32 whatever the model dtype
     # logits_to_keep, hidden states
     out = model(input_ids=IDS[:, :4], cond=torch.tensor([5, 5]), logits_to_keep=2, output_hidden_states=True)
-    torch.testing.assert_close(out.logits, ref.logits[:, -2:], atol=0, rtol=0)
+    # The head runs on [2, 2, 32] instead of [2, 5, 32]: another matmul shape may round differently (2e-16 seen
+    # on another CPU), so this is equal to float64 precision, not bit for bit.
+    torch.testing.assert_close(out.logits, ref.logits[:, -2:], atol=1e-12, rtol=0)
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 5, 32)
     # fresh LlamaGen-style init zeroes the output head
     assert lg.LlamaGenGPT(**C2I).output.weight.abs().sum() == 0

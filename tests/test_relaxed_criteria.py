@@ -252,7 +252,7 @@ def test_acceptance_monotone_in_relaxation():
     rates = {}
     for qq, tag in ((q, "sampled"), (None, "deterministic")):
         prev = None
-        for delta in (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0):
+        for delta in (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 0.95):
             a = Lantern(k=32, delta=delta, neighbours=table).acceptance(drafts, qq, p)
             assert prev is None or (a >= prev).all()
             prev = a
@@ -385,7 +385,8 @@ def test_registry_and_flags():
     gsd = get("gsd", group_size=14, delta_p=0.15, d_max=0.5)
     assert isinstance(lan, Lantern) and isinstance(gsd, GSD)
     for crit in (lan, gsd):
-        assert crit.lossless is False and crit.requires_sampling is True
+        assert crit.lossless is False
+    assert gsd.requires_sampling is True and lan.requires_sampling is False  # greedy LANTERN exists
     assert lan.k == 50 and lan.delta == 0.2 and lan.lam is None
     assert get("lantern", lam=2.0).delta is None and Lantern().delta == 0.1
     assert "Lantern(" in repr(lan) and "GSD(" in repr(gsd)
@@ -399,6 +400,8 @@ def test_registry_and_flags():
         ("lantern", dict(k=2.5), "`k`"),
         ("lantern", dict(lam=0.9), "lam"),
         ("lantern", dict(delta=0.1, lam=2.0), "either"),
+        ("lantern", dict(delta=5.0), r"\[0, 1\).*lam=5.0"),  # the reference's lantern_delta > 1 is lambda
+        ("lantern", dict(delta=1.0), "lam="),
         ("gsd", dict(group_size=0), "group_size"),
         ("gsd", dict(delta_p=-1.0), "delta_p"),
         ("gsd", dict(d_max=-1.0), "d_max"),
@@ -441,3 +444,99 @@ def test_prepare_builds_once_and_errors_before_tables():
     gsd2 = GSD(group_size=5, delta_p=0.5, d_max=1.0).prepare(embeddings=torch.randn(30, 4), image_token_offset=5,
                                                              num_image_tokens=20)
     assert gsd2._emb.shape == (20, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LANTERN defaults and greedy LANTERN
+# ---------------------------------------------------------------------------------------------------
+def test_lantern_default_k_per_form():
+    assert Lantern().k == 1000 and Lantern(delta=0.2).k == 1000
+    assert Lantern(lam=5.0).k == 10  # the reference runs LANTERN++ with k of 5-10
+    assert Lantern(lam=5.0, k=7).k == 7
+
+
+def _greedy_lantern_reference(table, offset, x, scores, bound_of):
+    """Loop form of the reference code's greedy LANTERN for one position: raise p(x) by the largest neighbour
+    prefix mass within the bound, accept iff x is then the argmax."""
+    p = scores.double().softmax(-1)
+    row = x - offset
+    c = 0.0
+    if 0 <= row < table.shape[0]:
+        bound = bound_of(float(p[x]))
+        for n in table[row].tolist():
+            if n < 0 or c + float(p[n]) > bound:
+                break
+            c += float(p[n])
+    boosted = p.clone()
+    boosted[x] = p[x] + c
+    return int(boosted.argmax()) == x
+
+
+@pytest.mark.parametrize("form", ["delta", "lam"])
+def test_greedy_lantern_matches_reference_and_decodes(form):
+    B, K, V, off = 64, 4, 40, 8
+    cb = _codebook(V - off, seed=21)
+    crit = Lantern(k=6, codebook=cb, image_token_offset=off, **({"delta": 0.2} if form == "delta" else {"lam": 3.0}))
+    bound_of = (lambda px: 0.2) if form == "delta" else (lambda px: 2.0 * px)
+    g = torch.Generator().manual_seed(22)
+    scores = torch.randn(B, K + 1, V, generator=g, dtype=torch.float64) * 1.5
+    drafts = torch.randint(0, V, (B, K), generator=g)
+    passed = crit.greedy_accept(drafts, scores[:, :K])
+    for b in range(B):
+        for i in range(K):
+            assert bool(passed[b, i]) == _greedy_lantern_reference(crit._table, off, int(drafts[b, i]), scores[b, i],
+                                                                   bound_of), (b, i)
+    exact = drafts == scores[:, :K].argmax(-1)
+    assert (passed >= exact).all() and (passed > exact).any()  # relaxes, never rejects an argmax draft
+    res = mmspec.verify(drafts, None, scores, crit, greedy=True)
+    n = passed.long().cumprod(-1).sum(-1)
+    assert res.num_accepted.tolist() == n.tolist()
+    assert res.next_token.tolist() == scores.argmax(-1).gather(1, n.unsqueeze(1)).squeeze(1).tolist()
+    # delta = 0 / lam = 1: exact greedy
+    none = Lantern(k=6, codebook=cb, image_token_offset=off, **({"delta": 0.0} if form == "delta" else {"lam": 1.0}))
+    assert torch.equal(none.greedy_accept(drafts, scores[:, :K]), exact)
+
+
+def test_greedy_lantern_through_generate():
+    """do_sample=False with LANTERN runs (it used to raise) and accepts more than exact greedy Jacobi."""
+    from conftest import tiny_causal_lm
+
+    V = 48
+    model = tiny_causal_lm(vocab_size=V, sharpen=1.5)
+    cb = _codebook(V, seed=3)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kw = dict(max_new_tokens=24, method="jacobi", window=6, init="repeat", eos_token_id=[])
+    exact = mmspec.generate(model, ids, **kw)
+    relaxed = mmspec.generate(model, ids, acceptance=Lantern(k=8, delta=0.3, codebook=cb), **kw)
+    assert relaxed.sequences.shape == exact.sequences.shape
+    assert relaxed.stats.target_forwards <= exact.stats.target_forwards
+    assert not torch.equal(relaxed.sequences, exact.sequences)  # lossy: some relaxed drafts were accepted
+
+
+def test_gsd_keeps_the_users_embeddings_when_a_pipeline_prepares_it():
+    """A pipeline calls prepare(codebook=..., image_token_offset=...): embeddings given by the user stay the space
+    of d_max, sliced again at the pipeline's image-token offset (they are indexed by token id)."""
+    V, off, N = 30, 6, 20
+    emb = torch.randn(V, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cb = torch.randn(N, 3, dtype=torch.float64)
+    gsd = GSD(group_size=5, delta_p=0.5, d_max=1.0, embeddings=emb)
+    assert torch.equal(gsd._emb, emb)  # offset 0 until prepared
+    gsd.prepare(codebook=cb, image_token_offset=off, vocab_size=V)
+    assert torch.equal(gsd._emb, emb[off:]) and gsd.image_token_offset == off
+    from_codebook = GSD(group_size=5, delta_p=0.5, d_max=1.0).prepare(codebook=cb, image_token_offset=off)
+    assert torch.equal(from_codebook._emb, cb)  # no user embeddings: the pipeline's codebook is used
+    gsd.prepare(embeddings=emb * 2, image_token_offset=off)  # explicit embeddings in prepare replace them
+    assert torch.equal(gsd._emb, 2 * emb[off:])
+
+
+def test_image_pipeline_uses_the_users_gsd_embeddings():
+    from image_fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    model = pipe.model
+    emb = model.get_input_embeddings().weight.detach()
+    gsd = GSD(group_size=14, delta_p=0.15, d_max=0.5, embeddings=emb)
+    pipe("a red circle", do_sample=True, acceptance=gsd, generator=torch.Generator().manual_seed(0),
+         output_type="pt")
+    off = gsd.image_token_offset
+    assert off > 0 and torch.equal(gsd._emb, emb[off:])

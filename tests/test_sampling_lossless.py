@@ -2,13 +2,17 @@
 
 On a tiny vocabulary (V = 8) the exact distribution of 3 sampled tokens is enumerated from the model
 (512 outcomes, computed here independently of mmspec's logits pipeline) and compared with N = 20,000
-speculative samples drawn as one batch. Chi-square test at significance level alpha = 0.001 (bins with an
+speculative samples drawn as one batch; on V = 4 the same for 5 tokens (1024 outcomes), where windows of
+several drafts and carried-over Jacobi drafts occur (recorded and asserted). Chi-square test at significance level alpha = 0.001 (bins with an
 expected count under 5 are merged). A deliberately biased criterion must fail the same test, so the test
 has power.
 """
 
+import itertools
+
 import pytest
 import torch
+from scipy.stats import chisquare
 
 import mmspec
 from mmspec.acceptance import Criterion
@@ -105,3 +109,101 @@ def test_biased_criterion_is_detected(pair):
     expected = exact_distribution(target)
     samples, _ = _sample(target, draft, "draft", {}, window=4, acceptance=AcceptAll())
     assert chi2_pvalue(outcome_counts(samples, V), expected) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Longer outputs: windows of several drafts, Jacobi drafts carried over between iterations
+# ---------------------------------------------------------------------------------------------------------
+# With 3 new tokens the loop allows at most one draft after the first token; here 5 new tokens on V = 4
+# (1024 outcomes, still enumerated exactly) let windows of 2-3 drafts be verified, Jacobi carry its drafts
+# (and their stale-prefix q rows) into the next iteration and the coupled rule redraw them. The test records
+# that these cases really occurred, so it cannot pass without exercising them.
+V5, NEW5 = 4, 5
+PROMPT5 = torch.tensor([[2, 3, 2, 3, 2]])
+
+
+def exact_distribution_long(model, temperature=1.0, top_k=None):
+    outcomes = torch.tensor(list(itertools.product(range(V5), repeat=NEW5)))
+    seqs = torch.cat([PROMPT5.expand(len(outcomes), -1), outcomes], dim=1)
+    with torch.no_grad():
+        logits = model(seqs).logits.double()
+    T = PROMPT5.shape[1]
+    probs = _warp(logits[:, T - 1 : T - 1 + NEW5], temperature, top_k, None)
+    return probs.gather(-1, outcomes.unsqueeze(-1)).squeeze(-1).prod(-1)
+
+
+def chi2_pvalue_long(samples, expected_probs):
+    codes = (samples * (V5 ** torch.arange(NEW5 - 1, -1, -1))).sum(-1)
+    observed = torch.bincount(codes, minlength=V5**NEW5).double()
+    expected = expected_probs * len(samples)
+    assert float(observed[expected == 0].sum()) == 0, "sampled an outcome of probability zero"
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+
+@pytest.fixture(scope="module")
+def pair_long():
+    target = tiny_causal_lm("llama", vocab_size=V5, hidden=16, sharpen=2.0, seed=12)
+    return target, perturbed_copy(target, 0.5, seed=6)
+
+
+class Recorder:
+    """Counts, over a decode, the verify steps where some row verified >= 2 of its own drafts, and the Jacobi
+    proposals that reused drafts carried over from an earlier iteration (with their q rows)."""
+
+    def __init__(self, monkeypatch):
+        import mmspec.decoding as decoding
+        from mmspec.drafting.jacobi import JacobiProposer
+
+        self.multi, self.carried = 0, 0
+        real_verify, real_propose = decoding.verify, JacobiProposer.propose
+
+        def verify(drafts, *a, **k):
+            self.multi += int(((drafts >= 0).sum(-1) >= 2).any())
+            return real_verify(drafts, *a, **k)
+
+        def propose(proposer, state, max_tokens):
+            if proposer.probs is not None:  # q rows of carried drafts exist: the stale-prefix case
+                self.carried += int((proposer.count[state.active] > 0).any())
+            return real_propose(proposer, state, max_tokens)
+
+        monkeypatch.setattr(decoding, "verify", verify)
+        monkeypatch.setattr(JacobiProposer, "propose", propose)
+
+
+LONG_CASES = {
+    "jacobi": ("jacobi", dict(window=4), {}),
+    "jacobi-coupled-repeat": ("jacobi", dict(window=4, init="repeat", coupled=True), {}),
+    "jacobi-coupled-temp0.8-topk3": ("jacobi", dict(window=4, coupled=True), dict(temperature=0.8, top_k=3)),
+    "draft": ("draft", dict(window=4), {}),
+    "lookup": ("lookup", dict(window=4, max_ngram=2), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_CASES))  # about 5 s each on one core
+def test_sampling_is_lossless_over_several_drafts(pair_long, monkeypatch, case):
+    method, kw, warp = LONG_CASES[case]
+    target, draft = pair_long
+    rec = Recorder(monkeypatch)
+    extra = dict(draft_model=draft) if method == "draft" else {}
+    out = mmspec.generate(target, PROMPT5.expand(N, -1), max_new_tokens=NEW5, method=method, do_sample=True,
+                          generator=torch.Generator().manual_seed(99), eos_token_id=[], **kw, **warp, **extra)
+    samples = out.sequences[:, PROMPT5.shape[1]:]
+    assert rec.multi > 0, "no step verified a window of 2+ drafts"
+    assert sum(out.stats.accepted_histogram[2:]) > 0, "no row accepted 2+ drafts in a step"
+    if method == "jacobi":
+        assert rec.carried > 0, "no Jacobi drafts were carried over"
+    p = chi2_pvalue_long(samples, exact_distribution_long(target, **warp))
+    assert p > ALPHA, f"{case}: chi-square p = {p:.2e}"
+
+
+def test_biased_criterion_is_detected_over_several_drafts(pair_long):
+    target, _ = pair_long
+    out = mmspec.generate(target, PROMPT5.expand(N, -1), max_new_tokens=NEW5, method="jacobi", window=4,
+                          do_sample=True, generator=torch.Generator().manual_seed(99), eos_token_id=[],
+                          acceptance=AcceptAll())
+    assert chi2_pvalue_long(out.sequences[:, PROMPT5.shape[1]:], exact_distribution_long(target)) < 1e-6

@@ -58,6 +58,12 @@ class Criterion(ABC):
     def residual(self, draft_tokens, draft_probs, target_probs) -> torch.Tensor:
         """[B] ids, [B, V] or None, [B, V] -> [B, V] unnormalised weights to emit from on rejection."""
 
+    def greedy_accept(self, draft_tokens, scores) -> torch.Tensor:
+        """Greedy decoding: [B, K] drafts, [B, K, V] processed scores -> BoolTensor [B, K], whether each draft
+        passes at its position (the core keeps the accepted prefix and emits the argmax after it). The default
+        is exact greedy verification: the draft is the argmax (first index on ties)."""
+        return draft_tokens == scores.argmax(-1)
+
     def prepare(self, **context) -> "Criterion":
         """Hook for criteria that precompute tables from the model (codebooks, embeddings). No-op here."""
         return self

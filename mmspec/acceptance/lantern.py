@@ -14,6 +14,15 @@ bound: ``p~`` depends on the sampled ``x``, and the output is not ``p~`` of anyt
 ``tests/test_relaxed_criteria.py`` for an example with TV twice ``delta``). Measure the deviation with
 ``modified_target`` / ``deviation`` (deterministic drafts) or empirically; never report ``delta`` as the
 deviation.
+
+Greedy LANTERN (``do_sample=False``, as the reference code's greedy mode): the draft ``x`` passes when it is
+the argmax of ``p`` with ``p(x)`` raised to ``p~(x)`` (``p`` the softmax of the processed scores, temperature
+not applied); the emitted token after the accepted prefix is the plain argmax of ``p``. ``delta = 0`` /
+``lam = 1`` is exact greedy decoding.
+
+Parameters differ from the reference code's: there one ``lantern_delta`` means LANTERN's delta when it is at
+most 1 and LANTERN++'s lambda above 1. Here the two are separate arguments, and ``delta >= 1`` (which would
+accept every draft) is rejected with a pointer to ``lam=``.
 """
 
 from __future__ import annotations
@@ -49,9 +58,13 @@ class Lantern(Criterion):
     """LANTERN (additive ``delta``) or LANTERN++ (multiplicative ``lam``) relaxed acceptance.
 
     Args:
-        k: neighbours per image token (paper: 1000). A given ``neighbours`` table is cut to ``k`` columns.
-        delta: additive bound on the moved mass, ``>= 0`` (default 0.1 when ``lam`` is not given).
-            ``delta = 0`` is exactly ``exact``.
+        k: neighbours per image token; a given ``neighbours`` table is cut to ``k`` columns. Default: 1000 with
+            ``delta`` (the LANTERN paper), 10 with ``lam`` (the reference code runs LANTERN++ with k of 5-10:
+            the multiplicative bound moves little mass, so far neighbours rarely count, and a short table is
+            cheaper).
+        delta: additive bound on the moved mass, in ``[0, 1)`` (default 0.1 when ``lam`` is not given).
+            ``delta = 0`` is exactly ``exact``. The reference code's ``lantern_delta`` above 1 is LANTERN++'s
+            lambda: pass it as ``lam=``.
         lam: LANTERN++ multiplicative bound ``(lam - 1) * p(x)``, ``>= 1``; give either ``delta`` or ``lam``.
             ``lam = 1`` is exactly ``exact``.
         codebook: ``[N, D]`` VQ codebook (tensor or ``nn.Embedding``); row ``i`` is token
@@ -70,11 +83,11 @@ class Lantern(Criterion):
     """
 
     lossless = False
-    requires_sampling = True
+    requires_sampling = False  # greedy LANTERN is defined (see the module docstring)
 
     def __init__(
         self,
-        k: int = 1000,
+        k: int | None = None,
         delta: float | None = None,
         lam: float | None = None,
         codebook=None,
@@ -84,7 +97,6 @@ class Lantern(Criterion):
         *,
         max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
-        self.k = _check_int("k", k, 1)
         if lam is not None and delta is not None:
             raise ValueError("give either `delta` (additive LANTERN) or `lam` (multiplicative LANTERN++), not both.")
         if lam is not None:
@@ -92,7 +104,13 @@ class Lantern(Criterion):
             self.delta = None
         else:
             self.delta = _check_float("delta", 0.1 if delta is None else delta, 0.0)
+            if self.delta >= 1.0:
+                raise ValueError(
+                    f"`delta` must be in [0, 1) (a total-variation budget; delta >= 1 accepts every draft), got "
+                    f"{delta!r}. For LANTERN++ (the reference code's lantern_delta above 1) pass `lam={delta!r}` "
+                    "instead.")
             self.lam = None
+        self.k = _check_int("k", (10 if lam is not None else 1000) if k is None else k, 1)
         self.image_token_offset = _check_int("image_token_offset", image_token_offset, 0)
         self.vocab_size = None if vocab_size is None else _check_int("vocab_size", vocab_size, 1)
         self._max_chunk_elements = _check_int("max_chunk_elements", max_chunk_elements, 1)
@@ -206,6 +224,14 @@ class Lantern(Criterion):
             return pt_x.clamp(0.0, 1.0)
         q_x = gather_token_probs(draft_probs, draft_tokens)
         return (pt_x / q_x.clamp_min(torch.finfo(q_x.dtype).tiny)).clamp(0.0, 1.0)
+
+    def greedy_accept(self, draft_tokens, scores):
+        """Greedy LANTERN: [B, K] drafts, [B, K, V] processed scores -> BoolTensor [B, K], True where the draft
+        is the argmax of ``p = softmax(scores)`` once ``p(x)`` is raised to ``p~(x)``."""
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        p = scores.to(dtype).softmax(-1)
+        boosted = p.scatter(-1, draft_tokens.unsqueeze(-1), self._terms(draft_tokens, p)[0].unsqueeze(-1))
+        return boosted.argmax(-1) == draft_tokens
 
     def residual(self, draft_tokens, draft_probs, target_probs):
         pt = self.modified_target(draft_tokens, target_probs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["timed", "median_time", "write_report", "environment", "markdown_table"]
+__all__ = ["timed", "median_time", "write_report", "environment", "markdown_table", "default_threads",
+           "interleaved_times", "speedup_summary"]
 
 
 def _sync(device=None):
@@ -37,6 +39,51 @@ def median_time(fn, repeats: int, warmup: int = 1):
         out, t = timed(fn)
         times.append(t)
     return out, statistics.median(times), times
+
+
+def default_threads(limit: int = 4) -> int:
+    """A torch thread count that does not oversubscribe the CPU: the cores this process may run on, minus the
+    load other processes already put on them (1-minute load average, rounded), capped at ``limit`` (the zoo's
+    small models gain nothing from more), at least 1. On a busy machine torch's default (one thread per core)
+    makes a run 20-40x slower whenever the cores are taken, which turns speed comparisons into noise."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(limit, cpus - busy))
+
+
+def interleaved_times(runs: dict, repeats: int = 3, warmup: int = 1):
+    """Time several ways of doing the same work fairly: ``warmup`` untimed calls of each, then ``repeats``
+    rounds that call each once, alternating the order every round (drift and caches hit all alike).
+
+    Args:
+        runs: name -> ``fn()`` returning ``(result, seconds)``.
+    Returns:
+        ``(results, times)``: the last result and the list of ``repeats`` times per name.
+    """
+    names = list(runs)
+    results = {}
+    for _ in range(warmup):
+        for name in names:
+            results[name] = runs[name]()[0]
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            results[name], t = runs[name]()
+            times[name].append(t)
+    return results, times
+
+
+def speedup_summary(times: dict, base: str, other: str) -> str:
+    """One line: median times, the ratio of the medians and the spread of the per-round ratios."""
+    ratios = [b / o for b, o in zip(times[base], times[other])]
+    mb, mo = statistics.median(times[base]), statistics.median(times[other])
+    return (f"wall-clock speedup vs {base}: {mb / mo:.2f}x (median of {len(ratios)} interleaved runs after a "
+            f"warm-up; per-run ratios {min(ratios):.2f}-{max(ratios):.2f}x; {base} {mb:.2f}s "
+            f"[{min(times[base]):.2f}-{max(times[base]):.2f}], {other} {mo:.2f}s "
+            f"[{min(times[other]):.2f}-{max(times[other]):.2f}])")
 
 
 def environment() -> dict:

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .. import generate
+from ..models.compat import cache_keyword
 from .common import environment, markdown_table, timed, write_report
 
 __all__ = ["main", "run", "assisted_generate", "raw_greedy_loop", "random_pair"]
@@ -38,12 +39,12 @@ def raw_greedy_loop(model, input_ids, max_new_tokens):
     """The floor for plain AR: prefill + one forward per token with a DynamicCache, argmax, nothing else."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [token]
     for _ in range(max_new_tokens - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     return torch.cat([input_ids] + tokens, dim=1)

@@ -15,7 +15,23 @@ from typing import Callable
 import torch
 
 __all__ = ["MethodSpec", "NoDraft", "Proposer", "available_methods", "make_proposer", "method_spec",
-           "register_method"]
+           "pad_drafts", "register_method", "row_limits"]
+
+
+def row_limits(state, max_tokens: int) -> torch.Tensor:
+    """LongTensor [B] (CPU): the drafts each row may propose this step, from its own progress only.
+
+    ``max_tokens`` is the loop's batch-wide cap (it follows the row with the most tokens left); a row's own cap
+    is ``remaining - 1``. Proposing up to ``min(max_tokens, remaining[b] - 1)`` drafts in row ``b`` gives it the
+    window it would have alone, so a row decodes the same tokens alone as in any batch (0 for finished rows).
+    """
+    return torch.minimum(state.remaining - 1, torch.as_tensor(max_tokens)).clamp_min(0)
+
+
+def pad_drafts(drafts: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """[B, K] drafts -> the same with -1 from ``limit[b]`` on (the slots row ``b`` does not propose)."""
+    own = torch.arange(drafts.shape[1], device=drafts.device) < limit.to(drafts.device).unsqueeze(1)
+    return torch.where(own, drafts, -1)
 
 
 class Proposer(ABC):
@@ -36,7 +52,12 @@ class Proposer(ABC):
     def propose(self, state, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return drafts [B, K] (K <= max_tokens, on ``state.device``) and the rows [B, K, V] they were
         drawn from, or None when every draft is deterministic (one-hot ``q``). Continuous proposers return
-        drafts [B, K, C] and a ``GaussianDrafts``."""
+        drafts [B, K, C] and a ``GaussianDrafts``; token proposers may return a ``mmspec.tree.DraftTree`` instead
+        of the pair (several candidates per position).
+
+        Per-row reproducibility: a row proposes what it would alone (at most ``row_limits(state, max_tokens)``
+        drafts, a number that depends on that row only) and fills the rest of the batch's window with -1
+        (``pad_drafts``); every random draw over the window passes those per-row counts (``mmspec.sampling``)."""
 
     def update(self, state, result, target_rows: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """After verification: ``result`` is the ``VerifyResult``, ``target_rows`` [B, K+1, V] the target's

@@ -18,13 +18,14 @@ from typing import Callable, Dict
 import torch
 
 from ..sampling import onehot, sample_from_weights, uniform
-from ..verify import speculative_redraw
-from .base import Proposer
+from ..verify import _row, speculative_redraw
+from .base import Proposer, pad_drafts, row_limits
 
 __all__ = ["JacobiProposer", "INIT_STRATEGIES", "register_init", "random_tokens"]
 
 #: name -> fn(state, proposer, window [B, 1 + K] (anchor then drafts), fill [B, K] bool) -> tokens [B, K],
-#: or (tokens, probs [B, K, V]) when the init tokens are drawn from a distribution (else their q is one-hot)
+#: or (tokens, probs [B, K, V]) when the init tokens are drawn from a distribution (else their q is one-hot).
+#: Random draws pass ``counts=proposer.limit`` (each row's own window, see ``mmspec.sampling``).
 INIT_STRATEGIES: Dict[str, Callable] = {}
 
 
@@ -38,16 +39,16 @@ def register_init(name: str):
     return wrap
 
 
-def random_tokens(shape, low: int, high: int, generator, device) -> torch.Tensor:
-    """Uniform token ids in ``[low, high)`` from ``generator`` (one per row allowed)."""
-    u = uniform(shape, generator, device)  # (0, 1]
+def random_tokens(shape, low: int, high: int, generator, device, counts=None) -> torch.Tensor:
+    """Uniform token ids in ``[low, high)`` from ``generator`` (one per row allowed; ``counts`` as ``uniform``)."""
+    u = uniform(shape, generator, device, counts)  # (0, 1]
     return (low + ((1.0 - u) * (high - low)).floor().long()).clamp_(low, high - 1)
 
 
 @register_init("random")
 def _init_random(state, proposer, window, fill):
     low, high = proposer.token_range or (0, state.vocab_size)
-    return random_tokens(fill.shape, low, high, state.generator, window.device)
+    return random_tokens(fill.shape, low, high, state.generator, window.device, proposer.limit)
 
 
 @register_init("repeat")
@@ -130,7 +131,7 @@ def _init_sample_horizon(state, proposer, window, fill):
     rows = horizon.unsqueeze(1).expand(-1, fill.shape[1], -1)
     if state.greedy:
         return rows.argmax(-1), None
-    return sample_from_weights(rows, state.generator), rows
+    return sample_from_weights(rows, state.generator, proposer.limit), rows
 
 
 class JacobiProposer(Proposer):
@@ -156,6 +157,7 @@ class JacobiProposer(Proposer):
         self.tokens = None  # [B, K] continuing drafts (left-aligned)
         self.probs = None  # [B, K, V] their q rows (sampling only)
         self.count = None  # [B] how many of them are real predictions; the rest are filled by init
+        self.limit = None  # [B] (CPU) drafts each row proposes this step (its own window)
 
     def start(self, state):
         B, dev = state.batch_size, state.device
@@ -167,6 +169,7 @@ class JacobiProposer(Proposer):
 
     def propose(self, state, max_tokens):
         K = min(self.num_drafts, max_tokens)
+        self.limit = row_limits(state, K)
         tokens = self.tokens[:, :K]
         fill = torch.arange(K, device=tokens.device).unsqueeze(0) >= self.count.unsqueeze(1)
         window = torch.cat([self._anchor.unsqueeze(1), tokens], dim=1)
@@ -178,10 +181,10 @@ class JacobiProposer(Proposer):
             init = torch.where(forced >= 0, forced, init)
             init_probs = None if init_probs is None else torch.where(
                 (forced >= 0).unsqueeze(-1), onehot(init, state.vocab_size, init_probs.dtype), init_probs)
-        drafts = torch.where(fill, init, tokens)
+        drafts = pad_drafts(torch.where(fill, init, tokens), self.limit)
         if state.greedy:
             return drafts, None
-        q = onehot(drafts, state.vocab_size, dtype=torch.float64)
+        q = onehot(drafts.clamp_min(0), state.vocab_size, dtype=torch.float64)
         if init_probs is not None:
             q = torch.where(fill.unsqueeze(-1), init_probs.to(q.dtype), q)
         if self.probs is not None:
@@ -192,21 +195,23 @@ class JacobiProposer(Proposer):
     def update(self, state, result, target_rows, num_accepted):
         B, K1, V = target_rows.shape
         K = K1 - 1
+        limit = self.limit.to(target_rows.device)  # each row's own window: rows past it are never drawn or read
         if state.greedy:
             new = target_rows.argmax(-1)  # [B, K+1]
         else:
-            new = sample_from_weights(target_rows, state.generator)
+            new = sample_from_weights(target_rows, state.generator, self.limit + 1)
             if self.coupled and K > 0:
-                redrawn = speculative_redraw(self._proposed, self._proposed_probs, target_rows[:, :K], state.generator)
+                redrawn = speculative_redraw(self._proposed, self._proposed_probs, target_rows[:, :K], state.generator,
+                                             self.limit)
                 new = torch.cat([redrawn, new[:, K:]], dim=1)
         n = result.num_accepted
         # Position j of the next window is the slot right after the new anchor (index n) plus j.
         src = n.unsqueeze(1) + 1 + torch.arange(self.num_drafts, device=n.device)
-        have = src <= K
+        have = src <= limit.unsqueeze(1)
         src = src.clamp(max=K)
         self.tokens = new.gather(1, src)
         self.count = have.sum(-1)
         if not state.greedy:
             self.probs = target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
-        self.horizon = target_rows[:, -1]
+        self.horizon = _row(target_rows, limit)
         self._anchor = result.next_token

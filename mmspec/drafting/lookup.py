@@ -8,14 +8,15 @@ text model this choice needs fewer target forwards than either.)
 
 Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Vectorised over the batch with
 ``unfold`` on the CPU copy of the committed tokens; rows without a match get a shorter (or empty) draft,
-padded with a repeat of their last token so the batch shares one window.
+padded with -1 so the batch shares one window while each row verifies only its own drafts. A row's draft
+length cap is its own (``row_limits``), so its matches and drafts are those it would get alone.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Proposer
+from .base import Proposer, row_limits
 
 __all__ = ["LookupProposer"]
 
@@ -37,6 +38,7 @@ class LookupProposer(Proposer):
     def propose(self, state, max_tokens):
         K = min(self.num_drafts, max_tokens)
         B = state.batch_size
+        cap = row_limits(state, K).unsqueeze(1)  # [B, 1] each row's own draft length cap
         tokens, valid, end = state.tokens, state.valid, state.lengths  # CPU
         best_start = torch.full((B,), -1, dtype=torch.long)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
@@ -46,17 +48,16 @@ class LookupProposer(Proposer):
             grams = tokens.unfold(1, n, 1)  # [B, P, n], gram i covers [i, i + n)
             ok = valid.unfold(1, n, 1).all(-1) & (grams == pattern.unsqueeze(1)).all(-1)
             start = torch.arange(grams.shape[1])
-            available = (end.unsqueeze(1) - (start + n).unsqueeze(0)).clamp(max=K)  # continuation length
+            available = torch.minimum(end.unsqueeze(1) - (start + n).unsqueeze(0), cap)  # continuation length
             ok &= available > 0
             # Longest continuation first, then the latest start: one argmax over a combined score.
             score = torch.where(ok, available * grams.shape[1] + start.unsqueeze(0), -1).max(-1)
             found = (score.values >= 0) & (best_start < 0)
             best_start = torch.where(found, score.indices + n, best_start)  # index of the first proposed token
-        length = torch.where(best_start >= 0, (end - best_start).clamp(max=K), 0)
+        length = torch.where(best_start >= 0, torch.minimum(end - best_start, cap[:, 0]), 0)
         length = torch.where(state.active, length, 0)
         K = int(length.max()) if K > 0 else 0
         idx = best_start.clamp_min(0).unsqueeze(1) + torch.arange(K)
         drafts = tokens.gather(1, idx.clamp(max=tokens.shape[1] - 1))
-        filler = state.last_tokens(1).expand(B, K)
-        drafts = torch.where(torch.arange(K) < length.unsqueeze(1), drafts, filler)
+        drafts = torch.where(torch.arange(K) < length.unsqueeze(1), drafts, -1)
         return drafts.to(state.device), None

@@ -14,7 +14,7 @@ import torch
 
 from ..models.causal_lm import CausalLM
 from ..sampling import sample_from_weights
-from .base import Proposer
+from .base import Proposer, row_limits
 
 __all__ = ["DraftModelProposer"]
 
@@ -25,11 +25,14 @@ class DraftModelProposer(Proposer):
     Args:
         draft_model: a transformers causal LM with the target's vocabulary.
         num_drafts: drafts per step (the starting value when ``adaptive``).
-        adaptive: grow the draft length by 2 when every active row accepted all drafts, else shrink it to
+        adaptive: per row, grow the draft length by 2 when the row accepted all its drafts, else shrink it to
             ``max(1, n - 1)`` (transformers' "heuristic" schedule), capped at ``max_drafts``.
         max_drafts: the cap for ``adaptive`` (defaults to ``num_drafts``).
-        confidence: stop drafting early once the draft's top probability falls under this value in every
-            active row (costs a host sync per draft token), None to disable.
+        confidence: a row stops drafting once the draft's top probability falls under this value (the token
+            drawn from that row is kept); drafting stops when every active row has (a host sync per draft
+            token), None to disable.
+
+    Every choice is per row (draft length, stop), so a row drafts alone what it drafts in any batch.
         prefill_kwargs: extra arguments for the draft adapter's prefill (e.g. unconditional prompts).
 
     ``draft_model`` may also be an adapter (``CausalLM``, ``GuidedLM``) so that image drafters get the same
@@ -55,10 +58,12 @@ class DraftModelProposer(Proposer):
         self.draft_forwards += 1
         self._pending = state.last_tokens(1).to(state.device)  # [B, P] right-aligned
         self._pending_valid = torch.ones(state.batch_size, 1, dtype=torch.bool)
-        self._k = self.num_drafts
+        self._k = torch.full((state.batch_size,), self.num_drafts, dtype=torch.long)  # per-row draft length
 
-    def _draft_rows(self, state, logits, drafts):
-        """Draft logits [B, V] -> (token [B], q [B, V] or None) through the target's pipeline."""
+    def _draft_rows(self, state, logits, drafts, draws):
+        """Draft logits [B, V] -> (token [B], q [B, V] or None, rows for the confidence stop) through the
+        target's pipeline. ``draws`` [B] (0/1): the rows that draft this token (per-row generators draw only
+        for them)."""
         pipe = state.pipeline
         if pipe.processors:
             window = torch.stack(drafts, 1) if drafts else None
@@ -66,11 +71,12 @@ class DraftModelProposer(Proposer):
         if state.greedy:
             return logits.argmax(-1), None, logits.softmax(-1) if self.confidence else None
         q = pipe.probs(logits)
-        return sample_from_weights(q, state.generator), q, q
+        return sample_from_weights(q.unsqueeze(1), state.generator, draws)[:, 0], q, q
 
     def propose(self, state, max_tokens):
-        K = min(self._k, max_tokens)
         B, dev = state.batch_size, state.device
+        limit = torch.minimum(row_limits(state, max_tokens), self._k)  # [B] CPU, each row's own draft length
+        K = int(limit.max())
         if K <= 0:
             return torch.empty(B, 0, dtype=torch.long, device=dev), None
         self.lm.checkpoint()
@@ -86,17 +92,22 @@ class DraftModelProposer(Proposer):
         self.draft_forwards += 1
         drafts, probs = [], []
         while True:
-            token, q, conf = self._draft_rows(state, logits, drafts)
+            i = len(drafts)
+            token, q, conf = self._draft_rows(state, logits, drafts, (i < limit).long())
             drafts.append(token)
             probs.append(q)
-            if len(drafts) == K:
-                break
-            if self.confidence is not None and bool((conf.max(-1).values[active.to(dev)] < self.confidence).all()):
+            if self.confidence is not None:  # a row whose draft is unsure stops after this token
+                unsure = (conf.max(-1).values < self.confidence).cpu()
+                limit = torch.where(unsure & (limit > i + 1), i + 1, limit)
+            if not bool((limit > i + 1).any()):
                 break
             logits = self.lm.forward(token.unsqueeze(1).to(self._device), active.unsqueeze(1))[:, -1].to(dev)
             self.draft_forwards += 1
-        self._drafted = torch.stack(drafts, 1)
-        return self._drafted, None if state.greedy else torch.stack(probs, 1)
+        self._limit = limit
+        drafted = torch.stack(drafts, 1)
+        self._drafted = drafted.clamp_min(0)
+        own = torch.arange(drafted.shape[1]) < limit.unsqueeze(1)
+        return torch.where(own.to(dev), drafted, -1), None if state.greedy else torch.stack(probs, 1)
 
     def update(self, state, result, target_rows, num_accepted):
         K = target_rows.shape[1] - 1
@@ -106,13 +117,13 @@ class DraftModelProposer(Proposer):
             self._pending = torch.cat([self._pending, result.next_token.unsqueeze(1)], dim=1)
             self._pending_valid = torch.cat([self._pending_valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)
             return
-        # The draft cache holds the pending block and drafts x_1..x_{K-1}; keep the accepted ones.
+        # The draft cache holds the pending block and drafts x_1..x_{K-1} (a row's slots after its own drafts
+        # hold placeholders, never accepted); keep the accepted ones.
         self.lm.rollback(self._fed_pending + num_accepted.clamp(max=K - 1))
         all_accepted = num_accepted == K
         self._pending = torch.stack([self._drafted[:, -1], result.next_token], dim=1)
         self._pending_valid = torch.stack([all_accepted, torch.ones(B, dtype=torch.bool)], dim=1)
-        if self.adaptive:
-            if bool(all_accepted[self._active].all()):
-                self._k = min(self._k + 2, self.max_drafts)
-            else:
-                self._k = max(1, self._k - 1)
+        if self.adaptive:  # per row: a row's schedule depends on its own acceptances only
+            full = num_accepted >= self._limit
+            k = torch.where(full, (self._k + 2).clamp(max=self.max_drafts), (self._k - 1).clamp(min=1))
+            self._k = torch.where(self._active, k, self._k)

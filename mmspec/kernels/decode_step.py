@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..drafting.base import Proposer
-from ..verify import VerifyResult
+from .. import acceptance as _acceptance
+from ..sampling import per_row
+from ..verify import VerifyResult, _pack, _row, num_drafts
 from .dispatch import resolve_backend, verify_from_logits
 from .request import draw_noise, fusable
 
@@ -37,17 +39,28 @@ class FusedVerifier:
     def __call__(self, drafts, draft_probs, logits, generator):
         B, K = drafts.shape
         p = self.pipeline
+        # Rows proposing fewer than K drafts pad them with -1 (see ``mmspec.verify``). The kernels verify full
+        # windows, so they get a placeholder there; a row that accepts all its own drafts then takes the bonus
+        # draw from the row after them (same E), exactly what ``verify`` emits.
+        own = num_drafts(drafts)  # [B]
+        fed = drafts.clamp_min(0)
         if self.greedy:
-            out = verify_from_logits(drafts, None, logits, greedy=True, backend="triton")
+            out = verify_from_logits(fed, None, logits, greedy=True, backend="triton")
             rows = logits
+            bonus = _row(logits, own).argmax(-1)
         else:
-            u, E = draw_noise(B, K, logits.shape[-1], generator, logits.device)
-            out = verify_from_logits(drafts, draft_probs, logits, temperature=p.temperature, top_k=p.top_k,
+            counts = own.cpu() if per_row(generator) else None
+            u, E = draw_noise(B, K, logits.shape[-1], generator, logits.device, counts)
+            out = verify_from_logits(fed, draft_probs, logits, temperature=p.temperature, top_k=p.top_k,
                                      top_p=p.top_p, u=u, E=E, criterion=self.criterion,
                                      return_probs=self.need_rows, backend="triton")
             rows = out.target_probs
-        accepted = torch.arange(K, device=drafts.device) < out.num_accepted.unsqueeze(1)
-        return VerifyResult(out.num_accepted, out.tokens, out.next_token, accepted), rows
+            bonus = (p.probs(_row(logits, own)).to(torch.float64) / E).argmax(-1)
+        cut = (out.num_accepted >= own) & (own < K)
+        num_accepted = torch.minimum(out.num_accepted, own)
+        next_token = torch.where(cut, bonus, out.next_token)
+        accepted = torch.arange(K, device=drafts.device) < num_accepted.unsqueeze(1)
+        return VerifyResult(num_accepted, _pack(drafts, num_accepted, next_token), next_token, accepted), rows
 
 
 def fused_verifier(kernels: str, pipeline, criterion, proposer: Proposer, device) -> FusedVerifier | None:
@@ -65,6 +78,9 @@ def fused_verifier(kernels: str, pipeline, criterion, proposer: Proposer, device
         return None
     greedy = not pipeline.do_sample
     if not greedy and not fusable(criterion):
+        return None
+    crit = _acceptance.get(criterion)
+    if greedy and type(crit).greedy_accept is not _acceptance.Criterion.greedy_accept:  # e.g. greedy LANTERN
         return None
     need_rows = type(proposer).update is not Proposer.update
     return FusedVerifier(pipeline, criterion, greedy, need_rows)

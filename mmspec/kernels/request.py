@@ -81,12 +81,13 @@ def guided_logits(target_logits, uncond_logits=None, guidance_scale=None):
     return unc + guidance_scale * (target_logits.to(dtype) - unc)
 
 
-def draw_noise(batch: int, window: int, vocab_size: int, generator: Generator = None, device=None):
+def draw_noise(batch: int, window: int, vocab_size: int, generator: Generator = None, device=None, counts=None):
     """The noise ``mmspec.verify`` draws for one sampled step, in its order: ``u`` [B, K] then ``E`` [B, V].
 
-    Feeding these to ``verify_from_logits`` reproduces ``verify`` with the same generator exactly.
+    Feeding these to ``verify_from_logits`` reproduces ``verify`` with the same generator exactly. ``counts`` [B]:
+    each row's own drafts, when some rows propose fewer than K (per-row generators draw only those, as ``verify``).
     """
-    u = uniform((batch, window), generator, device)
+    u = uniform((batch, window), generator, device, counts)
     E = exponential((batch, vocab_size), generator, device)
     return u, E
 

@@ -16,6 +16,8 @@ import inspect
 
 import torch
 
+from .compat import cache_keyword, output_cache
+
 __all__ = ["CausalLM", "RollbackError", "input_device", "vocab_size_of"]
 
 
@@ -142,9 +144,10 @@ class CausalLM:
     def call_model(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs):
         """One forward of the wrapped model -> (logits [B, L, V], cache). Families with quirks (separate
         image-token embeddings or heads, condition embeddings) override this and nothing else."""
+        kwargs[cache_keyword(self.model)] = past_key_values
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=True, return_dict=True, **kwargs)
-        return out.logits, out.past_key_values
+                         use_cache=True, return_dict=True, **kwargs)
+        return out.logits, output_cache(out)
 
     def checkpoint(self) -> None:
         """Mark the cache length; ``rollback`` then keeps a per-row number of tokens added since."""

@@ -66,6 +66,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from .causal_lm import CausalLM
+from .compat import cache_keyword, output_cache
 from .families import ImageFamily, PrefillInputs, left_pad_batch, register_family
 from .image_tokens import ImageLayout
 
@@ -178,12 +179,13 @@ class ChameleonLM(CausalLM):
 
     def call_model(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=0,
                    cache_position=None, **kwargs):
+        kwargs[cache_keyword(self.model.model)] = past_key_values
         out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=True, **kwargs)
+                               use_cache=True, **kwargs)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.model.lm_head(hidden), out.past_key_values
+        return self.model.lm_head(hidden), output_cache(out)
 
 
 # ------------------------------------------------------------------------------------------------------

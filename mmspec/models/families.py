@@ -16,6 +16,7 @@ import torch
 
 from .causal_lm import CausalLM
 from .image_tokens import ImageLayout
+from .vocab import warn_unknown_words
 
 __all__ = ["ImageFamily", "JointVocabFamily", "register_family", "family_for", "FAMILIES", "PrefillInputs"]
 
@@ -110,6 +111,7 @@ class JointVocabFamily(ImageFamily):
         if self.tokenizer is None:
             raise ValueError("this model is text-conditioned: the pipeline needs a `tokenizer`.")
         boi = self.model.config.boi_token_id
+        warn_unknown_words(self.tokenizer, texts)
         enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         return left_pad_batch([list(e) + [boi] for e in enc])
 

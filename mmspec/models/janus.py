@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .causal_lm import CausalLM
+from .compat import cache_keyword, output_cache
 from .families import ImageFamily, PrefillInputs, left_pad_batch, register_family
 from .image_tokens import ImageLayout
 
@@ -93,13 +94,14 @@ class JanusLM(CausalLM):
             # Block slots that are not valid (holes) may hold any value; keep the lookup in range.
             codes = input_ids.clamp(0, self.vocab_size - 1)
             embeds = model.prepare_embeddings_for_image_generation(codes)
-        out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                         position_ids=position_ids, past_key_values=past_key_values,
-                                         use_cache=True, return_dict=True, **kwargs)
+        lm = model.model.language_model
+        kwargs[cache_keyword(lm)] = past_key_values
+        out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 return_dict=True, **kwargs)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return model.model.generation_head(hidden), out.past_key_values
+        return model.model.generation_head(hidden), output_cache(out)
 
 
 def janus_special_ids(model, tokenizer=None) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .causal_lm import CausalLM
+from .compat import cache_keyword, output_cache
 from .families import ImageFamily, PrefillInputs, register_family
 from .image_tokens import ImageLayout
 from .llamagen import LlamaGenGPT
@@ -89,9 +90,10 @@ class LlamaGenLM(CausalLM):
             # with the most tokens left); their logits are never committed, so they reuse the last rotary row.
             position_ids = position_ids + self._masked_prefix.to(position_ids.device).unsqueeze(1)
             position_ids = position_ids.clamp(max=self._last_position)
+        kwargs[cache_keyword(self.model)] = past_key_values
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=True, **kwargs)
-        return out.logits, out.past_key_values
+                         use_cache=True, **kwargs)
+        return out.logits, output_cache(out)
 
 
 @register_family

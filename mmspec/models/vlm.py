@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .causal_lm import CausalLM, RollbackError, _check_cache
+from .compat import output_cache
 
 __all__ = ["VisionLM", "is_vision_language_model", "adapter_for"]
 
@@ -71,7 +72,7 @@ class VisionLM(CausalLM):
             inputs["logits_to_keep"] = 1
         inputs.update(use_cache=True, return_dict=True)
         out = model(**inputs)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         _check_cache(self.cache)
         seq_len = self.cache.get_seq_length()
         if seq_len != mask.shape[1]:

@@ -24,6 +24,8 @@ from ..decoding import GenerationStats
 from ..checks import resolve_method
 from ..drafting import method_spec
 from ..generation import generate
+from ..models.vocab import warn_unknown_words
+from ..progress import quiet_loading
 
 _LOAD_LOCK = threading.RLock()
 __all__ = ["CaptionPipeline", "CaptionOutput", "load_image", "merge_stats", "DEFAULT_PROMPT"]
@@ -180,6 +182,7 @@ class CaptionPipeline:
             return cls._from_pretrained(path, draft, device, dtype, **kwargs)
 
     @classmethod
+    @quiet_loading
     def _from_pretrained(cls, path, draft, device, dtype, **kwargs):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
@@ -243,6 +246,8 @@ class CaptionPipeline:
         """Processor outputs for a batch (left padded), floats in the model's dtype, on its device."""
         texts = [self.format_prompt(prompt)] * len(images)
         tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            warn_unknown_words(tokenizer, [prompt])
         if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
             tokenizer.padding_side = "left"  # mmspec.generate (like generate for decoder-only models) needs left padding
         inputs = self.processor(images=[[im] for im in images], text=texts, padding=True, return_tensors="pt")
@@ -276,7 +281,8 @@ class CaptionPipeline:
                 the same argument under ``mmspec.generate``'s name.
             batch_size: images per ``mmspec.generate`` call.
             generator: ``torch.Generator`` for sampling (``do_sample=True`` in ``generate_kwargs``).
-            progress: tqdm bar over batches; None shows it when there is more than one batch.
+            progress: tqdm bar over batches; None shows it when there is more than one batch and the output
+                is a terminal.
             window: tokens verified per target forward (default: the pipeline's, else the method's).
             **generate_kwargs: passed to ``mmspec.generate`` (``do_sample``, ``temperature``, ``acceptance``,
                 ``eos_token_id``, ...).
@@ -305,8 +311,9 @@ class CaptionPipeline:
             kwargs["draft_model"] = self.draft_model
 
         chunks = [pil[i : i + batch_size] for i in range(0, len(pil), batch_size)]
-        show = len(chunks) > 1 if progress is None else progress
-        config = {"desc": "captions", "disable": not show, **self._progress_config}
+        # None: a bar for several batches, on a terminal only (tqdm's disable=None); True/False: as asked
+        disable = (None if len(chunks) > 1 else True) if progress is None else not progress
+        config = {"desc": "captions", "disable": disable, **self._progress_config}
         sequences, parts = [], []
         for chunk in tqdm(chunks, **config):
             inputs = self.prepare_inputs(chunk, prompt)

@@ -16,6 +16,7 @@ from ..checks import check_choice, check_decoding, check_generator, check_int, r
 from ..continuous import decode_continuous
 from ..decoding import GenerationStats
 from ..drafting import available_methods
+from ..progress import TerminalProgressMixin, quiet_loading
 from ..models.mar import ContinuousARModel, DDPMTrajectory, MARRunner, tokens_to_latents
 
 __all__ = ["SpeculativeContinuousPipeline", "SpeculativeContinuousPipelineOutput", "DECODINGS"]
@@ -44,7 +45,7 @@ class SpeculativeContinuousPipelineOutput(BaseOutput):
     acceptance_rate: Optional[float] = None
 
 
-class SpeculativeContinuousPipeline(DiffusionPipeline):
+class SpeculativeContinuousPipeline(TerminalProgressMixin, DiffusionPipeline):
     """Generate images with a continuous autoregressive model (:class:`~mmspec.models.mar.ContinuousARModel`).
 
     Components:
@@ -74,6 +75,7 @@ class SpeculativeContinuousPipeline(DiffusionPipeline):
             json.dump(index, fh, indent=2, sort_keys=True)
 
     @classmethod
+    @quiet_loading
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a folder written by ``save_pretrained`` (each component with its own ``from_pretrained``)."""
         import importlib
@@ -99,6 +101,7 @@ class SpeculativeContinuousPipeline(DiffusionPipeline):
         return cls(class_names=class_names, **components)
 
     @classmethod
+    @quiet_loading
     def from_zoo(cls, device="cpu", dtype=torch.float32, with_draft: bool = True):
         """The bundled continuous models (``mmspec/zoo/weights/mar_*``, see ``mmspec/zoo/cards/mar.md``):
         returns ``(pipeline, draft_model or None)``; classes are the scene's background colour (``COLOURS``)."""

@@ -17,6 +17,7 @@ from ..drafting import available_methods, make_proposer
 from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
+from ..progress import TerminalProgressMixin, quiet_loading
 from ..sampling import LogitsPipeline
 
 __all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "DECODINGS"]
@@ -53,7 +54,7 @@ def _as_list(x, name):
     raise ValueError(f"`{name}` must be a string or a list of strings, got {type(x).__name__}.")
 
 
-class SpeculativeImagePipeline(DiffusionPipeline):
+class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
     """Generate images with an autoregressive image-token model, decoded speculatively.
 
     Components:

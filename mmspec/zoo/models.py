@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..progress import quiet_loading
 from . import hub
 
 __all__ = [
@@ -28,6 +29,7 @@ def _folder(name: str) -> Path:
     return path
 
 
+@quiet_loading
 def load_token_model(name: str = T2I_TARGET, device="cpu", dtype=torch.float32):
     """A bundled transformers causal LM (stored in fp16) and its tokenizer, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +82,7 @@ def text_prompts(tokenizer, batch_size: int, prompt_len: int, seed: int = 0) -> 
     return torch.tensor(rows, dtype=torch.long)
 
 
+@quiet_loading
 def load_c2i_pipeline(device="cpu", dtype=torch.float32):
     """The bundled class-conditional LlamaGen model on natural crops with the zoo VQ, as a pipeline.
 
@@ -95,6 +98,7 @@ def load_c2i_pipeline(device="cpu", dtype=torch.float32):
     return SpeculativeImagePipeline(model=model, vq=vq)
 
 
+@quiet_loading
 def load_caption_pipeline(device="cpu", dtype=torch.float32, with_draft: bool = True, decoding: str = "lookup"):
     """The bundled captioner (a tiny LLaVA trained on the zoo scenes) as a ``CaptionPipeline``; see
     :func:`mmspec.zoo.recipes.captioner.load_caption_pipeline`."""
@@ -103,6 +107,7 @@ def load_caption_pipeline(device="cpu", dtype=torch.float32, with_draft: bool = 
     return load(device=device, dtype=dtype, with_draft=with_draft, decoding=decoding)
 
 
+@quiet_loading
 def load_video_pipeline(device="cpu", dtype=torch.float32):
     """The bundled caption-to-video token model (8 frames of 8x8 codes) as a ``SpeculativeVideoPipeline``."""
     from .recipes.video import load_video_pipeline as load

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks the base class up in this module)
 
+from ..compat import make_output
 from .config import GPT_PRESETS, DataclassConfigModel, LlamaGenConfig, _make_config
 from .layers import CaptionEmbedder, LabelEmbedder, RMSNorm, TransformerBlock, _compute_dtype, precompute_freqs_cis_2d
 
@@ -326,8 +327,8 @@ class LlamaGenGPT(DataclassConfigModel):
             loss = F.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(), ignore_index=-100)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values,
+        return make_output(
+            CausalLMOutputWithPast,             loss=loss, logits=logits, past_key_values=past_key_values,
             hidden_states=tuple(hidden) if hidden is not None else None,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..compat import output_cache
 from .gpt import LlamaGenGPT
 
 __all__ = ["top_k_top_p_filtering", "llamagen_sample", "llamagen_generate"]
@@ -122,7 +123,7 @@ def llamagen_generate(
         return u + (c - u) * cfg_scale if use_cfg else c
 
     out = model(cond=cond_all, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     token = llamagen_sample(guided(out.logits[:, -1], True), **kw)[0]  # [B, 1]
     tokens = [token]
     for i in range(max_new_tokens - 1):
