@@ -133,7 +133,10 @@ def _image(argv):
                    "a vertically striped blue background'")
     p.add_argument("-o", "--output", default="image.png",
                    help="output PNG (several images: a grid, plus one file per image next to it)")
-    p.add_argument("--decoding", choices=["jacobi", "draft", "ar"], default="jacobi", help="decoding method")
+    from .drafting import available_methods, method_spec
+
+    p.add_argument("--method", "--decoding", dest="decoding", choices=available_methods(), default="jacobi",
+                   help="decoding method (--decoding is an alias)")
     p.add_argument("--init", choices=sorted(INIT_STRATEGIES), default="vertical",
                    help="Jacobi init for new window slots")
     p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
@@ -169,18 +172,18 @@ def _image(argv):
 
     from .zoo.models import load_image_pipeline
 
-    pipe, draft = load_image_pipeline(device=args.device, with_draft=args.decoding == "draft")
+    pipe, draft = load_image_pipeline(device=args.device, with_draft=method_spec(args.decoding).needs_draft)
     common = dict(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                   num_images_per_prompt=args.num_images, output_type="pt")
     kw = dict(window=args.window, acceptance=args.acceptance)
     if args.decoding == "jacobi":
         kw.update(init=args.init, coupled=args.coupled)
-    elif args.decoding == "draft":
+    if draft is not None:
         kw.update(draft_model=draft)
 
     def run(decoding):
         extra = kw if decoding == args.decoding and decoding != "ar" else {}
-        return pipe(args.prompt, decoding=decoding, generator=torch.Generator().manual_seed(args.seed), **common,
+        return pipe(args.prompt, method=decoding, generator=torch.Generator().manual_seed(args.seed), **common,
                     **extra)
 
     if args.compare:
@@ -215,8 +218,10 @@ def _text(argv):
         formatter_class=_HelpFormatter,
     )
     p.add_argument("prompt", nargs="+", help="one or more prompts (a batch), e.g. 'def fibonacci(n):'")
-    p.add_argument("--decoding", choices=["draft", "lookup", "jacobi", "ar"], default="draft",
-                   help="decoding method (draft: the bundled draft model)")
+    from .drafting import available_methods, method_spec
+
+    p.add_argument("--method", "--decoding", dest="decoding", choices=available_methods(), default="draft",
+                   help="decoding method (draft: the bundled draft model; --decoding is an alias)")
     p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
@@ -250,9 +255,9 @@ def _text(argv):
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
 
     def run(method):
-        kw = dict(draft_model=draft) if method == "draft" else {}
-        if method != "ar" and args.window is not None:
-            kw["window"] = args.window
+        kw = dict(draft_model=draft) if method_spec(method).needs_draft else {}
+        if args.window is not None:
+            kw["window"] = args.window  # methods with a fixed window (ar) ignore it
         return generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
                         method=method, generator=torch.Generator().manual_seed(args.seed), **sampling, **kw)
 

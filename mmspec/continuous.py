@@ -1,29 +1,93 @@
-"""The decoding loop for continuous tokens (MAR-style models with a diffusion head).
+"""Continuous tokens (MAR-style models with a diffusion head) through the one decoding loop.
 
-    prefill -> repeat { draft K tokens -> one target forward -> verify -> commit, roll back } -> output
+    prefill -> repeat { draft K tokens -> one target forward -> verify -> commit -> roll back } -> output
 
-The same loop as :func:`mmspec.decoding.decode`, with continuous tokens: a draft model proposes K tokens, each
-from its own diffusion chain started from trajectory noise drawn once per token; the target conditions all K+1
-positions in one transformer forward and runs its own chains from the same noise; the continuous criterion
-(:mod:`mmspec.acceptance.continuous`, which documents why the output is exactly the target's) accepts a
-prefix per row; both models' caches roll back to it. Rows accept different numbers of drafts and simply sit
-at different cache lengths (:class:`mmspec.models.mar.MARRunner`). Host-side bookkeeping (committed counts)
-is updated from one device -> host copy per step. ``GenerationStats`` counts tokens as in the token loop: the
-prefill forward emits the first token, so ``step_compression`` of plain AR is exactly 1.
+``ContinuousState`` is ``mmspec.decoding.DecodeState`` with vectors instead of ids: the target's outputs are
+conditions, turned into the Gaussian means of each token's last diffusion step by the target's own chains (started
+from trajectory noise shared with the drafter), and verified by the continuous criterion
+(``mmspec.acceptance.continuous``, which documents why the output is exactly the target's). Drafting is
+``mmspec.drafting.ContinuousDraftProposer``; plain AR is ``NoDraft``. Rows accept different numbers of drafts and
+simply sit at different cache lengths (``mmspec.models.mar.MARRunner``). ``GenerationStats`` counts tokens as for
+ids: the prefill forward emits the first token, so ``step_compression`` of plain AR is exactly 1.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
-from tqdm.auto import tqdm
 
-from .acceptance.continuous import get_continuous, normal, verify_continuous
-from .decoding import GenerationStats
+from .acceptance import get as get_criterion
+from .acceptance.continuous import normal, verify_continuous
+from .decoding import GenerationStats, State, decode
+from .drafting import make_proposer
 from .models.mar import DDPMTrajectory, MARRunner
 
-__all__ = ["decode_continuous"]
+__all__ = ["ContinuousState", "decode_continuous"]
+
+
+class ContinuousState(State):
+    """Committed continuous tokens and per-row progress.
+
+    Attributes:
+        tokens: float64 [B, N, C] on ``device``: each row's committed tokens, zeros after them.
+        num_new, active: LongTensor / BoolTensor [B] (CPU), as in ``DecodeState``.
+        token_dim: C.
+        trajectory: the target's token sampler (``DDPMTrajectory``: steps, temperature, last-step scale).
+        prompt: ``(class_labels [B],)``, the target's prefill argument.
+    """
+
+    prompt_length = 0  # tokens has no prompt part
+    greedy = False
+
+    def __init__(self, class_labels: torch.Tensor, num_tokens: int, token_dim: int, trajectory: DDPMTrajectory,
+                 generator, device):
+        B = class_labels.shape[0]
+        self.batch_size, self.max_new_tokens, self.token_dim = B, num_tokens, token_dim
+        self.trajectory, self.generator, self.device = trajectory, generator, torch.device(device)
+        self.prompt = (class_labels.to(device),)
+        self.tokens = torch.zeros(B, num_tokens, token_dim, dtype=torch.float64, device=device)
+        self.num_new = torch.zeros(B, dtype=torch.long)
+        self.active = torch.full((B,), num_tokens > 0, dtype=torch.bool)
+
+    def drafts_per_row(self, K: int) -> torch.Tensor:
+        """LongTensor [B]: drafts of a K-draft step that fit each row's remaining tokens (0 for finished rows)."""
+        return torch.where(self.active, (self.remaining - 1).clamp(min=0, max=K), 0)
+
+    def no_drafts(self):
+        return torch.zeros(self.batch_size, 0, self.token_dim, dtype=torch.float64, device=self.device)
+
+    def block(self, drafts):
+        K = drafts.shape[1]
+        valid = self.active.view(-1, 1) & (torch.arange(K + 1) <= self.drafts_per_row(K).view(-1, 1))
+        return torch.cat([self.anchor.unsqueeze(1), drafts], dim=1), valid  # [B, K+1, C], [B, K+1]
+
+    def verifier(self, target, proposer, criterion, kernels):
+        """The target's chains from the drafts' trajectory noise -> means ``mu_p`` -> ``verify_continuous``."""
+        criterion = get_criterion(criterion, kind="continuous")
+        traj, s_p, gen = self.trajectory, self.trajectory.last_scale, self.generator
+
+        def step(drafts, q, z):  # [B, K, C], GaussianDrafts or None, conditions [B, K+1, G, D]
+            B, L, C = self.batch_size, z.shape[1], self.token_dim
+            noise = q.trajectory if q is not None else normal((B, L, traj.num_steps + 1, C), gen, self.device)
+            mu_p = traj.last_mean(target.eps_fn(z.flatten(0, 1)), noise.flatten(0, 1)).view(B, L, C)
+            if q is None:  # no drafter (the prefill, plain AR): K = 0
+                return verify_continuous(drafts, drafts, drafts, s_p, mu_p, s_p, noise[:, :, -1], criterion,
+                                         gen), mu_p
+            return verify_continuous(drafts, q.noise, q.mean, q.scale, mu_p, s_p, noise[:, :, -1], criterion, gen,
+                                     num_drafts=q.num_drafts), mu_p
+
+        return step
+
+    def commit(self, result):
+        num_accepted = result.num_accepted.cpu()  # the one device -> host sync of the step
+        B, L = result.tokens.shape[:2]
+        count = torch.minimum(num_accepted + 1, self.remaining)  # 0 for finished rows
+        rows, cols = (torch.arange(L) < count.view(B, 1)).nonzero(as_tuple=True)
+        dev = self.device
+        self.tokens[rows.to(dev), (self.num_new[rows] + cols).to(dev)] = result.tokens[rows.to(dev), cols.to(dev)]
+        self.num_new += count
+        self.active &= self.num_new < self.max_new_tokens
+        self.anchor = result.next_token
+        return num_accepted
 
 
 def _check_trajectories(target_traj, draft_traj):
@@ -32,7 +96,6 @@ def _check_trajectories(target_traj, draft_traj):
             raise TypeError(f"`{name}` must be a mmspec.models.mar.DDPMTrajectory, got {type(t).__name__}.")
 
 
-@torch.no_grad()
 def decode_continuous(
     target: MARRunner,
     class_labels: torch.Tensor,
@@ -49,6 +112,8 @@ def decode_continuous(
 ) -> tuple[torch.Tensor, GenerationStats, dict]:
     """Generate ``target.num_tokens`` continuous tokens per row, speculatively when a ``draft`` is given.
 
+    Builds a ``ContinuousState`` and the proposer and runs ``mmspec.decoding.decode``.
+
     Args:
         target: the target adapter (``MARRunner``), with its guidance scale.
         class_labels: LongTensor [B].
@@ -62,7 +127,7 @@ def decode_continuous(
             residual) comes from it.
         align: share the trajectory noise between draft and target (trajectory alignment). False gives the
             draft independent noise: still exact, lower acceptance (for comparison).
-        callback: ``callback(step, tokens [B, N, C], num_new [B])`` after every commit.
+        callback: ``callback(step, state)`` after every commit (``state.tokens`` [B, N, C], ``state.num_new``).
 
     Returns:
         tokens [B, N, C] (float32), ``GenerationStats``, and a dict with ``proposed`` / ``accepted`` draft counts
@@ -78,110 +143,14 @@ def decode_continuous(
     if draft is not None and draft.num_tokens != target.num_tokens:
         raise ValueError(f"the draft makes {draft.num_tokens} tokens per sample, the target {target.num_tokens}.")
     class_labels = torch.as_tensor(class_labels).reshape(-1).long()
-    crit = get_continuous(criterion)
+    crit = get_criterion(criterion, kind="continuous")
     draft_trajectory = draft_trajectory or trajectory
-    if draft is None:
-        window = 1
-
-    t0 = time.perf_counter()
-    B, N, C = class_labels.shape[0], target.num_tokens, target.token_dim
-    dev = target.device
-    steps = max(trajectory.num_steps, draft_trajectory.num_steps) + 1
-    s_p, s_q = trajectory.last_scale, draft_trajectory.last_scale
-    tokens = torch.zeros(B, N, C, dtype=torch.float64, device=dev)
-    num_new = torch.zeros(B, dtype=torch.long)
-    row_forwards = torch.zeros(B, dtype=torch.long)
-    stats = GenerationStats(accepted_histogram=[0] * window)
-    counts = {"proposed": 0, "accepted": 0}
-    bar = tqdm(total=N, disable=not progress, desc="tokens", leave=False)
-
-    def target_means(z, noise):
-        """z [B, L, G, D], noise [B, L, steps, C] -> mu_p [B, L, C] (float64)."""
-        L = z.shape[1]
-        fn = target.eps_fn(z.flatten(0, 1))
-        return trajectory.last_mean(fn, noise.flatten(0, 1)).view(B, L, C)
-
-    # prefill: the first token is a plain draw from the target
-    z0 = target.prefill(class_labels.to(dev))
-    stats.target_forwards += 1
-    row_forwards += 1
-    noise = normal((B, 1, steps, C), generator, dev)
-    tokens[:, 0] = target_means(z0.unsqueeze(1), noise)[:, 0] + s_p * noise[:, 0, -1]
-    num_new += 1
-    anchor = tokens[:, 0]
-    if draft is not None:
-        draft.prefill(class_labels.to(dev))
-        stats.draft_forwards += 1
-        draft_fed = torch.zeros(B, dtype=torch.long)  # committed tokens the draft has seen
-    if callback is not None:
-        callback(0, tokens.float(), num_new.clone())
-    bar.update(1)
-
-    while bool((num_new < N).any()):
-        active = num_new < N
-        remaining = torch.where(active, N - num_new, 0)
-        K = max(0, min(window - 1, int(remaining.max()) - 1))
-        real = torch.where(active, (remaining - 1).clamp(min=0, max=K), 0)  # real drafts per row [B]
-        noise = normal((B, K + 1, steps, C), generator, dev)
-        draft_noise = normal((B, K + 1, steps, C), generator, dev) if (K and not align) else noise
-
-        drafts = torch.zeros(B, K, C, dtype=torch.float64, device=dev)
-        mu_q = torch.zeros(B, K, C, dtype=torch.float64, device=dev)
-        if K:
-            # feed the committed tokens the draft has not seen (1, or 2 after a full acceptance), then draft
-            draft.checkpoint()
-            pending = torch.where(active, num_new - draft_fed, 0)
-            P = int(pending.max())
-            idx = (draft_fed.view(B, 1) + torch.arange(P)).clamp(max=N - 1).to(dev)
-            block = tokens.gather(1, idx.unsqueeze(-1).expand(B, P, C))
-            valid = torch.arange(P) < pending.view(B, 1)
-            zq = draft.forward(block, valid)
-            last = (pending - 1).clamp(min=0).to(dev)
-            z = zq[torch.arange(B, device=dev), last]  # [B, G, D]: condition of the first draft
-            stats.draft_forwards += 1
-            for j in range(K):
-                if j:
-                    z = draft.forward(drafts[:, j - 1 : j], (j < real).view(B, 1))[:, 0]
-                    stats.draft_forwards += 1
-                mu_q[:, j] = draft_trajectory.last_mean(draft.eps_fn(z), draft_noise[:, j])
-                drafts[:, j] = mu_q[:, j] + s_q * draft_noise[:, j, -1]
-
-        block = torch.cat([anchor.unsqueeze(1), drafts], dim=1)
-        valid = active.view(B, 1) & (torch.arange(K + 1) <= real.view(B, 1))
-        target.checkpoint()
-        zp = target.forward(block, valid)
-        stats.target_forwards += 1
-        row_forwards += active
-        mu_p = target_means(zp, noise)
-        result = verify_continuous(drafts, draft_noise[:, :K, -1], mu_q, s_q, mu_p, s_p, noise[:, :, -1], crit,
-                                   generator, num_drafts=real.to(dev))
-        num_accepted = result.num_accepted.cpu()  # the one device -> host sync of the step
-        count = torch.where(active, torch.minimum(num_accepted + 1, remaining), 0)
-        rows, cols = (torch.arange(K + 1) < count.view(B, 1)).nonzero(as_tuple=True)
-        tokens[rows.to(dev), (num_new[rows] + cols).to(dev)] = result.tokens[rows.to(dev), cols.to(dev)]
-        for k in num_accepted[active].tolist():
-            stats.accepted_histogram[k] += 1
-        counts["proposed"] += int(real.sum())
-        counts["accepted"] += int(num_accepted[active].sum())
-        before = int(num_new.max())
-        num_new += count
-        target.rollback(torch.where(active, num_accepted + 1, 0))
-        if K:
-            draft.rollback(torch.where(active, pending + torch.minimum(num_accepted, real - 1).clamp(min=0), 0))
-            draft_fed = torch.where(active, draft_fed + pending + torch.minimum(num_accepted, (real - 1).clamp(min=0)),
-                                    draft_fed)
-        anchor = result.next_token
-        bar.update(int(num_new.max()) - before)
-        if callback is not None:
-            callback(stats.target_forwards - 1, tokens.float(), num_new.clone())
-
-    bar.close()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    stats.new_tokens_per_row = num_new.tolist()
-    stats.new_tokens = int(num_new.sum())
-    stats.row_forwards = row_forwards.tolist()
-    stats.wall_time = time.perf_counter() - t0
-    info = dict(counts, acceptance_rate=counts["accepted"] / counts["proposed"] if counts["proposed"] else None,
-                target_scale=s_p, draft_scale=s_q, criterion=repr(crit))
-    return tokens.float(), stats, info
+    proposer, window = make_proposer("ar" if draft is None else "draft", window, kind="continuous", draft=draft,
+                                     draft_trajectory=draft_trajectory, align=align)
+    state = ContinuousState(class_labels, target.num_tokens, target.token_dim, trajectory, generator, target.device)
+    state, stats = decode(target, proposer, state, window=window, criterion=crit, progress=progress,
+                          callback=callback)
+    proposed, accepted = getattr(proposer, "proposed", 0), getattr(proposer, "accepted", 0)
+    info = dict(proposed=proposed, accepted=accepted, acceptance_rate=accepted / proposed if proposed else None,
+                target_scale=trajectory.last_scale, draft_scale=draft_trajectory.last_scale, criterion=repr(crit))
+    return state.tokens.float(), stats, info

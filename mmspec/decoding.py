@@ -1,27 +1,38 @@
 """The decoding loop, once, for every method and modality.
 
-    prefill -> repeat { propose K tokens -> one target forward -> verify -> commit, roll back } -> output
+    prefill -> repeat { propose K drafts -> one target forward -> verify -> commit -> roll back -> update } -> output
 
-The loop only talks to a target adapter (``prefill`` / ``checkpoint`` / ``forward`` / ``rollback``), a
-proposer, the logits pipeline and a criterion; it never asks which model it runs. Host-side bookkeeping
-(committed tokens, which rows are still active) lives on the CPU and is updated from one device->host copy
-of the emitted tokens per step.
+The loop talks to four objects and never asks which model or modality it runs:
+
+* a target adapter (``mmspec.models.TargetAdapter``: ``prefill`` / ``checkpoint`` / ``forward`` / ``rollback``);
+* a proposer (``mmspec.drafting.Proposer``), which drafts;
+* a state (``State``): the committed tokens, which rows are still active, the block fed to the target and the
+  verification step that turns the target's outputs into emitted tokens. ``DecodeState`` holds token ids (the
+  logits pipeline, then ``mmspec.verify``); ``mmspec.continuous.ContinuousState`` holds continuous vectors (the
+  diffusion head's means, then ``verify_continuous``);
+* an acceptance criterion (``mmspec.acceptance``), of the state's kind.
+
+The prefill's first token is a verification with no drafts. Host-side bookkeeping (committed counts, active rows)
+lives on the CPU and is updated from one device -> host copy per step, in ``state.commit``.
 """
 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from . import acceptance as _acceptance
 from .drafting.base import Proposer
 from .kernels.decode_step import fused_verifier
-from .sampling import LogitsPipeline, sample_from_weights
-from .verify import check_rows, invalid_rows, verify
+from .sampling import LogitsPipeline
+from .verify import check_rows, verify
 
-__all__ = ["DecodeState", "GenerationStats", "decode"]
+__all__ = ["DecodeState", "GenerationStats", "State", "decode"]
 
 
 @dataclass
@@ -71,8 +82,57 @@ class GenerationStats:
         )
 
 
-class DecodeState:
-    """Committed tokens and per-row progress, kept on the CPU.
+class State(ABC):
+    """What the loop keeps per row, and the four places where modalities differ.
+
+    Attributes (CPU tensors unless noted):
+        batch_size, max_new_tokens: B and the most new tokens per row.
+        num_new: LongTensor [B], new tokens committed per row.
+        active: BoolTensor [B], rows still generating.
+        anchor: [B] (ids) or [B, C] (vectors) on ``device``: each row's last committed token, which opens the next
+            block; set by ``commit``.
+        prompt: tuple of the target's ``prefill`` positional arguments.
+        generator: a ``torch.Generator`` or one per row; every random draw of the decode comes from it.
+        device: where the target's inputs and outputs live.
+    """
+
+    batch_size: int
+    max_new_tokens: int
+    num_new: torch.Tensor
+    active: torch.Tensor
+    anchor: torch.Tensor | None = None
+    prompt: tuple = ()
+    generator = None
+    device: torch.device
+
+    @property
+    def remaining(self) -> torch.Tensor:
+        """LongTensor [B]: tokens each active row may still add (0 for finished rows)."""
+        return torch.where(self.active, self.max_new_tokens - self.num_new, 0)
+
+    @abstractmethod
+    def no_drafts(self) -> torch.Tensor:
+        """An empty draft window [B, 0, ...] (the prefill is verified as a step without drafts)."""
+
+    @abstractmethod
+    def block(self, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's input for this step: ``anchor`` then the K drafts, [B, K+1, ...], and which of its places
+        are real, BoolTensor [B, K+1] (CPU)."""
+
+    @abstractmethod
+    def verifier(self, target, proposer: Proposer, criterion, kernels: str) -> Callable:
+        """The verification step for this decode: ``fn(drafts, draft_q, target_out [B, K+1, ...]) -> (result,
+        target_rows)``; ``result`` has ``num_accepted`` [B], ``tokens`` [B, K+1, ...] and ``next_token``;
+        ``target_rows`` is what ``proposer.update`` reads."""
+
+    @abstractmethod
+    def commit(self, result) -> torch.Tensor:
+        """Append a step's emitted tokens to the active rows (the step's one device -> host copy), set ``anchor``
+        and ``active``; return the accepted draft counts, LongTensor [B] (CPU)."""
+
+
+class DecodeState(State):
+    """Committed token ids and per-row progress, kept on the CPU.
 
     Attributes:
         tokens: LongTensor [B, T + max_new_tokens]: the (left-padded) prompt, then each row's new tokens.
@@ -80,13 +140,19 @@ class DecodeState:
         num_new: LongTensor [B], new tokens committed per row.
         active: BoolTensor [B], rows still generating.
         prompt_length: T.
+        pipeline: the ``LogitsPipeline`` that turns target and draft scores into rows (``greedy`` when it does not
+            sample).
+        eos_token_ids: LongTensor of ids that end a row (kept), or None.
     """
 
-    def __init__(self, input_ids, attention_mask, max_new_tokens, vocab_size, pipeline, generator, device):
+    def __init__(self, input_ids, attention_mask, max_new_tokens, vocab_size, pipeline: LogitsPipeline, generator,
+                 device, eos_token_ids: torch.Tensor | None = None):
         B, T = input_ids.shape
         self.batch_size, self.prompt_length, self.max_new_tokens = B, T, max_new_tokens
         self.vocab_size, self.pipeline, self.generator, self.device = vocab_size, pipeline, generator, device
+        self.eos_token_ids = eos_token_ids
         self.greedy = not pipeline.do_sample
+        self.prompt = (input_ids, attention_mask)
         self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long)
         self.tokens[:, :T] = input_ids.cpu()
         self.valid = torch.zeros(B, T + max_new_tokens, dtype=torch.bool)
@@ -99,18 +165,50 @@ class DecodeState:
         """LongTensor [B]: end of each row's committed tokens in ``tokens``."""
         return self.prompt_length + self.num_new
 
-    @property
-    def remaining(self) -> torch.Tensor:
-        """LongTensor [B]: tokens each active row may still add (0 for finished rows)."""
-        return torch.where(self.active, self.max_new_tokens - self.num_new, 0)
-
     def last_tokens(self, n: int = 1) -> torch.Tensor:
         """LongTensor [B, n] (CPU): the last ``n`` committed tokens of each row."""
         idx = (self.lengths.unsqueeze(1) - n + torch.arange(n)).clamp_min(0)
         return self.tokens.gather(1, idx)
 
-    def commit(self, emitted: torch.Tensor, eos_token_ids: torch.Tensor | None) -> torch.Tensor:
-        """Append this step's emitted tokens [B, L] (-1 padded, CPU) to the active rows.
+    def no_drafts(self) -> torch.Tensor:
+        return torch.empty(self.batch_size, 0, dtype=torch.long, device=self.device)
+
+    def block(self, drafts):
+        # A row's slots after its own drafts (-1, see mmspec.drafting.base.pad_drafts) are fed a placeholder whose
+        # outputs are never used.
+        block = torch.cat([self.anchor.unsqueeze(1), drafts.clamp_min(0)], dim=1)  # [B, K+1]
+        return block, self.active.unsqueeze(1).expand(-1, block.shape[1])
+
+    def verifier(self, target, proposer, criterion, kernels):
+        """Processed target scores (greedy) or probability rows (sampling) through ``mmspec.verify``, or the fused
+        Triton step on raw logits (see ``mmspec.kernels.decode_step``)."""
+        criterion = _acceptance.get(criterion, kind="tokens")
+        fused = fused_verifier(kernels, self.pipeline, criterion, proposer, self.device)
+        if fused is not None:
+            return lambda drafts, draft_probs, logits: fused(drafts, draft_probs, logits, self.generator)
+
+        def step(drafts, draft_probs, logits):  # [B, K] (-1 after a row's own), [B, K, V] or None, [B, K+1, V]
+            scores = self.pipeline.process(logits, self.tokens, self.lengths, drafts.clamp_min(0))
+            if self.greedy:
+                return verify(drafts, None, scores, criterion, greedy=True, check=False), scores
+            rows = self.pipeline.probs(scores)
+            return verify(drafts, draft_probs, rows, criterion, self.generator, check=False), rows
+
+        return step
+
+    def commit(self, result):
+        if getattr(result, "invalid", None) is None:
+            emitted = result.tokens.cpu()  # [B, K+1], -1 padded: the one device -> host sync of the step
+        else:  # the tokens and each row's validity code in that one copy
+            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
+            check_rows(emitted[:, -1], self.active)
+            emitted = emitted[:, :-1]
+        self.append(emitted)
+        self.anchor = result.next_token
+        return (emitted >= 0).sum(-1) - 1
+
+    def append(self, emitted: torch.Tensor) -> torch.Tensor:
+        """Append emitted tokens [B, L] (-1 padded, CPU) to the active rows.
 
         Truncates at the first EOS (kept) and at ``max_new_tokens``; updates ``active``.
         Returns the number of tokens committed per row, LongTensor [B].
@@ -119,8 +217,9 @@ class DecodeState:
         pos = torch.arange(L).expand(B, L)
         count = (emitted >= 0).sum(-1)
         count = torch.minimum(count, self.remaining)
-        if eos_token_ids is not None and eos_token_ids.numel():
-            is_eos = torch.isin(emitted, eos_token_ids) & (pos < count.unsqueeze(1))
+        eos = self.eos_token_ids
+        if eos is not None and eos.numel():
+            is_eos = torch.isin(emitted, eos) & (pos < count.unsqueeze(1))
             first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, count)
             count = torch.minimum(count, first_eos)
             hit_eos = is_eos.any(-1)
@@ -140,55 +239,47 @@ class DecodeState:
 def decode(
     target,
     proposer: Proposer,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    state: State,
     *,
-    max_new_tokens: int,
     window: int,
-    pipeline: LogitsPipeline,
     criterion="exact",
-    generator=None,
-    eos_token_ids: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
     callback=None,
     kernels: str = "auto",
-) -> tuple[DecodeState, GenerationStats]:
+) -> tuple[State, GenerationStats]:
     """Run the speculative loop; see the module docstring.
 
     Args:
-        target: an adapter with ``vocab_size``, ``prefill``, ``checkpoint``, ``forward``, ``rollback``.
-        proposer: the drafter.
-        input_ids, attention_mask: [B, T] prompt, left padded.
+        target: a ``mmspec.models.TargetAdapter`` (``prefill``, ``checkpoint``, ``forward``, ``rollback``).
+        proposer: the drafter (``mmspec.drafting.Proposer``).
+        state: a fresh ``DecodeState`` (token ids) or ``mmspec.continuous.ContinuousState`` (vectors); it holds
+            the prompt, the budget, the sampling settings and the generator, and is returned filled.
         window: tokens verified per target forward (1 anchor + up to ``window - 1`` drafts).
+        criterion: an acceptance criterion (name or object) of the state's kind.
+        model_kwargs: extra arguments of the target's prefill (pixel values, unconditional prompts, ...).
+        progress: a tqdm bar over the new tokens.
         callback: called as ``callback(step, state)`` after every commit (step 0 is the prefill).
-        kernels: verification backend, ``"auto"`` (the fused Triton step on CUDA when triton imports; the
-            ``MMSPEC_KERNELS`` environment variable may force either), ``"triton"`` or ``"torch"``. The fused
-            step takes the raw logits; it is skipped (torch path) when the pipeline has logits processors or the
-            criterion is not fusable, see ``mmspec.kernels.decode_step``.
+        kernels: verification backend of token states, ``"auto"`` (the fused Triton step on CUDA when triton
+            imports; the ``MMSPEC_KERNELS`` environment variable may force either), ``"triton"`` or ``"torch"``.
+            The fused step takes the raw logits; it is skipped (torch path) when the pipeline has logits
+            processors or the criterion is not fusable, see ``mmspec.kernels.decode_step``.
     Returns:
-        the final ``DecodeState`` (committed tokens) and ``GenerationStats``.
+        the final state (committed tokens) and ``GenerationStats``.
     """
     t0 = time.perf_counter()
-    device = input_ids.device
     stats = GenerationStats(accepted_histogram=[0] * window)
-    state = DecodeState(input_ids, attention_mask, max_new_tokens, target.vocab_size, pipeline, generator, device)
     row_forwards = torch.zeros(state.batch_size, dtype=torch.long)
-    bar = tqdm(total=max_new_tokens, disable=not progress, desc="tokens", leave=False)
-    fused = fused_verifier(kernels, pipeline, criterion, proposer, device)  # None: the torch path below
+    bar = tqdm(total=state.max_new_tokens, disable=not progress, desc="tokens", leave=False)
+    verify_step = state.verifier(target, proposer, criterion, kernels)
 
-    if max_new_tokens > 0:
-        last = target.prefill(input_ids, attention_mask, **(model_kwargs or {}))  # [B, V]
+    if bool(state.active.any()):
+        out = target.prefill(*state.prompt, **(model_kwargs or {}))  # the last position's output, [B, ...]
         stats.target_forwards += 1
         row_forwards += 1
-        scores = pipeline.process(last.unsqueeze(1), state.tokens, state.lengths)[:, 0]
-        rows = scores.unsqueeze(1) if state.greedy else pipeline.probs(scores).unsqueeze(1)
-        anchor = scores.argmax(-1) if state.greedy else sample_from_weights(rows[:, 0], generator)
-        invalid = invalid_rows(anchor.new_empty(anchor.shape[0], 0), None, rows, torch.zeros_like(anchor),
-                               greedy=state.greedy)
-        first = torch.stack([anchor, invalid], 1).cpu()  # the token and the validity flag in one copy
-        check_rows(first[:, 1])
-        state.commit(first[:, :1], eos_token_ids)
+        result, _ = verify_step(state.no_drafts(), None, out.unsqueeze(1))  # the first token: nothing to verify
+        state.commit(result)
+        bar.update(1)
         proposer.start(state)
         if callback is not None:
             callback(0, state)
@@ -196,43 +287,26 @@ def decode(
     while bool(state.active.any()):
         active = state.active.clone()
         max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1))
-        drafts, draft_probs = proposer.propose(state, max_drafts)  # -1 after a row's own drafts
-        K = drafts.shape[1]
-        fed = drafts.clamp_min(0)  # a row's slots after its own drafts are fed a placeholder and never used
-        block = torch.cat([anchor.unsqueeze(1), fed], dim=1)
+        drafts, draft_q = proposer.propose(state, max_drafts)  # [B, K, ...], what they were drawn from
+        block, valid = state.block(drafts)
         target.checkpoint()
-        logits = target.forward(block, active.unsqueeze(1).expand(-1, K + 1))
+        out = target.forward(block, valid)  # [B, K+1, ...]
         stats.target_forwards += 1
         row_forwards += active
-        if fused is not None:
-            result, rows = fused(drafts, draft_probs, logits, generator)
-        elif state.greedy:
-            rows = pipeline.process(logits, state.tokens, state.lengths, fed)
-            result = verify(drafts, None, rows, criterion, greedy=True, check=False)
-        else:
-            rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, fed))
-            result = verify(drafts, draft_probs, rows, criterion, generator, check=False)
-        if result.invalid is None:
-            emitted = result.tokens.cpu()  # the one device -> host sync of the step
-        else:  # the tokens and each row's validity in that one copy
-            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
-            check_rows(emitted[:, -1], active)
-            emitted = emitted[:, :-1]
-        num_accepted = (emitted >= 0).sum(-1) - 1
+        result, rows = verify_step(drafts, draft_q, out)
+        before = int(state.num_new.max())
+        num_accepted = state.commit(result)  # [B] (CPU)
         for k in num_accepted[active].tolist():
             stats.accepted_histogram[k] += 1
-        before = int(state.num_new.max())
-        state.commit(emitted, eos_token_ids)
         bar.update(int(state.num_new.max()) - before)
         target.rollback(torch.where(active, num_accepted + 1, 0))
         proposer.update(state, result, rows, num_accepted)
-        anchor = result.next_token
         if callback is not None:
             callback(stats.target_forwards - 1, state)
 
     bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)
     stats.draft_forwards = proposer.draft_forwards
     stats.new_tokens_per_row = state.num_new.tolist()
     stats.new_tokens = int(state.num_new.sum())

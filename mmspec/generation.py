@@ -6,21 +6,21 @@ from dataclasses import dataclass
 
 import torch
 
-from . import acceptance as _acceptance
-from .decoding import GenerationStats, decode
-from .drafting.base import NoDraft
-from .drafting.jacobi import INIT_STRATEGIES, JacobiProposer
-from .drafting.lookup import LookupProposer
-from .drafting.model import DraftModelProposer
+import inspect
+
+from .checks import check_decoding, check_generator, check_int
+from .decoding import DecodeState, GenerationStats, decode
+from .drafting import available_methods, make_proposer, method_spec
 from .models.causal_lm import vocab_size_of
 from .models.vlm import adapter_for, is_vision_language_model
 from .sampling import LogitsPipeline
 
 __all__ = ["generate", "GenerateOutput", "METHODS", "DEFAULT_WINDOW"]
 
-METHODS = ("jacobi", "draft", "lookup", "ar")
+#: the decoding methods for token ids (the registry's, ``mmspec.drafting.available_methods()``)
+METHODS = tuple(available_methods())
 #: tokens verified per target forward (anchor + drafts) when ``window`` is not given
-DEFAULT_WINDOW = {"jacobi": 16, "draft": 6, "lookup": 11, "ar": 1}
+DEFAULT_WINDOW = {m: method_spec(m).default_window for m in METHODS}
 
 
 @dataclass
@@ -53,9 +53,18 @@ def _as_id_list(value, name):
     return ids
 
 
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+def _check_model_kwargs(model, model_kwargs: dict) -> None:
+    """Refuse keyword arguments that neither ``generate`` nor the model's forward takes (as transformers' ``generate``
+    does): a misspelled ``temprature=`` or an unsupported ``num_beams=`` would otherwise reach the model silently."""
+    used = set()
+    for fn in (getattr(model, "forward", None), getattr(model, "prepare_inputs_for_generation", None)):
+        if fn is not None:
+            used |= {name for name, p in inspect.signature(fn).parameters.items()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unused = sorted(k for k, v in model_kwargs.items() if v is not None and k not in used)
+    if unused:
+        raise ValueError(f"mmspec.generate got keyword arguments that neither it nor {type(model).__name__}.forward "
+                         f"uses: {unused} (check for typos; see help(mmspec.generate) for its arguments).")
 
 
 @torch.no_grad()
@@ -93,8 +102,10 @@ def generate(
         input_ids: LongTensor [B, T] (or [T]), left padded when prompts differ in length.
         attention_mask: [B, T] 1 for tokens, 0 for left padding; all ones when None.
         max_new_tokens: most tokens to add per row (>= 0).
-        method: ``"jacobi"`` (the target drafts for itself), ``"draft"`` (a draft model proposes),
-            ``"lookup"`` (n-gram match in the context), or ``"ar"`` (plain decoding through the same loop).
+        method: a registered decoding method (``mmspec.drafting.available_methods()``, also ``METHODS``):
+            ``"jacobi"`` (the target drafts for itself), ``"draft"`` (a draft model proposes), ``"lookup"``
+            (n-gram match in the context), or ``"ar"`` (plain decoding through the same loop). The pipelines and
+            the CLI take the same names, as ``method=`` (or its alias ``decoding=``).
         draft_model: the drafter for ``method="draft"``; same vocabulary as ``model``.
         window: tokens verified per target forward, anchor included (``window - 1`` drafts);
             defaults per method: ``DEFAULT_WINDOW``. For ``adaptive`` drafting it is the cap.
@@ -121,29 +132,21 @@ def generate(
         **model_kwargs: the processor's other outputs (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
             ...), passed to the target's prefill forward only, and to the draft's prefill when the draft is a
             vision-language model too (it must then share the processor); a text-only draft sees the prompt
-            ids alone. VLMs are driven by ``mmspec.models.vlm.VisionLM``.
+            ids alone. VLMs are driven by ``mmspec.models.vlm.VisionLM``. A keyword argument that neither
+            ``generate`` nor the model's ``forward`` takes (a typo such as ``temprature=``, or ``num_beams=``)
+            raises a ``ValueError`` naming it, as in transformers.
 
     Returns:
         ``GenerateOutput`` with ``sequences`` [B, T + new] and ``stats``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown `method` {method!r}; choose one of {list(METHODS)}.")
-    _check_int(max_new_tokens, "max_new_tokens", 0)
-    if window is None:
-        window = DEFAULT_WINDOW[method]
-    _check_int(window, "window", 1)
-    if method == "draft" and draft_model is None:
-        raise ValueError("`method='draft'` needs a `draft_model` (a small causal LM with the same vocabulary).")
-    if method != "draft" and draft_model is not None:
-        raise ValueError(f"`draft_model` is only used with method='draft', not method={method!r}.")
-    if init not in INIT_STRATEGIES:
-        raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
-    _check_int(max_ngram, "max_ngram", 1)
-    criterion = _acceptance.get(acceptance)
-    if not do_sample and criterion.requires_sampling:
-        raise ValueError(
-            f"acceptance={criterion.name!r} needs sampling; pass do_sample=True or use acceptance='exact'."
-        )
+    check_int(max_new_tokens, "max_new_tokens", 0)
+    check_int(max_ngram, "max_ngram", 1)
+    choice = check_decoding(method, window=window, draft_model=draft_model, acceptance=acceptance,
+                            do_sample=do_sample, init=init)
+    criterion = choice.criterion
+    if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
+        raise ValueError(f"`draft_confidence` must be in [0, 1] or None, got {draft_confidence!r}.")
+    _check_model_kwargs(model, model_kwargs)
 
     target = adapter_for(model)
     V = target.vocab_size
@@ -168,8 +171,7 @@ def generate(
         raise ValueError(f"`input_ids` must lie in [0, {V}) for this model's vocabulary; found ids in [{lo}, {hi}].")
     if not bool(attention_mask[:, -1].all()) or bool((attention_mask.diff(dim=1) < 0).any()):
         raise ValueError("`attention_mask` must be left padded (0s then 1s in every row, last column all 1s).")
-    if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
-        raise ValueError(f"`generator` list has {len(generator)} entries for a batch of {input_ids.shape[0]}.")
+    check_generator(generator, input_ids.shape[0])
 
     gen_config = getattr(model, "generation_config", None)
     eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None),
@@ -181,44 +183,24 @@ def generate(
 
     pipeline = LogitsPipeline(do_sample, temperature, top_k, top_p, processors=logits_processor or ())
 
-    if method == "ar":
-        proposer = NoDraft()
-        window = 1
-    elif method == "jacobi":
-        proposer = JacobiProposer(window, init=init, coupled=coupled)
-    elif method == "lookup":
-        proposer = LookupProposer(window - 1, max_ngram=max_ngram)
-    else:
+    draft = None
+    if draft_model is not None:
         if vocab_size_of(draft_model) != V:
             raise ValueError(
                 f"`draft_model` has a vocabulary of {vocab_size_of(draft_model)} logits but the target has {V}; "
                 "draft and target must share the tokenizer."
             )
-        start = min(5, window - 1) if adaptive else window - 1
-        if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
-            raise ValueError(f"`draft_confidence` must be in [0, 1] or None, got {draft_confidence!r}.")
-        # A VLM drafter sees the same processor outputs as the target (same placeholder layout); a text-only
-        # drafter sees the prompt ids alone, image placeholders as ordinary tokens.
-        draft_kwargs = model_kwargs if is_vision_language_model(draft_model) else {}
-        proposer = DraftModelProposer(adapter_for(draft_model), max(start, 1) if window > 1 else 0,
-                                      adaptive=adaptive, max_drafts=window - 1, confidence=draft_confidence,
-                                      prefill_kwargs=draft_kwargs)
-
-    state, stats = decode(
-        target,
-        proposer,
-        input_ids,
-        attention_mask,
-        max_new_tokens=max_new_tokens,
-        window=window,
-        pipeline=pipeline,
-        criterion=criterion,
-        generator=generator,
-        eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None,
-        model_kwargs=model_kwargs,
-        progress=progress,
-        kernels=kernels,
-    )
+        draft = adapter_for(draft_model)
+    # A VLM drafter sees the same processor outputs as the target (same placeholder layout); a text-only drafter
+    # sees the prompt ids alone, image placeholders as ordinary tokens.
+    draft_kwargs = model_kwargs if draft_model is not None and is_vision_language_model(draft_model) else {}
+    proposer, window = make_proposer(method, choice.window, draft=draft, init=init, coupled=coupled,
+                                     adaptive=adaptive, draft_confidence=draft_confidence, max_ngram=max_ngram,
+                                     prefill_kwargs=draft_kwargs)
+    state = DecodeState(input_ids, attention_mask, max_new_tokens, V, pipeline, generator, target.device,
+                        eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None)
+    state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=model_kwargs,
+                          progress=progress, kernels=kernels)
     T = input_ids.shape[1]
     new = int(state.num_new.max()) if state.batch_size else 0
     sequences = state.tokens[:, : T + new].clone()

@@ -1,7 +1,7 @@
 """The logits pipeline and exact sampling helpers.
 
 One pipeline turns raw model scores into the distribution used for both the target rows ``p`` and the
-draft rows ``q`` (ALGORITHMS.md section 6): logits processors (guidance and structural forcing arrive here
+draft rows ``q`` (docs/algorithms.md section 6): logits processors (guidance and structural forcing arrive here
 as processors from the model adapter, user processors after them) -> temperature -> top-k -> top-p ->
 softmax. Using the same object for ``p`` and ``q`` is what keeps exact acceptance exact.
 

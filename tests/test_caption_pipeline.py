@@ -7,12 +7,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_causal_lm
-from vlm_fixtures import random_images, tiny_llava, tiny_qwen2_vl
 
 import mmspec
 from mmspec.pipelines import CaptionOutput, CaptionPipeline
 from mmspec.pipelines.caption import load_image
+
+from lm_fixtures import tiny_causal_lm
+from vlm_fixtures import random_images, tiny_llava, tiny_qwen2_vl
 
 NEW = 10
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import mmspec
-from conftest import perturbed_copy, tiny_causal_lm
 from mmspec.decoding import DecodeState
 from mmspec.drafting.lookup import LookupProposer
 from mmspec.sampling import LogitsPipeline
+
+from lm_fixtures import perturbed_copy, tiny_causal_lm
 
 
 def _state(rows):

@@ -15,6 +15,7 @@ LogitsProcessor) and a structural-forcing logits processor written here from the
 
 Tiny float64 models built from configs (random weights), a tiny word-level tokenizer over a Chameleon-like
 vocabulary whose image tokens name their codes in a *permuted* order (so the id -> code mapping is exercised).
+The family contract (tests/family_contract.py) runs for both styles with that ``generate`` as its AR reference.
 """
 
 import os
@@ -36,6 +37,8 @@ from mmspec.models.chameleon import (  # noqa: E402
 )
 from mmspec.models.families import family_for  # noqa: E402
 from mmspec.pipelines import SpeculativeImagePipeline  # noqa: E402
+
+from family_contract import FamilyContract  # noqa: E402
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "background"]
 CODES = 16
@@ -110,11 +113,6 @@ def pipe(request):
     return tiny_pipeline(request.param)
 
 
-@pytest.fixture(scope="module")
-def ar_tokens(pipe):
-    return pipe(PROMPTS, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="latent").tokens
-
-
 # ------------------------------------------------------------------------------------------------------
 # transformers' own generate as the reference
 # ------------------------------------------------------------------------------------------------------
@@ -178,44 +176,57 @@ def test_transformers_forward_masks_image_tokens():
     assert torch.allclose(unmasked[..., 24:], masked[..., 24:]) and (unmasked[..., image_ids] > -1e3).all()
 
 
-def check_ar_against_transformers(pipe, negatives=None, scale=3.0):
+def transformers_codes(pipe, negatives, scale):
+    """Each prompt alone through transformers' generate -> code grids [B, h * w] (mmspec runs the batch)."""
     family = pipe.family
-    out = pipe(PROMPTS, negative_prompt=negatives, do_sample=False, decoding="ar", guidance_scale=scale,
-               output_type="latent")
     inputs = family.prefill_inputs(PROMPTS, negatives)
     layout = family.layout()
-    for b in range(len(PROMPTS)):  # each prompt alone through transformers, the batch of 3 through mmspec
+    grids = []
+    for b in range(len(PROMPTS)):
         cond = inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
         uncond = inputs["uncond_input_ids"][b][inputs["uncond_attention_mask"][b].bool()].tolist()
         span = transformers_generate(pipe.model, cond, uncond, scale, family.style)
         assert len(span) == layout.num_tokens
         assert span[-1] == pipe.model.config.vocabulary_map["<eoss>"]
-        assert torch.equal(layout.to_grid(span[None])[0], out.tokens[b]), f"row {b} ({family.style})"
-    assert len(set(map(tuple, out.tokens.tolist()))) == len(PROMPTS)  # different prompts, different images
+        grids.append(layout.to_grid(span[None])[0])
+    return torch.stack(grids)
 
 
-def test_ar_equals_transformers_generate(pipe):
-    check_ar_against_transformers(pipe)
+class TestChameleon(FamilyContract):
+    family_class = ChameleonFamily
+    reference_scales = (3.0,)
+    pixel_size = (2 * GRID, 2 * GRID)
+    bad_inputs = {
+        "labels-only": (dict(prompt=None, class_labels=[3]), "text-conditioned"),
+        "class-labels": (dict(prompt="a red circle", class_labels=[3]), "text-conditioned"),
+        "prompt-embeds": (dict(prompt="a red circle", prompt_embeds=torch.zeros(1, 2, 4)), "text-conditioned"),
+        "no-prompt": (dict(prompt=None), "pass `prompt`"),
+    }
+
+    def conditions(self, pipe):
+        return dict(prompt=PROMPTS)
+
+    def reference_tokens(self, pipe, scale):
+        return transformers_codes(pipe, None, scale)
+
+    def make_draft(self, pipe, name):
+        return tiny_chameleon(pipe.family.style, seed=5, layers=1)
+
+    def check_speculative(self, pipe, name, out, ar):
+        assert out.stats.target_forwards <= pipe.family.layout().num_tokens  # AR: one forward per token
+
+    def after_load(self, pipe, again):
+        assert isinstance(again.vq, ChameleonVQDecoder) and again.family.style == pipe.family.style
 
 
 def test_ar_with_negative_prompts_equals_transformers_generate():
     """Negative prompts of different lengths: left-padded unconditional rows in mmspec, unpadded in transformers."""
-    check_ar_against_transformers(tiny_pipeline("lumina-mgpt"), ["red", "a blue circle on background", "square"])
-
-
-@pytest.mark.parametrize("kwargs", [
-    dict(decoding="jacobi", init="random", window=6),
-    dict(decoding="jacobi", init="vertical", window=9),
-    dict(decoding="draft", window=4),
-], ids=["jacobi-random", "jacobi-vertical", "draft"])
-def test_greedy_speculative_equals_ar(pipe, ar_tokens, kwargs):
-    kwargs = dict(kwargs)
-    if kwargs["decoding"] == "draft":
-        kwargs["draft_model"] = tiny_chameleon(pipe.family.style, seed=5, layers=1)
-    out = pipe(PROMPTS, do_sample=False, guidance_scale=2.5, output_type="latent",
-               generator=torch.Generator().manual_seed(0), **kwargs)
-    assert torch.equal(out.tokens, ar_tokens)
-    assert out.stats.target_forwards <= pipe.family.layout().num_tokens  # AR: one forward per token
+    pipe = tiny_pipeline("lumina-mgpt")
+    negatives = ["red", "a blue circle on background", "square"]
+    out = pipe(PROMPTS, negative_prompt=negatives, do_sample=False, decoding="ar", guidance_scale=3.0,
+               output_type="latent")
+    assert torch.equal(out.tokens, transformers_codes(pipe, negatives, 3.0))
+    assert len(set(map(tuple, out.tokens.tolist()))) == len(PROMPTS)  # different prompts, different images
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -282,11 +293,9 @@ def test_style_detection_and_prompt_template():
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_images_size_and_count():
+def test_images_are_the_vqgan_decode():
+    """Pixels are the VQGAN decoder's decode of the codes (shapes and ranges are in the contract)."""
     pipe = tiny_pipeline("lumina-mgpt")
-    out = pipe(PROMPTS[:2], num_images_per_prompt=2, generator=torch.Generator().manual_seed(1))
-    assert len(out.images) == 4 and all(im.size == (2 * GRID, 2 * GRID) for im in out.images)
-    assert out.tokens.shape == (4, GRID * GRID) and 0 <= out.tokens.min() and out.tokens.max() < CODES
     pt = pipe(PROMPTS[:2], do_sample=False, output_type="pt")
     assert pt.images.shape == (2, 3, 2 * GRID, 2 * GRID) and 0 <= pt.images.min() and pt.images.max() <= 1
     with torch.no_grad():
@@ -313,18 +322,6 @@ def test_vq_decoder_checkpoint_names():
     vq.load_vqgan_state_dict({"state_dict": full})
     codes = torch.arange(CODES).view(1, -1)
     assert torch.equal(vq.decode_codes(codes, 4, 4), other.decode_codes(codes, 4, 4))
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(prompt=None, class_labels=[3]), "text-conditioned"),
-    (dict(prompt="a red circle", class_labels=[3]), "text-conditioned"),
-    (dict(prompt="a red circle", prompt_embeds=torch.zeros(1, 2, 4)), "text-conditioned"),
-    (dict(prompt=None), "pass `prompt`"),
-])
-def test_bad_inputs(kwargs, match):
-    pipe = tiny_pipeline("anole")
-    with pytest.raises(ValueError, match=match):
-        pipe(**kwargs)
 
 
 def test_bad_configuration():
@@ -359,14 +356,3 @@ def test_relaxed_criteria_get_token_ordered_codebook():
     gsd = pipe(PROMPTS[:2], acceptance=mmspec.acceptance.get("gsd", group_size=1),
                generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(exact.tokens, lantern.tokens) and torch.equal(exact.tokens, gsd.tokens)
-
-
-def test_save_and_load(tmp_path):
-    pipe = tiny_pipeline("lumina-mgpt")
-    pipe.save_pretrained(tmp_path)
-    again = SpeculativeImagePipeline.from_pretrained(tmp_path)
-    again.set_progress_bar_config(disable=True)
-    assert isinstance(again.vq, ChameleonVQDecoder) and again.family.style == "lumina-mgpt"
-    a = pipe("a red circle", do_sample=False, output_type="pt")
-    b = again("a red circle", do_sample=False, output_type="pt")
-    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.images, b.images, atol=1e-4)

@@ -1,14 +1,14 @@
 """Janus / Janus-Pro (transformers JanusForConditionalGeneration) image generation through mmspec.
 
-Verified against transformers' own ``JanusForConditionalGeneration.generate(generation_mode="image",
-do_sample=False)`` (greedy is supported there), with guidance on and batches of different prompts.
+The family contract (tests/family_contract.py) runs with transformers' own
+``JanusForConditionalGeneration.generate(generation_mode="image", do_sample=False)`` (greedy is supported there)
+as the AR reference, with guidance on and a left-padded batch of different prompts.
 """
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import PIL.Image
 import pytest
 import torch
 
@@ -16,6 +16,8 @@ import mmspec.models.janus  # noqa: F401  (registers the family)
 from mmspec.models.families import family_for
 from mmspec.models.janus import JanusFamily, JanusLM
 from mmspec.pipelines import SpeculativeImagePipeline
+
+from family_contract import FamilyContract
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<image_placeholder>", "<begin_of_image>", "<end_of_image>", "<unk>",
          "a", "red", "blue", "green", "circle", "square", "on", "background"]
@@ -40,8 +42,13 @@ def tiny_tokenizer():
 
 def tiny_janus(seed=0, hidden=32, layers=2, dtype=torch.float64, sharpen=4.0):
     """A random JanusForConditionalGeneration: 4x4 code grid, 16 codes, VQ decoding to 8x8 pixels."""
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
-                              LlamaConfig)
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+    )
 
     torch.manual_seed(seed)
     text = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -120,6 +127,47 @@ def test_family_is_picked_and_uncond_rows_follow_janus(pipe):
     assert torch.equal(inputs["attention_mask"], inputs["uncond_attention_mask"])
 
 
+class TestJanus(FamilyContract):
+    family_class = JanusFamily
+    pixel_size = (8, 8)
+    speculative_cases = {
+        "jacobi-random": dict(decoding="jacobi", init="random", window=6),
+        "jacobi-vertical": dict(decoding="jacobi", init="vertical", window=9),
+        "draft-other": dict(decoding="draft", window=4, draft="other"),
+        "draft-perturbed": dict(decoding="draft", window=6, draft="perturbed"),  # ragged acceptance in the batch
+        "draft-self": dict(decoding="draft", window=6, draft="self"),
+    }
+    bad_inputs = {
+        "class-labels": (dict(prompt="a red circle", class_labels=[3]), "text-conditioned"),
+        "prompt-embeds": (dict(prompt="a red circle", prompt_embeds=torch.zeros(1, 2, 8)), "text-conditioned"),
+        "no-prompt": (dict(prompt=None), "pass `prompt`"),
+        "labels-only": (dict(prompt=None, class_labels=[1]), "text-conditioned"),
+    }
+
+    def conditions(self, pipe):
+        return dict(prompt=RAGGED)
+
+    def reference_tokens(self, pipe, scale):
+        """Janus' generate on the same left-padded batch. (It passes no position ids, so its padded rows are
+        shifted; rotary attention only sees relative positions, so that changes nothing beyond rounding.)"""
+        inputs = pipe.family.prefill_inputs(RAGGED)
+        assert not bool(inputs["attention_mask"].all())
+        return hf_generate(pipe.model, inputs["input_ids"], inputs["attention_mask"], scale)
+
+    def make_draft(self, pipe, name):
+        if name == "other":
+            return tiny_janus(seed=5, hidden=16, layers=1)
+        if name == "perturbed":  # a draft that agrees in part
+            return perturbed_copy(pipe.model, noise=0.1)
+        return super().make_draft(pipe, name)
+
+    def check_speculative(self, pipe, name, out, ar):
+        if name == "draft-perturbed":
+            assert out.stats.target_forwards < ar.stats.target_forwards and sum(out.stats.accepted_histogram[1:]) > 0
+        if name == "draft-self":
+            assert out.stats.target_forwards < ar.stats.target_forwards / 2
+
+
 def test_ar_equals_transformers_generate(pipe):
     """Equal-length prompts (no padding): mmspec AR == Janus' own greedy image generation, guidance on."""
     scale = 3.0
@@ -131,10 +179,9 @@ def test_ar_equals_transformers_generate(pipe):
     assert len({tuple(r) for r in ref.tolist()}) == len(SAME_LENGTH)  # prompts give different images
 
 
-def test_ragged_batch_equals_transformers_generate(pipe, ar_ragged):
-    """Left-padded batch of different lengths: mmspec AR == Janus' generate on the same batch, and == Janus'
-    generate on every prompt alone. (Janus' generate passes no position ids, so its padded rows are shifted;
-    rotary attention only sees relative positions, so that changes nothing beyond rounding.)"""
+def test_ragged_rows_equal_each_prompt_alone(pipe, ar_ragged):
+    """Left-padded batch of different lengths (the batch itself is the contract's reference): every row equals
+    Janus' generate on that prompt alone."""
     scale, out = 2.5, ar_ragged
     inputs = pipe.family.prefill_inputs(RAGGED)
     assert not bool(inputs["attention_mask"].all())
@@ -145,40 +192,8 @@ def test_ragged_batch_equals_transformers_generate(pipe, ar_ragged):
         assert torch.equal(out.tokens[b : b + 1], ref), p
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(decoding="jacobi", init="random", window=6),
-    dict(decoding="jacobi", init="vertical", window=9),
-    dict(decoding="draft", window=4, draft="other"),
-    dict(decoding="draft", window=6, draft="perturbed"),
-    dict(decoding="draft", window=6, draft="self"),
-])
-def test_greedy_speculative_equals_ar(pipe, ar_ragged, kwargs):
-    kwargs = dict(kwargs)
-    draft = kwargs.pop("draft", None)
-    if draft == "other":
-        kwargs["draft_model"] = tiny_janus(seed=5, hidden=16, layers=1)
-    elif draft == "perturbed":  # a draft that agrees in part: ragged acceptance across the batch
-        kwargs["draft_model"] = perturbed_copy(pipe.model, noise=0.1)
-    elif draft == "self":
-        kwargs["draft_model"] = pipe.model
-    ref = ar_ragged
-    out = pipe(RAGGED, do_sample=False, guidance_scale=2.5, output_type="latent",
-               generator=torch.Generator().manual_seed(0), **kwargs)
-    assert torch.equal(out.tokens, ref.tokens)
-    assert out.stats.target_forwards <= ref.stats.target_forwards
-    if draft == "perturbed":
-        assert out.stats.target_forwards < ref.stats.target_forwards and sum(out.stats.accepted_histogram[1:]) > 0
-    if draft == "self":
-        assert out.stats.target_forwards < ref.stats.target_forwards / 2
-
-
 def test_images_decode_through_janus_vq(pipe, ar_ragged):
-    out = pipe(RAGGED[:2], num_images_per_prompt=2, generator=torch.Generator().manual_seed(1))  # sampled SJD
-    assert len(out.images) == 4 and out.lossless
-    assert all(isinstance(im, PIL.Image.Image) and im.size == (8, 8) for im in out.images)
-    assert out.tokens.shape == (4, GRID * GRID) and out.tokens.min() >= 0 and out.tokens.max() < CODES
-    again = pipe(RAGGED[:2], num_images_per_prompt=2, generator=torch.Generator().manual_seed(1), output_type="latent")
-    assert torch.equal(again.tokens, out.tokens)
+    """Pixels are Janus' own ``decode_image_tokens`` of the codes (shapes and ranges are in the contract)."""
     pt = pipe(RAGGED, do_sample=False, guidance_scale=2.5, window=16, output_type="pt")
     assert torch.equal(pt.tokens, ar_ragged.tokens)
     assert pt.images.shape == (3, 3, 8, 8) and pt.images.min() >= 0 and pt.images.max() <= 1
@@ -223,19 +238,6 @@ def test_negative_prompt_replaces_uncond_branch(pipe):
     out = pipe("a red circle", negative_prompt="blue", do_sample=False, decoding="jacobi", output_type="latent")
     ref = pipe("a red circle", negative_prompt="blue", do_sample=False, decoding="ar", output_type="latent")
     assert torch.equal(out.tokens, ref.tokens)
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(class_labels=[3]), "text-conditioned"),
-    (dict(prompt_embeds=torch.zeros(1, 2, 8)), "text-conditioned"),
-])
-def test_bad_inputs(pipe, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        pipe("a red circle", **kwargs)
-    with pytest.raises(ValueError, match="pass `prompt`"):
-        pipe(None)
-    with pytest.raises(ValueError, match="text-conditioned"):
-        pipe(None, class_labels=[1])
 
 
 def test_missing_tokenizer_and_wrong_models():

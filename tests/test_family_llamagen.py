@@ -1,26 +1,28 @@
 """LlamaGen through SpeculativeImagePipeline: c2i (class labels) and t2i (caption features) with guidance.
 
-The reference for the AR path is ``llamagen_generate`` (LlamaGen's own ``generate``: prefill of the condition,
-one token per forward, CFG with conditional rows first) with ``top_k=1``; the negative-caption case (which
-LlamaGen's sampler has no argument for) uses a naive loop that recomputes everything each step.
-Models are tiny, float64, random (no downloads).
+The family contract (tests/family_contract.py) runs for both variants; its AR reference is ``llamagen_generate``
+(LlamaGen's own ``generate``: prefill of the condition, one token per forward, CFG with conditional rows first)
+with ``top_k=1``. The negative-caption case (which LlamaGen's sampler has no argument for) uses a naive loop
+that recomputes everything each step. Models are tiny, float64, random (no downloads).
 """
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import mmspec  # noqa: E402
 from mmspec.models import llamagen as lg  # noqa: E402
 from mmspec.models import llamagen_family  # noqa: E402,F401  (registers the family)
 from mmspec.models.families import family_for  # noqa: E402
 from mmspec.models.llamagen_family import LlamaGenFamily, caption_mask  # noqa: E402
 from mmspec.pipelines import SpeculativeImagePipeline  # noqa: E402
+
+from family_contract import FamilyContract  # noqa: E402
 
 NODROP = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, attn_dropout_p=0.0)
 BASE = dict(dim=32, n_layer=2, n_head=4, n_kv_head=2, vocab_size=16, block_size=16, multiple_of=16, **NODROP)
@@ -82,28 +84,71 @@ def condition(kind):
     return dict(prompt_embeds=emb), dict(cond=emb, emb_masks=caption_mask(emb[:, :3]))
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
-def pipe(request):
-    return make_pipe(request.param)
-
-
-def kind_of(pipe):
-    return pipe.model.config.model_type
-
-
 # ------------------------------------------------------------------------------------------------------
-# the AR path equals LlamaGen's own generation
+# the family contract, once per variant
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scale", [SCALE, 1.0])
-def test_ar_equals_llamagen_generate(pipe, scale):
-    kw, ref_kw = condition(kind_of(pipe))
-    out = pipe(**kw, do_sample=False, decoding="ar", guidance_scale=scale, output_type="latent")
-    ref = lg.llamagen_generate(pipe.model, max_new_tokens=16, cfg_scale=scale, top_k=1, **ref_kw)
-    assert torch.equal(out.tokens, ref)
-    assert not torch.equal(out.tokens[0], out.tokens[1])  # the conditions matter
-    assert out.stats.target_forwards == 16
+class LlamaGenContract(FamilyContract):
+    kind: str
+    family_class = LlamaGenFamily
+    guidance_scale = SCALE
+    reference_scales = (SCALE, 1.0)
+    pixel_size = (8, 8)
+    speculative_cases = {
+        "jacobi-random": dict(decoding="jacobi", init="random", window=6),
+        "jacobi-vertical": dict(decoding="jacobi", init="vertical", window=9),
+        "jacobi-vertical-w16": dict(decoding="jacobi", init="vertical", window=16, coupled=True),
+        "draft-other": dict(decoding="draft", window=4, draft="other"),
+        "draft-self": dict(decoding="draft", window=6, draft="self"),
+    }
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def pipe(cls):
+        return make_pipe(cls.kind)
+
+    def conditions(self, pipe):
+        return condition(self.kind)[0]
+
+    def reference_tokens(self, pipe, scale):
+        return lg.llamagen_generate(pipe.model, max_new_tokens=16, cfg_scale=scale, top_k=1, **condition(self.kind)[1])
+
+    def make_draft(self, pipe, name):
+        return tiny_gpt(self.kind, seed=5) if name == "other" else super().make_draft(pipe, name)
+
+    def check_speculative(self, pipe, name, out, ar):
+        if name == "draft-self":
+            assert out.stats.target_forwards <= ar.stats.target_forwards // 2
+
+
+class TestLlamaGenC2I(LlamaGenContract):
+    kind = "c2i"
+    bad_inputs = {
+        "prompt": (dict(prompt="a cat"), "class-conditional"),
+        "negative-prompt": (dict(class_labels=[1], negative_prompt="dog"), "class-conditional"),
+        "prompt-embeds": (dict(prompt_embeds=torch.zeros(1, 3, 12)), "class-conditional"),
+        "nothing": (dict(), "pass `class_labels`"),
+        "label-range": (dict(class_labels=[5]), r"\[0, 4\]"),
+    }
+
+
+class TestLlamaGenT2I(LlamaGenContract):
+    kind = "t2i"
+    bad_inputs = {
+        "class-labels": (dict(class_labels=[1]), "caption-conditioned"),
+        "prompt": (dict(prompt="a cat"), "caption-conditioned"),
+        "nothing": (dict(), "pass `prompt_embeds`"),
+        "caption-dim": (dict(prompt_embeds=torch.zeros(1, 3, 7)), "caption_dim=12"),
+        "too-short": (dict(prompt_embeds=torch.ones(1, 2, 12)), "cls_token_num=3"),
+        "negative-count": (dict(prompt_embeds=torch.ones(2, 3, 12), negative_prompt_embeds=torch.ones(1, 3, 12)),
+                           "negative"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# LlamaGen specifics
+# ------------------------------------------------------------------------------------------------------
 
 
 def naive_guided_greedy(model, cond, cond_mask, uncond, uncond_mask, n, scale):
@@ -131,75 +176,14 @@ def test_t2i_negative_prompt_embeds_equals_naive_reference():
     assert torch.equal(jac.tokens, ref)
 
 
-# ------------------------------------------------------------------------------------------------------
-# greedy speculative paths equal the AR path
-# ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kwargs", [
-    dict(decoding="jacobi", init="random", window=6),
-    dict(decoding="jacobi", init="vertical", window=9),
-    dict(decoding="jacobi", init="vertical", window=16, coupled=True),
-    dict(decoding="draft", window=4, draft="other"),
-    dict(decoding="draft", window=6, draft="self"),
-], ids=["jacobi-random", "jacobi-vertical", "jacobi-vertical-w16", "draft-other", "draft-self"])
-def test_greedy_speculative_equals_ar(pipe, kwargs):
-    kind = kind_of(pipe)
-    kwargs = dict(kwargs)
-    draft = kwargs.pop("draft", None)
-    if draft == "other":
-        kwargs["draft_model"] = tiny_gpt(kind, seed=5)
-    elif draft == "self":
-        kwargs["draft_model"] = pipe.model
-    kw, _ = condition(kind)
-    ref = pipe(**kw, do_sample=False, decoding="ar", guidance_scale=SCALE, output_type="latent")
-    out = pipe(**kw, do_sample=False, guidance_scale=SCALE, output_type="latent",
-               generator=torch.Generator().manual_seed(0), **kwargs)
-    assert torch.equal(out.tokens, ref.tokens)
-    if draft == "self":
-        assert out.stats.target_forwards <= ref.stats.target_forwards // 2
-
-
-# ------------------------------------------------------------------------------------------------------
-# sampling, outputs, LANTERN hook
-# ------------------------------------------------------------------------------------------------------
-
-
-def test_sampling_with_generator_list_is_reproducible(pipe):
-    kw, _ = condition(kind_of(pipe))
-
-    def run(seeds, **extra):
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(**kw, guidance_scale=SCALE, output_type="latent", generator=gens, **extra).tokens
-
-    jac = dict(decoding="jacobi", window=6, init="vertical")
-    a = run([11, 12], **jac)
-    assert torch.equal(a, run([11, 12], **jac))
-    assert not torch.equal(a, run([13, 14], **jac))
-    # AR sampling: each image depends only on its own generator
-    batch = run([11, 12], decoding="ar")
-    alone_kw = {k: v[1:] for k, v in kw.items()}
-    alone = pipe(**alone_kw, guidance_scale=SCALE, output_type="latent", decoding="ar",
-                 generator=[torch.Generator().manual_seed(12)]).tokens
-    assert torch.equal(alone[0], batch[1])
-
-
 def test_relaxed_criteria_get_the_vq_codebook():
     pipe = make_pipe("c2i")
-    family = pipe.family
-    assert torch.equal(family.codebook(), pipe.vq.quantize.embedding.weight)
-    kw = dict(class_labels=LABELS, decoding="jacobi", window=6, output_type="latent")
-    exact = pipe(**kw, generator=torch.Generator().manual_seed(3))
-    lantern = pipe(**kw, acceptance=mmspec.acceptance.get("lantern", k=4, delta=0.0),
-                   generator=torch.Generator().manual_seed(3))
-    assert torch.equal(exact.tokens, lantern.tokens) and exact.lossless and not lantern.lossless
+    assert torch.equal(pipe.family.codebook(), pipe.vq.quantize.embedding.weight)
 
 
 def test_images_decoded_with_llamagen_vq():
+    """Pixels are the LlamaGen VQ's decode of the codes (shapes and ranges are in the contract)."""
     pipe = make_pipe("c2i")
-    out = pipe(class_labels=LABELS, num_images_per_prompt=2, generator=torch.Generator().manual_seed(1))
-    assert len(out.images) == 4 and all(isinstance(im, PIL.Image.Image) and im.size == (8, 8) for im in out.images)
-    assert out.tokens.shape == (4, 16) and out.tokens.min() >= 0 and out.tokens.max() < 16
     pt = pipe(class_labels=3, do_sample=False, output_type="pt")
     expected = (pipe.vq.decode_code(pt.tokens, (1, 4, 4, 4)).clamp(-1, 1) + 1) / 2
     assert pt.images.shape == (1, 3, 8, 8) and torch.allclose(pt.images, expected.float())
@@ -228,25 +212,6 @@ def test_family_layout_and_conditioning():
 # ------------------------------------------------------------------------------------------------------
 # bad inputs
 # ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind,kwargs,match", [
-    ("c2i", dict(prompt="a cat"), "class-conditional"),
-    ("c2i", dict(class_labels=[1], negative_prompt="dog"), "class-conditional"),
-    ("c2i", dict(prompt_embeds=torch.zeros(1, 3, 12)), "class-conditional"),
-    ("c2i", dict(), "pass `class_labels`"),
-    ("c2i", dict(class_labels=[5]), r"\[0, 4\]"),
-    ("t2i", dict(class_labels=[1]), "caption-conditioned"),
-    ("t2i", dict(prompt="a cat"), "caption-conditioned"),
-    ("t2i", dict(), "pass `prompt_embeds`"),
-    ("t2i", dict(prompt_embeds=torch.zeros(1, 3, 7)), "caption_dim=12"),
-    ("t2i", dict(prompt_embeds=torch.ones(1, 2, 12)), "cls_token_num=3"),
-    ("t2i", dict(prompt_embeds=torch.ones(2, 3, 12), negative_prompt_embeds=torch.ones(1, 3, 12)), "negative"),
-])
-def test_bad_inputs(kind, kwargs, match):
-    pipe = make_pipe(kind)
-    with pytest.raises(ValueError, match=match):
-        pipe(**kwargs, output_type="latent")
 
 
 def test_bad_models():
@@ -283,10 +248,29 @@ def test_components_save_and_load(tmp_path):
     assert torch.equal(a.tokens, b.tokens) and np.allclose(a.images, b.images, atol=1e-6)
 
 
-def test_pipeline_save_and_load(tmp_path):
-    pipe = make_pipe("c2i")
-    pipe.save_pretrained(tmp_path)
+def test_pipeline_saved_by_mmspec_0_1_loads(tmp_path):
+    """mmspec 0.1 saved LlamaGen components as ``model.safetensors`` with the config in the metadata (no
+    ``config.json``) and named ``mmspec.models.llamagen`` as their library; such folders still load."""
+    pipe = make_pipe("t2i")
+    for name, save in (("model", lg.save_gpt), ("vq", lg.save_vq)):
+        (tmp_path / name).mkdir()
+        save(getattr(pipe, name), tmp_path / name / "model.safetensors")
+    index = {"_class_name": "SpeculativeImagePipeline", "_diffusers_version": "0.42.1", "tokenizer": [None, None],
+             "model": ["mmspec.models.llamagen", "LlamaGenGPT"], "vq": ["mmspec.models.llamagen", "LlamaGenVQ"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     again = SpeculativeImagePipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
-    kw = dict(class_labels=LABELS, do_sample=False, output_type="latent")
+    assert again.model.config == pipe.model.config and again.model.dtype == torch.float64
+    kw = dict(prompt_embeds=caption(), do_sample=False, output_type="latent")
     assert torch.equal(pipe(**kw).tokens, again(**kw).tokens)
+
+
+def test_pipeline_folder_is_diffusers_format(tmp_path):
+    """Components are saved by diffusers itself (config.json + weights), recorded by module path."""
+    make_pipe("c2i").save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["model"] == ["mmspec.models.llamagen.gpt", "LlamaGenGPT"]
+    assert index["vq"] == ["mmspec.models.llamagen.vq", "LlamaGenVQ"]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["_class_name"] == "LlamaGenGPT" and config["model_type"] == "c2i" and config["num_classes"] == 5
+    assert (tmp_path / "vq" / "diffusion_pytorch_model.safetensors").is_file()

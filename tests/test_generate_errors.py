@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mmspec
-from conftest import tiny_causal_lm
+
+from lm_fixtures import tiny_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mmspec
-from conftest import perturbed_copy, ragged_prompts, tiny_causal_lm
+
+from lm_fixtures import perturbed_copy, ragged_prompts, tiny_causal_lm
 
 METHODS = ("ar", "jacobi", "lookup", "draft")
 NEW = 24

@@ -1,18 +1,17 @@
 """The image pipeline: speculative image-token decoding equals AR decoding; guidance is exact."""
 
-import itertools
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import mmspec
-from mmspec.pipelines import SpeculativeImagePipeline
-from image_fixtures import tiny_image_lm, tiny_pipeline, tiny_tokenizer, tiny_vq
 from mmspec.models.families import family_for
 from mmspec.models.image_tokens import EOL, ImageLayout
+from mmspec.pipelines import SpeculativeImagePipeline
+
+from image_fixtures import tiny_image_lm, tiny_pipeline, tiny_tokenizer, tiny_vq
+from utils_stats import all_outcomes, chi2_pvalue, guided_sequence_law, outcome_counts
 
 PROMPTS = ["a red circle", "a blue square on green background", "green"]
 
@@ -108,20 +107,15 @@ def test_cond_and_uncond_rows_never_diverge():
 
 
 def exact_guided_distribution(model, family, prompt, scale, temperature):
+    """P(codes) of every code grid (guided, tempered); returns probs [C^n] and the grids' codes [C^n, n]."""
     layout = family.layout()
-    lo, hi = layout.token_range
     inputs = family.prefill_inputs([prompt])
     cond = inputs["input_ids"][0].tolist()
     uncond = inputs["uncond_input_ids"][0][inputs["uncond_attention_mask"][0].bool()].tolist()
     n = layout.height * layout.width
-    outcomes = torch.tensor(list(itertools.product(range(lo, hi), repeat=n)))
-    with torch.no_grad():
-        c = model(torch.cat([torch.tensor(cond).expand(len(outcomes), -1), outcomes], 1)).logits
-        u = model(torch.cat([torch.tensor(uncond).expand(len(outcomes), -1), outcomes], 1)).logits
-    c = c[:, len(cond) - 1 : len(cond) - 1 + n, lo:hi]
-    u = u[:, len(uncond) - 1 : len(uncond) - 1 + n, lo:hi]
-    p = ((u + scale * (c - u)) / temperature).softmax(-1)
-    return p.gather(-1, (outcomes - lo).unsqueeze(-1)).squeeze(-1).prod(-1), outcomes - lo
+    lo, hi = layout.token_range
+    codes = all_outcomes(hi - lo, n)
+    return guided_sequence_law(model, cond, uncond, codes + lo, torch.arange(n), (lo, hi), scale, temperature), codes
 
 
 @pytest.mark.slow
@@ -140,17 +134,9 @@ def test_exact_with_guidance_is_lossless(decoding, kw):
     out = pipe("a red circle", num_images_per_prompt=N, guidance_scale=scale, temperature=temp, decoding=decoding,
                generator=torch.Generator().manual_seed(0), output_type="latent", **kw)
     assert torch.equal(out.images.flatten(1), out.tokens)
-    codes = (out.tokens * torch.tensor([64, 16, 4, 1])).sum(-1)
-    observed = torch.bincount(codes, minlength=256).double()
-    expected = probs.double() / probs.double().sum() * N
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
     if decoding != "ar":
         assert out.stats.step_compression > 1.0
-    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+    assert chi2_pvalue(outcome_counts(out.tokens, 4), probs) > 1e-3
 
 
 def test_relaxed_criteria_degenerate_to_exact():

@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mmspec  # noqa: E402
-from conftest import tiny_causal_lm  # noqa: E402
+
 from image_fixtures import tiny_pipeline  # noqa: E402
+from lm_fixtures import tiny_causal_lm  # noqa: E402
 
 triton_verify = pytest.importorskip("mmspec.kernels.triton_verify")
 

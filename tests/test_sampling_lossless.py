@@ -16,7 +16,9 @@ from scipy.stats import chisquare
 
 import mmspec
 from mmspec.acceptance import Criterion
-from conftest import perturbed_copy, tiny_causal_lm
+
+from lm_fixtures import perturbed_copy, tiny_causal_lm
+from utils_stats import all_outcomes, chi2_pvalue, outcome_counts, sequence_law
 
 V, NEW, N, ALPHA = 8, 3, 20_000, 1e-3
 PROMPT = torch.tensor([[3, 5, 3, 5, 3]])
@@ -39,27 +41,13 @@ def _warp(logits, temperature, top_k, top_p):
 
 
 def exact_distribution(model, temperature=1.0, top_k=None, top_p=None):
-    outcomes = torch.tensor(list(itertools.product(range(V), repeat=NEW)))
+    outcomes = all_outcomes(V, NEW)
     seqs = torch.cat([PROMPT.expand(len(outcomes), -1), outcomes], dim=1)
     with torch.no_grad():
         logits = model(seqs).logits.double()
     T = PROMPT.shape[1]
     probs = _warp(logits[:, T - 1 : T - 1 + NEW], temperature, top_k, top_p)
-    step = probs.gather(-1, outcomes.unsqueeze(-1)).squeeze(-1)
-    return step.prod(-1)  # [V**NEW], index = base-V number of the outcome
-
-
-def chi2_pvalue(samples, expected_probs):
-    codes = (samples * torch.tensor([V**2, V, 1])).sum(-1)
-    observed = torch.bincount(codes, minlength=V**NEW).double()
-    expected = expected_probs * len(samples)
-    assert float(observed[expected == 0].sum()) == 0, "sampled an outcome of probability zero"
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+    return sequence_law(probs, outcomes)  # [V**NEW], index = base-V number of the outcome
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +88,7 @@ def test_sampling_is_lossless(pair, method, kw, warp):
     samples, stats = _sample(target, draft, method, WARPS[warp], **kw)
     if method != "ar":
         assert stats.step_compression > 1.0  # drafts were really accepted, so the test exercises acceptance
-    p = chi2_pvalue(samples, expected)
+    p = chi2_pvalue(outcome_counts(samples, V), expected)
     assert p > ALPHA, f"{method} {kw} {warp}: chi-square p = {p:.2e}"
 
 
@@ -120,7 +108,7 @@ def test_biased_criterion_is_detected(pair):
     target, draft = pair
     expected = exact_distribution(target)
     samples, _ = _sample(target, draft, "draft", {}, window=4, acceptance=AcceptAll())
-    assert chi2_pvalue(samples, expected) < 1e-6
+    assert chi2_pvalue(outcome_counts(samples, V), expected) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """The video pipeline: speculative video-token decoding equals AR decoding; the temporal init is exact; files."""
 
-import itertools
 from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from scipy.stats import chisquare
 
-from image_fixtures import WORDS, tiny_tokenizer, tiny_vq
 from mmspec.drafting.jacobi import INIT_STRATEGIES, JacobiProposer
 from mmspec.models.image_tokens import AFTER, EOF, EOI, EOL, IMAGE, ImageLayout, VideoLayout
 from mmspec.pipelines.video import SpeculativeVideoPipeline, export_video, video_family_for
+
+from image_fixtures import WORDS, tiny_tokenizer, tiny_vq
+from utils_stats import all_outcomes, chi2_pvalue, guided_sequence_law, outcome_counts
 
 PROMPTS = ["a red circle", "a blue square on green background", "green"]
 
@@ -196,18 +196,12 @@ def exact_video_distribution(model, family, prompt, scale, temperature):
     cond = inputs["input_ids"][0].tolist()
     uncond = inputs["uncond_input_ids"][0][inputs["uncond_attention_mask"][0].bool()].tolist()
     cells = layout.frames * layout.height * layout.width
-    codes = torch.tensor(list(itertools.product(range(hi - lo), repeat=cells)))
+    codes = all_outcomes(hi - lo, cells)
     kinds = layout.kind(torch.arange(layout.num_tokens))
     span = layout.forced_token(kinds).expand(len(codes), -1).clone()
     span[:, kinds == IMAGE] = codes + lo
-    with torch.no_grad():
-        c = model(torch.cat([torch.tensor(cond).expand(len(codes), -1), span], 1)).logits
-        u = model(torch.cat([torch.tensor(uncond).expand(len(codes), -1), span], 1)).logits
     positions = (kinds == IMAGE).nonzero().flatten()
-    c = c[:, len(cond) - 1 + positions, lo:hi]
-    u = u[:, len(uncond) - 1 + positions, lo:hi]
-    p = ((u + scale * (c - u)) / temperature).softmax(-1)
-    return p.gather(-1, codes.unsqueeze(-1)).squeeze(-1).prod(-1), codes
+    return guided_sequence_law(model, cond, uncond, span, positions, (lo, hi), scale, temperature), codes
 
 
 @pytest.mark.slow
@@ -224,15 +218,7 @@ def test_temporal_init_sampling_is_lossless(kw):
     out = pipe("a red circle", num_videos_per_prompt=N, guidance_scale=scale, temperature=temp, decoding="jacobi",
                init="temporal", generator=torch.Generator().manual_seed(0), output_type="latent", **kw)
     assert out.stats.step_compression > 1.0
-    index = (out.tokens.flatten(1) * torch.tensor([27, 9, 3, 1])).sum(-1)
-    observed = torch.bincount(index, minlength=81).double()
-    expected = probs.double() / probs.double().sum() * N
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+    assert chi2_pvalue(outcome_counts(out.tokens.flatten(1), 3), probs) > 1e-3
 
 
 def test_outputs_and_files(tmp_path):

@@ -8,11 +8,12 @@ through the same adapter. Batches mix images of different sizes and prompts of d
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
-from vlm_fixtures import FAMILIES, family_batch
 
 import mmspec
 from mmspec.models.vlm import VisionLM, adapter_for
+
+from lm_fixtures import tiny_causal_lm
+from vlm_fixtures import FAMILIES, family_batch
 
 NEW = 12
 _CACHE = {}

@@ -161,7 +161,7 @@ def test_object_colour_contrasts_with_background():
         s = make_scene(seed)
         bg = np.array(zd.COLOUR_RGB[s.attributes["background_colour"]], float)
         for o in s.attributes["objects"]:
-            assert np.linalg.norm(np.array(zd.COLOUR_RGB[o["colour"]], float) - bg) >= zd._MIN_CONTRAST
+            assert np.linalg.norm(np.array(zd.COLOUR_RGB[o["colour"]], float) - bg) >= zd.vocab._MIN_CONTRAST
 
 
 # Measured on seeds 0..999 at 64x64 (uint8 units): mean 8x8-patch std averages 20.0 (min 5.5,
@@ -227,8 +227,8 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     # force a fresh load under the no-network guard
-    monkeypatch.setattr(zd, "_NATURAL_RAW", {})
-    monkeypatch.setattr(zd, "_NATURAL_RESIZED", {})
+    monkeypatch.setattr(zd.natural, "_NATURAL_RAW", {})
+    monkeypatch.setattr(zd.natural, "_NATURAL_RESIZED", {})
 
 
 def test_natural_images_load_offline(no_network):
@@ -269,7 +269,7 @@ def test_stdlib_corpus():
     assert len(text) == 300_000
     assert text == stdlib_corpus(300_000)
     assert "def " in text and "import " in text
-    files = zd._stdlib_files()
+    files = zd.text._stdlib_files()
     assert len(files) > 200
     assert [rel for rel, _ in files] == sorted(rel for rel, _ in files)
     assert not any("site-packages" in rel or "/test/" in f"/{rel}" for rel, _ in files)

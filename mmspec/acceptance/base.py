@@ -12,6 +12,10 @@ batch and the window:
 
 Exact speculative sampling is the pair ``min(1, p(x)/q(x))`` and ``max(p - q, 0)``; relaxed criteria
 change one or both and declare ``lossless = False``.
+
+Criteria of ``kind = "continuous"`` (``mmspec.acceptance.continuous``) answer the same two questions for continuous
+tokens, whose rows are Gaussian densities (means and scales) instead of probability vectors; a decode uses only
+criteria of its state's kind (``get(..., kind=...)`` checks it).
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ class Criterion(ABC):
         lossless: True when the output distribution equals the target's exactly.
         requires_sampling: True when the criterion is meaningless for greedy decoding
             (``do_sample=False`` then raises).
+        kind: ``"tokens"`` (rows are probability vectors over a vocabulary) or ``"continuous"`` (rows are Gaussian
+            densities of continuous tokens).
     """
 
     name: str = "criterion"
     lossless: bool = False
     requires_sampling: bool = False
+    kind: str = "tokens"
 
     @abstractmethod
     def acceptance(self, draft_tokens, draft_probs, target_probs) -> torch.Tensor:
@@ -67,6 +74,7 @@ class Criterion(ABC):
 
 
 _REGISTRY: Dict[str, Callable[..., Criterion]] = {}
+_KINDS = {"tokens": "token ids", "continuous": "continuous tokens"}
 
 
 def register(name: str):
@@ -80,23 +88,32 @@ def register(name: str):
     return wrap
 
 
-def available() -> list[str]:
-    """Names of the registered criteria."""
-    return sorted(_REGISTRY)
+def available(kind: str | None = None) -> list[str]:
+    """Names of the registered criteria (of one ``kind``, ``"tokens"`` or ``"continuous"``, when given)."""
+    return sorted(name for name, cls in _REGISTRY.items() if kind is None or cls.kind == kind)
 
 
-def get(criterion="exact", **params) -> Criterion:
+def get(criterion="exact", *, kind: str | None = None, **params) -> Criterion:
     """A criterion from its registry name (or pass a criterion object through unchanged).
 
-    >>> mmspec.acceptance.get("typical", epsilon=0.09, alpha=0.3)
+    ``kind`` (``"tokens"`` or ``"continuous"``), when given, is the kind of tokens being decoded: a criterion of
+    another kind raises a ``ValueError`` naming the criteria that fit.
+
+    >>> get("typical", epsilon=0.09, alpha=0.3).name
+    'typical'
     """
     if isinstance(criterion, Criterion):
         if params:
             raise ValueError("parameters can only be given together with a criterion name, not an object.")
-        return criterion
-    if not isinstance(criterion, str) or criterion not in _REGISTRY:
-        raise ValueError(f"unknown acceptance criterion {criterion!r}; available: {available()}.")
-    try:
-        return _REGISTRY[criterion](**params)
-    except TypeError as err:
-        raise ValueError(f"bad parameters for acceptance criterion {criterion!r}: {err}") from None
+        crit = criterion
+    elif not isinstance(criterion, str) or criterion not in _REGISTRY:
+        raise ValueError(f"unknown acceptance criterion {criterion!r}; available: {available(kind)}.")
+    else:
+        try:
+            crit = _REGISTRY[criterion](**params)
+        except TypeError as err:
+            raise ValueError(f"bad parameters for acceptance criterion {criterion!r}: {err}") from None
+    if kind is not None and crit.kind != kind:
+        raise ValueError(f"acceptance={crit.name!r} verifies {_KINDS.get(crit.kind, crit.kind)}, but this decode "
+                         f"makes {_KINDS.get(kind, kind)}; choose one of {available(kind)}.")
+    return crit

@@ -1,4 +1,4 @@
-"""Exact speculative acceptance for continuous tokens from a diffusion head (ALGORITHMS.md section 5).
+"""Exact speculative acceptance for continuous tokens from a diffusion head (docs/algorithms.md section 5).
 
 Why the output is exactly the target's distribution
 ---------------------------------------------------
@@ -33,10 +33,10 @@ The densities are evaluated in float64 as a log-density difference. The residual
   ``max_tries`` candidates; if none is kept, a plain fresh draw from ``p`` (total-variation error at most
   ``(1 - TV)^max_tries`` on that branch), never a zero vector.
 
-This criterion is *not* registered in the token-criterion registry (``mmspec.acceptance.available()``): its
-inputs are Gaussian means and scales, not probability rows over a vocabulary, so ``mmspec.decoding`` and
-``mmspec.verify`` cannot use it. The continuous loop (``mmspec.continuous``) accepts it by name,
-``acceptance="continuous"``, or as an object.
+The criterion is registered as ``"continuous"`` (``mmspec.acceptance.get("continuous")``), with
+``kind = "continuous"``: its rows are Gaussian means and scales, not probability vectors over a vocabulary, so
+``mmspec.verify`` and token decodes refuse it, and decodes of continuous tokens (``mmspec.continuous``) accept only
+it. ``verify_continuous`` is its vectorised verification step.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import Generator, _draw, uniform
+from .base import Criterion, get, register
 
 __all__ = ["ContinuousCriterion", "ContinuousVerifyResult", "gaussian_log_density", "normal", "verify_continuous",
            "get_continuous"]
@@ -96,16 +97,20 @@ class ContinuousVerifyResult:
     acceptance: torch.Tensor
 
 
-class ContinuousCriterion:
+@register("continuous")
+class ContinuousCriterion(Criterion):
     """Exact acceptance of Gaussian last steps (see the module docstring).
+
+    Its ``acceptance`` and ``residual`` take Gaussian means and scales where token criteria take probability
+    rows (``kind = "continuous"``).
 
     Args:
         max_tries: candidates of the rejection sampler used when the scales differ (>= 1).
     """
 
-    name = "continuous"
     lossless = True
     requires_sampling = True
+    kind = "continuous"
 
     def __init__(self, max_tries: int = 32):
         if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
@@ -156,14 +161,9 @@ class ContinuousCriterion:
 
 
 def get_continuous(criterion="continuous", **params) -> ContinuousCriterion:
-    """A continuous criterion from its name (``"continuous"``) or passed through as an object."""
-    if isinstance(criterion, ContinuousCriterion):
-        if params:
-            raise ValueError("parameters can only be given together with a criterion name, not an object.")
-        return criterion
-    if criterion != "continuous":
-        raise ValueError(f"continuous tokens support acceptance='continuous' (lossless) only, got {criterion!r}.")
-    return ContinuousCriterion(**params)
+    """A continuous criterion from its name (``"continuous"``) or passed through as an object:
+    ``mmspec.acceptance.get(criterion, kind="continuous", **params)``."""
+    return get(criterion, kind="continuous", **params)
 
 
 def verify_continuous(

@@ -1,9 +1,45 @@
-"""Proposers: who drafts the tokens the target verifies."""
+"""Proposers: who drafts the tokens the target verifies, and the registry of decoding methods built from them.
 
-from .base import NoDraft, Proposer
+Built-in methods (``available_methods()``): ``"jacobi"`` (the target drafts for itself), ``"draft"`` (a draft model
+proposes), ``"lookup"`` (n-gram match in the context) and ``"ar"`` (plain decoding through the same loop); for
+continuous tokens ``"draft"`` and ``"ar"``. A new method is a ``Proposer`` subclass and a factory registered with
+``register_method``.
+"""
+
+from .base import MethodSpec, NoDraft, Proposer, available_methods, make_proposer, method_spec, register_method
+from .continuous import ContinuousDraftProposer, GaussianDrafts
 from .jacobi import INIT_STRATEGIES, JacobiProposer, register_init
 from .lookup import LookupProposer
 from .model import DraftModelProposer
 
-__all__ = ["DraftModelProposer", "INIT_STRATEGIES", "JacobiProposer", "LookupProposer", "NoDraft", "Proposer",
-           "register_init"]
+__all__ = ["ContinuousDraftProposer", "DraftModelProposer", "GaussianDrafts", "INIT_STRATEGIES", "JacobiProposer",
+           "LookupProposer", "MethodSpec", "NoDraft", "Proposer", "available_methods", "make_proposer", "method_spec",
+           "register_init", "register_method"]
+
+
+@register_method("jacobi", default_window=16)
+def _jacobi(window, init="random", coupled=False, layout=None):
+    return JacobiProposer(window, init=init, coupled=coupled, layout=layout)
+
+
+@register_method("draft", default_window=6, needs_draft=True)
+def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None):
+    start = min(5, window - 1) if adaptive else window - 1
+    return DraftModelProposer(draft, max(start, 1) if window > 1 else 0, adaptive=adaptive, max_drafts=window - 1,
+                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs)
+
+
+@register_method("lookup", default_window=11)
+def _lookup(window, max_ngram=3):
+    return LookupProposer(window - 1, max_ngram=max_ngram)
+
+
+@register_method("ar", default_window=1, fixed_window=1)
+@register_method("ar", default_window=1, fixed_window=1, kind="continuous")
+def _ar(window):
+    return NoDraft()
+
+
+@register_method("draft", default_window=4, needs_draft=True, kind="continuous")
+def _continuous_draft(window, draft, draft_trajectory, align=True):
+    return ContinuousDraftProposer(draft, draft_trajectory, window - 1, align=align)

@@ -1,12 +1,21 @@
-"""The proposer protocol: what the decoding loop asks of a drafter."""
+"""The proposer protocol (what the decoding loop asks of a drafter) and the registry of decoding methods.
+
+A method name (``"jacobi"``, ``"draft"``, ``"lookup"``, ``"ar"``, ...) maps to a factory that builds its proposer;
+``mmspec.generate``, the pipelines and the CLI all choose proposers here, so the list of methods is the registry's
+(``available_methods()``). A method may have one factory per kind of token (``"tokens"``, ``"continuous"``).
+"""
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-__all__ = ["Proposer", "NoDraft", "row_limits", "pad_drafts"]
+__all__ = ["MethodSpec", "NoDraft", "Proposer", "available_methods", "make_proposer", "method_spec",
+           "pad_drafts", "register_method", "row_limits"]
 
 
 def row_limits(state, max_tokens: int) -> torch.Tensor:
@@ -29,8 +38,8 @@ class Proposer(ABC):
     """Proposes draft tokens for every row before each target forward.
 
     The loop calls ``start`` once after the target's prefill, then per step ``propose`` -> (target forward,
-    verify, commit) -> ``update``. Proposers read the committed text from ``state`` (a
-    ``mmspec.decoding.DecodeState``) and never touch the target's cache.
+    verify, commit) -> ``update``. Proposers read the committed tokens from ``state`` (a ``mmspec.decoding.State``:
+    ``DecodeState`` for ids, ``mmspec.continuous.ContinuousState`` for vectors) and never touch the target's cache.
     """
 
     #: number of forwards this proposer ran on a separate draft model
@@ -42,7 +51,9 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, state, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return drafts [B, K] (K <= max_tokens, on ``state.device``) and the rows [B, K, V] they were
-        drawn from, or None when every draft is deterministic (one-hot ``q``).
+        drawn from, or None when every draft is deterministic (one-hot ``q``). Continuous proposers return
+        drafts [B, K, C] and a ``GaussianDrafts``; token proposers may return a ``mmspec.tree.DraftTree`` instead
+        of the pair (several candidates per position).
 
         Per-row reproducibility: a row proposes what it would alone (at most ``row_limits(state, max_tokens)``
         drafts, a number that depends on that row only) and fills the rest of the batch's window with -1
@@ -57,4 +68,70 @@ class NoDraft(Proposer):
     """Plain autoregressive decoding through the same loop: an empty window every step."""
 
     def propose(self, state, max_tokens):
-        return torch.empty(state.batch_size, 0, dtype=torch.long, device=state.device), None
+        return state.no_drafts(), None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered decoding method.
+
+    Attributes:
+        name: what users pass as ``method=``.
+        factory: ``factory(window, **options) -> Proposer``; it declares the options it uses as parameters.
+        default_window: tokens verified per target forward when the user gives none.
+        kind: ``"tokens"`` or ``"continuous"``.
+        needs_draft: the method proposes with a draft model (``draft=`` is a required factory option).
+        fixed_window: a window the method always uses (1 for plain AR), whatever the user asks.
+    """
+
+    name: str
+    factory: Callable[..., Proposer]
+    default_window: int
+    kind: str = "tokens"
+    needs_draft: bool = False
+    fixed_window: int | None = None
+
+
+_METHODS: dict[tuple[str, str], MethodSpec] = {}
+
+
+def register_method(name: str, *, default_window: int, kind: str = "tokens", needs_draft: bool = False,
+                    fixed_window: int | None = None):
+    """Decorator: register ``factory(window, **options) -> Proposer`` as decoding method ``name`` for ``kind``.
+
+    Example (``RepeatLastProposer`` being a ``Proposer`` subclass)::
+
+        @register_method("repeat-last", default_window=4)
+        def _repeat_last(window):
+            return RepeatLastProposer(num_drafts=window - 1)
+    """
+
+    def wrap(factory):
+        _METHODS[(name, kind)] = MethodSpec(name, factory, default_window, kind, needs_draft, fixed_window)
+        return factory
+
+    return wrap
+
+
+def available_methods(kind: str = "tokens") -> list[str]:
+    """Names of the decoding methods registered for ``kind`` (``"tokens"`` or ``"continuous"``), in registration
+    order."""
+    return [name for (name, k) in _METHODS if k == kind]
+
+
+def method_spec(name: str, kind: str = "tokens", arg: str = "method") -> MethodSpec:
+    """The ``MethodSpec`` of ``name``; a ``ValueError`` naming ``arg`` and the choices for an unknown one."""
+    spec = _METHODS.get((name, kind)) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown `{arg}` {name!r}; choose one of {available_methods(kind)}.")
+    return spec
+
+
+def make_proposer(name: str, window: int | None = None, *, kind: str = "tokens", **options) -> tuple[Proposer, int]:
+    """Build the proposer of method ``name``: returns ``(proposer, window)``, the window being the user's, the
+    method's default when None, or the method's fixed window. ``options`` may hold every method's settings (as
+    ``mmspec.generate`` passes them): each factory receives the ones it declares."""
+    spec = method_spec(name, kind)
+    window = spec.fixed_window or (spec.default_window if window is None else window)
+    params = inspect.signature(spec.factory).parameters
+    return spec.factory(window, **{k: v for k, v in options.items() if k in params}), window

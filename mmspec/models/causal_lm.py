@@ -1,7 +1,7 @@
 """Adapter for transformers causal LMs: a per-row ragged KV cache that can be rolled back.
 
 Rows of a batch accept different numbers of drafts in a step. Instead of cutting every row to the batch
-minimum (which biases sampling, ALGORITHMS.md section 7), the cache keeps one common length and each row
+minimum (which biases sampling, docs/algorithms.md section 7), the cache keeps one common length and each row
 marks its rejected positions as *holes* in its 2-D attention mask. Position ids count valid tokens only,
 so every row sees exactly the positions plain decoding would give it. Trailing positions that no row
 kept are cropped from the transformers cache (``Cache.crop(-n)``, transformers 5.x).

@@ -9,7 +9,7 @@ that structure; ``GuidedLM`` wraps a causal-LM adapter so that:
 * logits are combined as ``u + s (c - u)`` (classifier-free guidance) and structural positions are forced
   (end-of-line / end-of-image become one-hot, image positions may only emit image tokens).
 
-Both happen before temperature/top-k/top-p, for target and draft rows alike (ALGORITHMS.md section 6).
+Both happen before temperature/top-k/top-p, for target and draft rows alike (docs/algorithms.md section 6).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ class LlamaGenLM(CausalLM):
             raise ValueError("LlamaGen needs its condition at prefill: pass `cond` (class labels or caption features).")
         drop = model_kwargs.get("cond_drop")
         cfg = self.model.config
-        if drop is not None and bool(torch.as_tensor(drop).any()) and cfg.model_type == "c2i" and cfg.class_dropout_prob <= 0:
+        dropped = drop is not None and bool(torch.as_tensor(drop).any())
+        if dropped and cfg.model_type == "c2i" and cfg.class_dropout_prob <= 0:
             raise ValueError(
                 "this c2i LlamaGen model has no null class (class_dropout_prob=0), so classifier-free guidance is "
                 "not available: use guidance_scale=1.0."

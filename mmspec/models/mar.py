@@ -313,6 +313,8 @@ class MARRunner:
         runner.rollback(keep)                               # keep[b] tokens of the block in row b
     """
 
+    vocab_size = None  # continuous tokens: no vocabulary (``mmspec.models.TargetAdapter``)
+
     def __init__(self, model: ContinuousARModel, guidance_scale: float = 1.0):
         if not isinstance(model, ContinuousARModel):
             raise TypeError(f"`model` must be a ContinuousARModel, got {type(model).__name__}.")

@@ -21,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..decoding import GenerationStats
-from ..generation import METHODS, generate
+from ..checks import resolve_method
+from ..drafting import method_spec
+from ..generation import generate
 from ..models.vocab import warn_unknown_words
 from ..progress import quiet_loading
 
@@ -259,16 +261,14 @@ class CaptionPipeline:
 
     # ------------------------------------------------------------------ captioning
     @staticmethod
-    def _check_decoding(decoding, draft_model):
-        if decoding not in METHODS:
-            raise ValueError(f"unknown `decoding` {decoding!r}; choose one of {list(METHODS)}.")
-        if decoding == "draft" and draft_model is None:
-            raise ValueError("`decoding='draft'` needs a `draft_model` (pass it to the pipeline).")
+    def _check_decoding(decoding, draft_model, arg="decoding"):
+        if method_spec(decoding, arg=arg).needs_draft and draft_model is None:
+            raise ValueError(f"`{arg}={decoding!r}` needs a `draft_model` (pass it to the pipeline).")
 
     @torch.no_grad()
     def __call__(self, images, prompt: str | None = None, max_new_tokens: int = 32, decoding: str | None = None,
                  batch_size: int = 8, generator=None, progress: bool | None = None, window: int | None = None,
-                 **generate_kwargs) -> CaptionOutput:
+                 method: str | None = None, **generate_kwargs) -> CaptionOutput:
         """Caption one image or a list of images.
 
         Args:
@@ -277,7 +277,8 @@ class CaptionPipeline:
                 a batch.
             prompt: the text asked with every image (default: the pipeline's ``prompt``).
             max_new_tokens: most caption tokens per image.
-            decoding: ``"lookup"``, ``"jacobi"``, ``"draft"`` or ``"ar"`` (default: the pipeline's).
+            decoding: ``"lookup"``, ``"jacobi"``, ``"draft"`` or ``"ar"`` (default: the pipeline's); ``method=`` is
+                the same argument under ``mmspec.generate``'s name.
             batch_size: images per ``mmspec.generate`` call.
             generator: ``torch.Generator`` for sampling (``do_sample=True`` in ``generate_kwargs``).
             progress: tqdm bar over batches; None shows it when there is more than one batch and the output
@@ -289,8 +290,8 @@ class CaptionPipeline:
         Returns:
             ``CaptionOutput`` (captions, new token ids per image, summed stats).
         """
-        decoding = self.decoding if decoding is None else decoding
-        self._check_decoding(decoding, self.draft_model)
+        decoding, arg = resolve_method(method, decoding, default=self.decoding)
+        self._check_decoding(decoding, self.draft_model, arg)
         prompt = self.prompt if prompt is None else prompt
         if not isinstance(prompt, str):
             raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}.")
@@ -306,7 +307,7 @@ class CaptionPipeline:
         kwargs = dict(generate_kwargs)
         if kwargs.get("pad_token_id") is None and pad_id is not None:
             kwargs["pad_token_id"] = pad_id
-        if decoding == "draft":
+        if method_spec(decoding).needs_draft:
             kwargs["draft_model"] = self.draft_model
 
         chunks = [pil[i : i + batch_size] for i in range(0, len(pil), batch_size)]

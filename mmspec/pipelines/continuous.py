@@ -12,15 +12,17 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..acceptance.continuous import get_continuous
+from ..checks import check_choice, check_decoding, check_generator, check_int, resolve_method
 from ..continuous import decode_continuous
 from ..decoding import GenerationStats
+from ..drafting import available_methods
 from ..progress import TerminalProgressMixin, quiet_loading
 from ..models.mar import ContinuousARModel, DDPMTrajectory, MARRunner, tokens_to_latents
 
 __all__ = ["SpeculativeContinuousPipeline", "SpeculativeContinuousPipelineOutput", "DECODINGS"]
 
-DECODINGS = ("draft", "ar")
+#: the decoding methods for continuous tokens (``mmspec.drafting.available_methods("continuous")``)
+DECODINGS = tuple(available_methods("continuous"))
 
 
 @dataclass
@@ -158,12 +160,13 @@ class SpeculativeContinuousPipeline(TerminalProgressMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
-        decoding: str = "draft",
+        decoding: Optional[str] = None,
         draft_model: Optional[ContinuousARModel] = None,
         acceptance="continuous",
         window: int = 4,
         align: bool = True,
         draft_num_inference_steps: Optional[int] = None,
+        method: Optional[str] = None,
     ):
         """Generate images.
 
@@ -180,40 +183,35 @@ class SpeculativeContinuousPipeline(TerminalProgressMixin, DiffusionPipeline):
             return_dict: return a ``SpeculativeContinuousPipelineOutput`` (else a tuple).
             callback_on_step_end: ``fn(pipe, step, num_tokens, {"tokens": [B, N, C]})`` after every target forward,
                 ``num_tokens`` being the fewest tokens any image has so far.
-            decoding: "draft" (``draft_model`` proposes) or "ar".
+            decoding: alias of ``method``.
             draft_model: a smaller ``ContinuousARModel`` with the same token shape.
             acceptance: "continuous" (exact) or a ``ContinuousCriterion``.
             window: tokens per target forward (1 anchor + up to ``window - 1`` drafts).
             align: share trajectory noise between draft and target (raises acceptance; exact either way).
             draft_num_inference_steps: the draft head's steps (default: the target's; a different count changes
                 the last-step scale, and the residual then uses bounded rejection sampling).
+            method: the decoding method (default "draft"): "draft" (``draft_model`` proposes) or "ar"
+                (``mmspec.drafting.available_methods("continuous")``); ``decoding=`` is accepted as its alias.
 
         Returns:
             ``SpeculativeContinuousPipelineOutput`` with ``images``, ``tokens`` and ``stats``.
         """
-        if decoding not in DECODINGS:
-            raise ValueError(f"unknown `decoding` {decoding!r}; choose one of {list(DECODINGS)}.")
-        if decoding == "draft" and draft_model is None:
-            raise ValueError("`decoding='draft'` needs a `draft_model` (a smaller ContinuousARModel).")
-        if decoding == "ar" and draft_model is not None:
-            raise ValueError("`draft_model` is only used with decoding='draft'.")
-        n = num_images_per_prompt
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        name, arg = resolve_method(method, decoding, default="draft")
+        choice = check_decoding(name, window=window, draft_model=draft_model, acceptance=acceptance, kind="continuous",
+                                arg=arg)
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
+        check_choice(output_type, "output_type", ("pil", "np", "pt", "latent"))
         if draft_model is not None and not isinstance(draft_model, ContinuousARModel):
             raise TypeError(f"`draft_model` must be a ContinuousARModel, got {type(draft_model).__name__}.")
-        criterion = get_continuous(acceptance)
+        criterion = choice.criterion
         labels = self._labels(prompt, class_labels).repeat_interleave(num_images_per_prompt)
         B = labels.shape[0]
-        if isinstance(generator, list) and len(generator) != B:
-            raise ValueError(f"got {len(generator)} generators for {B} images; pass one, or one per image.")
+        check_generator(generator, B, "images")
 
         target = MARRunner(self.model, guidance_scale)
         trajectory = DDPMTrajectory(self.model.scheduler(), num_inference_steps, temperature)
         draft = draft_traj = None
-        if decoding == "draft":
+        if draft_model is not None:
             draft = MARRunner(draft_model, guidance_scale)
             draft_traj = DDPMTrajectory(draft_model.scheduler(), draft_num_inference_steps or num_inference_steps,
                                         temperature)
@@ -222,16 +220,16 @@ class SpeculativeContinuousPipeline(TerminalProgressMixin, DiffusionPipeline):
         bar = self.progress_bar(total=N)
         done = [0]
 
-        def on_step(step, tokens, num_new):
-            fewest = int(num_new.min())
+        def on_step(step, state):
+            fewest = int(state.num_new.min())
             bar.update(fewest - done[0])
             done[0] = fewest
             if callback_on_step_end is not None:
-                callback_on_step_end(self, step, fewest, {"tokens": tokens})
+                callback_on_step_end(self, step, fewest, {"tokens": state.tokens.float()})
 
         tokens, stats, info = decode_continuous(
             target, labels, trajectory=trajectory, draft=draft, draft_trajectory=draft_traj,
-            window=window if draft is not None else 1, criterion=criterion, generator=generator, align=align,
+            window=choice.window, criterion=criterion, generator=generator, align=align,
             callback=on_step,
         )
         bar.close()

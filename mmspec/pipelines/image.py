@@ -11,10 +11,9 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from .. import acceptance as _acceptance
-from ..decoding import GenerationStats, decode
-from ..drafting import DraftModelProposer, JacobiProposer, NoDraft
-from ..drafting.jacobi import INIT_STRATEGIES
+from ..checks import check_choice, check_decoding, check_generator, check_int, resolve_method
+from ..decoding import DecodeState, GenerationStats, decode
+from ..drafting import available_methods, make_proposer
 from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
@@ -23,7 +22,9 @@ from ..sampling import LogitsPipeline
 
 __all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "DECODINGS"]
 
-DECODINGS = ("jacobi", "draft", "ar")
+#: the decoding methods (the registry's, ``mmspec.drafting.available_methods()``)
+DECODINGS = tuple(available_methods())
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -66,88 +67,28 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model->vq"
-    _optional_components = ["tokenizer"]
+    _optional_components = ["tokenizer", "vq"]  # vq: Emu3 decodes with the model's own VQ; others may emit latents
 
     def __init__(self, model, vq, tokenizer=None):
         super().__init__()
         self.register_modules(model=model, vq=vq, tokenizer=tokenizer)
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """diffusers' ``save_pretrained``, plus components diffusers does not know (e.g. the LlamaGen GPT and
-        VQ) saved with their own ``save_pretrained`` and recorded in ``model_index.json`` by module path."""
-        import json
-        import os
-
-        super().save_pretrained(save_directory, **kwargs)
-        index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path) as fh:
-            index = json.load(fh)
-        for name, component in self.components.items():
-            if component is None or index.get(name, [None])[0] is not None:
-                continue
-            if not hasattr(component, "save_pretrained"):
-                raise ValueError(f"component `{name}` ({type(component).__name__}) has no `save_pretrained`.")
-            component.save_pretrained(os.path.join(save_directory, name))
-            index[name] = [type(component).__module__, type(component).__name__]
-        with open(index_path, "w") as fh:
-            json.dump(index, fh, indent=2, sort_keys=True)
-
-    @classmethod
-    @quiet_loading
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``from_pretrained``. A folder holding components saved by module path (see
-        ``save_pretrained``) is loaded component by component with each class's own ``from_pretrained``."""
-        import importlib
-        import json
-        import os
-
-        path = str(pretrained_model_name_or_path)
-        index_file = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_file):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        with open(index_file) as fh:
-            index = json.load(fh)
-        specs = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-        if not any(v[0] and v[0].startswith("mmspec.") for v in specs.values()):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        dtype = kwargs.pop("torch_dtype", None)
-        components = {}
-        for name, (library, class_name) in specs.items():
-            if name in kwargs:
-                components[name] = kwargs.pop(name)
-            elif library is None:
-                components[name] = None
-            else:
-                klass = getattr(importlib.import_module(library), class_name)
-                extra = {"torch_dtype": dtype} if dtype is not None and library != "transformers" else {}
-                if dtype is not None and library == "transformers" and hasattr(klass, "config_class"):
-                    extra = {"dtype": dtype}
-                components[name] = klass.from_pretrained(os.path.join(path, name), **extra)
-        if kwargs:
-            raise ValueError(f"unexpected arguments for a pipeline with custom components: {sorted(kwargs)}")
-        return cls(**components)
-
     @property
     def family(self):
         return family_for(self.model, tokenizer=self.tokenizer, vq=self.vq)
 
-    def _check(self, decoding, window, init, guidance_scale, num_images_per_prompt, output_type, draft_model):
-        if decoding not in DECODINGS:
-            raise ValueError(f"unknown `decoding` {decoding!r}; choose one of {list(DECODINGS)}.")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"`window` must be an int >= 1, got {window!r}.")
-        if init not in INIT_STRATEGIES:
-            raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
+    @staticmethod
+    def _check(method, decoding, *, window, init, guidance_scale, count, count_name, output_type, draft_model,
+               acceptance, do_sample):
+        """The shared input checks of the image and video pipelines; returns ``(method name, Decoding)``."""
+        name, arg = resolve_method(method, decoding, default="jacobi")
+        choice = check_decoding(name, window=window, draft_model=draft_model, acceptance=acceptance,
+                                do_sample=do_sample, init=init, arg=arg)
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        if decoding == "draft" and draft_model is None:
-            raise ValueError("`decoding='draft'` needs a `draft_model` with the same token space.")
-        if decoding != "draft" and draft_model is not None:
-            raise ValueError(f"`draft_model` is only used with decoding='draft', not {decoding!r}.")
+        check_int(count, count_name, 1)
+        check_choice(output_type, "output_type", OUTPUT_TYPES)
+        return name, choice
 
     @torch.no_grad()
     def __call__(
@@ -166,7 +107,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
-        decoding: str = "jacobi",
+        decoding: Optional[str] = None,
         draft_model=None,
         acceptance="exact",
         window: int = 16,
@@ -174,6 +115,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         coupled: bool = False,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         kernels: str = "auto",
+        method: Optional[str] = None,
     ):
         """Generate images.
 
@@ -192,7 +134,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             return_dict: return a ``SpeculativeImagePipelineOutput`` (else a tuple).
             callback_on_step_end: called as ``fn(pipe, step, num_tokens, {"tokens": LongTensor [B, n]})`` after
                 every target forward, ``num_tokens`` being the fewest tokens any image has so far.
-            decoding: "jacobi" (the model drafts for itself), "draft" (``draft_model`` proposes) or "ar".
+            decoding: alias of ``method``.
             draft_model: a smaller token model with the same vocabulary and layout.
             acceptance: "exact" (lossless), "lantern", "gsd", ... or a criterion object.
             window: tokens verified per forward, anchor included (SJD's published setting is 16).
@@ -201,11 +143,17 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             negative_prompt_embeds: unconditional features for ``prompt_embeds`` models.
             kernels: verification backend, ``"auto"`` (fused Triton kernels on CUDA), ``"triton"`` or ``"torch"``
                 (see ``mmspec.kernels``).
+            method: the decoding method (default "jacobi"), as in ``mmspec.generate``: "jacobi" (the model drafts
+                for itself), "draft" (``draft_model`` proposes), "lookup" (n-gram match) or "ar"
+                (``mmspec.drafting.available_methods()``); ``decoding=`` is accepted as its alias.
 
         Returns:
             ``SpeculativeImagePipelineOutput`` with ``images``, ``tokens`` [B, h * w] and ``stats``.
         """
-        self._check(decoding, window, init, guidance_scale, num_images_per_prompt, output_type, draft_model)
+        method, choice = self._check(method, decoding, window=window, init=init, guidance_scale=guidance_scale,
+                                     count=num_images_per_prompt, count_name="num_images_per_prompt",
+                                     output_type=output_type, draft_model=draft_model, acceptance=acceptance,
+                                     do_sample=do_sample)
         family = self.family
         prompts = _as_list(prompt, "prompt")
         negatives = _as_list(negative_prompt, "negative_prompt")
@@ -225,9 +173,9 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                 negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(n, dim=0)
         inputs = family.prefill_inputs(prompts, negatives, class_labels, prompt_embeds, negative_prompt_embeds)
         state, stats, layout, criterion = self._decode(
-            family, inputs, family_for, guidance_scale=guidance_scale, acceptance=acceptance, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, decoding=decoding,
-            draft_model=draft_model, window=window, init=init, coupled=coupled,
+            family, inputs, family_for, guidance_scale=guidance_scale, choice=choice, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, method=method,
+            draft_model=draft_model, init=init, coupled=coupled,
             callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images")
         T = state.prompt_length
         codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
@@ -245,38 +193,32 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             return images, codes, stats
         return SpeculativeImagePipelineOutput(images=images, tokens=codes, stats=stats, lossless=criterion.lossless)
 
-    def _decode(self, family, inputs, draft_family_for, *, guidance_scale, acceptance, do_sample, temperature, top_k,
-                top_p, generator, decoding, draft_model, window, init, coupled, callback_on_step_end, kernels="auto",
+    def _decode(self, family, inputs, draft_family_for, *, guidance_scale, choice, do_sample, temperature, top_k,
+                top_p, generator, method, draft_model, init, coupled, callback_on_step_end, kernels="auto",
                 unit="images"):
         """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
-        with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``draft_family_for`` recognises the
-        draft model's family. Returns ``(state, stats, layout, criterion)``."""
+        with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``choice`` from ``_check``;
+        ``draft_family_for`` recognises the draft model's family. Returns ``(state, stats, layout, criterion)``."""
         device = input_device(self.model)  # honours accelerate offload / device maps
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        B = input_ids.shape[0]
-        if isinstance(generator, list) and len(generator) != B:
-            raise ValueError(f"got {len(generator)} generators for {B} {unit}; pass one, or one per {unit[:-1]}.")
+        check_generator(generator, input_ids.shape[0], unit)
 
         layout = family.layout()
         target = GuidedLM(self.model, layout, guidance_scale, adapter=family.adapter)
-        criterion = _acceptance.get(acceptance)
-        if not do_sample and criterion.requires_sampling:
-            raise ValueError(f"acceptance={criterion.name!r} needs sampling; pass do_sample=True.")
+        criterion = choice.criterion
         criterion.prepare(codebook=family.codebook().to(device), image_token_offset=layout.image_token_offset,
                           vocab_size=target.vocab_size)
-        if decoding == "jacobi":
-            proposer = JacobiProposer(window, init=init, coupled=coupled, layout=layout)
-        elif decoding == "draft":
+        drafter = None
+        if draft_model is not None:
             draft_family = draft_family_for(draft_model, tokenizer=self.tokenizer, vq=self.vq)
             if draft_family.layout() != layout:
                 raise ValueError(f"`draft_model` must share the target's {unit[:-1]} layout and vocabulary.")
             drafter = GuidedLM(draft_model, layout, guidance_scale, adapter=draft_family.adapter)
             if drafter.vocab_size != target.vocab_size:
                 raise ValueError("`draft_model` must have the target's vocabulary size.")
-            proposer = DraftModelProposer(drafter, window - 1, prefill_kwargs=dict(inputs))
-        else:
-            proposer, window = NoDraft(), 1
+        proposer, window = make_proposer(method, choice.window, draft=drafter, init=init, coupled=coupled,
+                                         layout=layout, prefill_kwargs=dict(inputs))
 
         bar = self.progress_bar(total=layout.num_tokens)
         done = [0]
@@ -289,11 +231,10 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                 T = state.prompt_length
                 callback_on_step_end(self, step, fewest, {"tokens": state.tokens[:, T:T + fewest]})
 
-        state, stats = decode(
-            target, proposer, input_ids, attention_mask,
-            max_new_tokens=layout.num_tokens, window=window,
-            pipeline=LogitsPipeline(do_sample, temperature, top_k, top_p), criterion=criterion,
-            generator=generator, eos_token_ids=None, model_kwargs=inputs, callback=on_step, kernels=kernels,
-        )
+        pipeline = LogitsPipeline(do_sample, temperature, top_k, top_p)
+        state = DecodeState(input_ids, attention_mask, layout.num_tokens, target.vocab_size, pipeline, generator,
+                            device)
+        state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=inputs,
+                              callback=on_step, kernels=kernels)
         bar.close()
         return state, stats, layout, criterion

@@ -120,13 +120,14 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[..., Any]] = None,
-        decoding: str = "jacobi",
+        decoding: Optional[str] = None,
         draft_model=None,
         acceptance="exact",
         window: int = 16,
         init: str = "temporal",
         coupled: bool = False,
         kernels: str = "auto",
+        method: Optional[str] = None,
     ):
         """Generate videos.
 
@@ -142,7 +143,7 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
             return_dict: return a ``SpeculativeVideoPipelineOutput`` (else a tuple ``(frames, tokens, stats)``).
             callback_on_step_end: ``fn(pipe, step, num_tokens, {"tokens": LongTensor [B, n]})`` after every
                 target forward, ``num_tokens`` being the fewest new tokens any video has so far.
-            decoding: "jacobi" (the model drafts for itself), "draft" (``draft_model`` proposes) or "ar".
+            decoding: alias of ``method``.
             draft_model: a smaller video token model with the same vocabulary and layout.
             acceptance: "exact" (lossless), "lantern", "gsd", ... or a criterion object.
             window: tokens verified per forward, anchor included; it may span frame borders.
@@ -150,14 +151,16 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
                 "horizontal", "random" (SJD), "sample_horizon".
             coupled: coupled redraw of continuing Jacobi slots (lossless, fewer draft changes).
             kernels: verification backend, ``"auto"`` (fused Triton kernels on CUDA), ``"triton"`` or ``"torch"``.
+            method: the decoding method (default "jacobi"), as in ``mmspec.generate``: "jacobi" (the model drafts
+                for itself), "draft" (``draft_model`` proposes), "lookup" or "ar"; ``decoding=`` is its alias.
 
         Returns:
             ``SpeculativeVideoPipelineOutput`` with ``frames``, ``tokens`` [B, F, h * w] and ``stats``.
         """
-        if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, int) \
-                or num_videos_per_prompt < 1:
-            raise ValueError(f"`num_videos_per_prompt` must be an int >= 1, got {num_videos_per_prompt!r}.")
-        self._check(decoding, window, init, guidance_scale, 1, output_type, draft_model)
+        method, choice = self._check(method, decoding, window=window, init=init, guidance_scale=guidance_scale,
+                                     count=num_videos_per_prompt, count_name="num_videos_per_prompt",
+                                     output_type=output_type, draft_model=draft_model, acceptance=acceptance,
+                                     do_sample=do_sample)
         family = self.family
         prompts = _as_list(prompt, "prompt")
         negatives = _as_list(negative_prompt, "negative_prompt")
@@ -171,9 +174,9 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
             negatives = [m for m in (negatives * len(prompts) if len(negatives) == 1 else negatives) for _ in range(n)]
         state, stats, layout, criterion = self._decode(
             family, family.prefill_inputs(prompts, negatives), video_family_for, guidance_scale=guidance_scale,
-            acceptance=acceptance, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, decoding=decoding, draft_model=draft_model, window=window, init=init,
-            coupled=coupled, callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos")
+            choice=choice, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, method=method, draft_model=draft_model, init=init, coupled=coupled,
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos")
         B = state.batch_size
         T = state.prompt_length
         codes = layout.to_frames(state.tokens[:, T:T + layout.num_tokens])  # [B, F, h * w]

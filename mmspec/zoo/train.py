@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--eval-n", type=int, default=None, help="vq/classifier: held-out images per evaluation set")
     ap.add_argument("--vq", default=None, help="classifier/t2i/c2i: tokenizer folder (default: the bundled one)")
     ap.add_argument("--tokenizer", default=None, help="text_draft: the target's folder, whose tokenizer it shares")
+    ap.add_argument("--ckpt", default=None, help="vq/t2i: training-state file, saved every --ckpt-every seconds; "
+                    "an existing one is resumed (same recipe; its time counts against --minutes)")
+    ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     ap.add_argument("--init-from", default=None, help="text_*/c2i: continue training from this earlier run's folder")
     args = ap.parse_args(argv)
     module_name, role, default_minutes, _ = MODELS[args.model]
@@ -71,11 +74,11 @@ def main(argv: list[str] | None = None):
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
-        return recipe.train(out, eval_n=args.eval_n, **common)
+        return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, **common)
     if module_name == "classifier":
         return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
     if module_name == "t2i":
-        return recipe.train(out, role, vq_path=args.vq, **common)
+        return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, **common)
     if module_name == "text_lm":
         return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, **common)
     return recipe.train(out, vq_path=args.vq, init_from=args.init_from, **common)

@@ -34,6 +34,10 @@ from .common import (
     write_json,
 )
 
+#: the bundled tokenizer the shipped c2i model was trained on (the first one, ``weights/vq_v1``; retrain c2i on
+#: ``vq`` and change this together)
+VQ_NAME = "vq_v1"
+
 
 @dataclass
 class C2IRecipe:
@@ -100,7 +104,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     r = C2IRecipe()
     setup_threads(threads)
     gen = seed_everything(seed)
-    vq = hub.load_vq(vq_path)
+    vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
     if init_from:
         from ...models.llamagen import LlamaGenGPT
 

@@ -35,16 +35,17 @@ def setup_threads(n: int = 2) -> None:
 
 class Budget:
     """Wall-clock budget: ``progress()`` in [0, 1] is the larger of elapsed time / budget and
-    step / max_steps, so schedules follow whichever limit comes first."""
+    step / max_steps, so schedules follow whichever limit comes first. ``elapsed_s``: seconds
+    already spent by the run being resumed (they count against the budget)."""
 
-    def __init__(self, minutes: float, max_steps: int | None = None):
+    def __init__(self, minutes: float, max_steps: int | None = None, elapsed_s: float = 0.0):
         if minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {minutes}")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.seconds = float(minutes) * 60.0
         self.max_steps = max_steps
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - float(elapsed_s)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -119,3 +120,57 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def dir_size_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class Checkpoint:
+    """Resumable training state in one ``torch.save`` file, written every ``every_s`` seconds
+    (atomically: a half-written file never replaces a good one). ``path=None`` disables it."""
+
+    def __init__(self, path: str | os.PathLike | None, every_s: float = 300.0):
+        self.path = Path(path) if path else None
+        self.every_s = float(every_s)
+        self.last = time.perf_counter()
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is no checkpoint file."""
+        if self.path is None or not self.path.is_file():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+    def due(self) -> bool:
+        return self.path is not None and time.perf_counter() - self.last >= self.every_s
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self.last = time.perf_counter()
+
+
+def plot_loss_curve(history: list[dict[str, float]], path: str | os.PathLike, title: str, keys: tuple[str, ...] = ("loss",)) -> None:
+    """Loss curve PNG: each of ``keys`` (training EMA) against ``step`` from ``history`` rows
+    (``{"step": ..., "seconds": ..., key: ...}``); log-scaled y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for k in keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        if pts:
+            ax.plot(*zip(*pts), label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (EMA)")
+    if history:
+        ax.set_title(f"{title} ({history[-1]['seconds'] / 60:.0f} min of training)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -40,6 +40,9 @@ __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "loa
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
 VIDEO_TRAIN_SEED = 20
 VIDEO_HELDOUT_SEED = 10_020
+#: the bundled tokenizer the shipped video model was trained on (the first one, ``weights/vq_v1``; retrain the
+#: video model on ``vq`` and change this together)
+VQ_NAME = "vq_v1"
 VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
 
 
@@ -147,7 +150,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     r = recipe or VideoRecipe()
     setup_threads(threads)
     gen = seed_everything(seed)
-    vq = hub.load_vq(vq_path)
+    vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
     tokenizer = build_tokenizer()
     model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
     model.train()
@@ -203,7 +206,8 @@ def load_video_pipeline(path: str | Path | None = None, device="cpu", dtype=torc
     from ...pipelines.video import SpeculativeVideoPipeline
 
     model, tokenizer = load_video_model(path, device, dtype)
-    return SpeculativeVideoPipeline(model=model, vq=hub.load_vq(device=device, dtype=dtype), tokenizer=tokenizer)
+    return SpeculativeVideoPipeline(model=model, vq=hub.load_vq(hub.weights_path(VQ_NAME), device=device, dtype=dtype),
+                                    tokenizer=tokenizer)
 
 
 def main(argv=None):

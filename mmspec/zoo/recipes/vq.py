@@ -43,15 +43,19 @@ from diffusers import VQModel
 from tqdm.auto import tqdm
 
 from .. import hub
+from ..data import LABEL_NAMES
 from .common import (
     HELDOUT_CROP_SEED,
     HELDOUT_SCENE_SEED,
     TRAIN_CROP_SEED,
     TRAIN_SCENE_SEED,
     Budget,
+    Checkpoint,
     cosine_lr,
     crop_batch,
     dir_size_bytes,
+    label_tensors,
+    plot_loss_curve,
     psnr,
     save_fp16,
     scene_batch,
@@ -64,14 +68,14 @@ from .common import (
 @dataclass
 class VQRecipe:
     # architecture
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 128)
     layers_per_block: int = 1
     latent_channels: int = 16
     vq_embed_dim: int = 8
     num_codes: int = 1024
     norm_num_groups: int = 8
     # data
-    scene_fraction: float = 0.7
+    scene_fraction: float = 0.8
     max_objects: int = 3
     crop: int = 32
     batch_size: int = 16
@@ -90,6 +94,9 @@ class VQRecipe:
     kmeans_iters: int = 20
     # loss
     edge_weight: float = 0.5
+    #: extra weight of the pixels within ``object_halo`` radii of a scene object's centre (0: none)
+    object_weight: float = 4.0
+    object_halo: float = 1.3
     # evaluation
     eval_n: int = 256
     log_every_s: float = 30.0
@@ -190,16 +197,34 @@ class _Stream:
         self.i_crop = 0
 
     def batch(self, n: int) -> torch.Tensor:
+        """``n`` images ``[n, 3, 64, 64]`` with their loss weights as a 4th channel: ``[n, 4, 64, 64]``."""
         ns = int(round(n * self.r.scene_fraction))
         nc = n - ns
         parts = []
         if ns:
-            parts.append(scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects)[0])
+            x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects)
+            parts.append(torch.cat([x, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
             self.i_scene += ns
         if nc:
-            parts.append(crop_batch(self.i_crop, nc, TRAIN_CROP_SEED))
+            x = crop_batch(self.i_crop, nc, TRAIN_CROP_SEED)
+            parts.append(torch.cat([x, torch.ones_like(x[:, :1])], 1))
             self.i_crop += nc
         return torch.cat(parts)
+
+
+def object_weights(scenes: list[Any], size: int, weight: float, halo: float) -> torch.Tensor:
+    """Per-pixel loss weights ``[n, 1, size, size]``: 1, plus ``weight`` within ``halo`` radii of
+    each object's centre (objects are small, so an unweighted loss is dominated by background)."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    w = torch.ones(len(scenes), 1, size, size)
+    if weight == 0:
+        return w
+    for i, sc in enumerate(scenes):
+        for o in sc.attributes["objects"]:
+            cx, cy = o["center"]
+            m = (xx - cx) ** 2 + (yy - cy) ** 2 <= (halo * o["radius"]) ** 2
+            w[i, 0][m] = 1.0 + weight
+    return w
 
 
 def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -273,12 +298,37 @@ def evaluate(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, Any]:
             **{f"code_{kk}": v for kk, v in hub.code_statistics(tok, k).items()},
         }
     out["all"] = {f"code_{kk}": v for kk, v in hub.code_statistics(torch.cat(all_tokens), k).items()}
+    out["classifier_on_reconstructions"] = classifier_accuracy(vq, n)
     return out
 
 
-def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2) -> dict[str, Any]:
+@torch.no_grad()
+def classifier_accuracy(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Accuracy of the evaluation classifier (``hub.load_classifier()``) per head on held-out scenes
+    (seed stream ``HELDOUT_SCENE_SEED + 1``) and on their reconstructions by ``vq``: one-object
+    scenes, and two-object scenes read at the first object's cell (as prompt adherence reads them)."""
+    clf = hub.load_classifier()
+    res: dict[str, dict[str, float]] = {}
+    for name, max_obj in (("one_object", 1), ("two_object", 2)):
+        x, scenes = scene_batch(0, n, HELDOUT_SCENE_SEED + 1, max_obj)
+        lab = label_tensors(scenes)
+        pos = lab["position"] if max_obj > 1 else None
+        y = torch.cat([hub.decode_tokens(vq, hub.encode_images(vq, x[i : i + batch_size])) for i in range(0, n, batch_size)])
+        for tag, imgs in (("original", x), ("reconstruction", y)):
+            pred = hub.classify(clf, imgs, positions=pos)
+            res[f"{name}_{tag}"] = {h: float((pred[h] == lab[h]).float().mean()) for h in LABEL_NAMES}
+    return res
+
+
+def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2,
+          ckpt: str | Path | None = None, ckpt_every_s: float = 300.0) -> dict[str, Any]:
     """Train the tokenizer for ``minutes`` of wall clock (or ``max_steps``), save it in fp16 to
-    ``out`` and return the metrics (also written to ``out/metrics.json``)."""
+    ``out`` and return the metrics (also written to ``out/metrics.json``), with a loss curve
+    ``out/loss_curve.png``.
+
+    ``ckpt``: a file that holds the full training state every ``ckpt_every_s`` seconds; if it
+    exists when the run starts, the run resumes from it (same recipe; its time counts against
+    ``minutes``), so a long run can be stopped and continued."""
     r = recipe or VQRecipe()
     if eval_n is not None:
         r.eval_n = eval_n
@@ -293,11 +343,32 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=r.lr, betas=(0.9, 0.99))
     stream = _Stream(r)
-    budget = Budget(minutes, max_steps)
+    step, quantizing, restarts, images_seen, elapsed = 0, False, 0, 0, 0.0
+    ema: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    checkpoint = Checkpoint(ckpt, ckpt_every_s)
+    state = checkpoint.load()
+    if state is not None:
+        if state["recipe"] != asdict(r):
+            raise ValueError(f"checkpoint {ckpt} was made with another recipe; delete it or pass the same recipe")
+        vq.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        codebook.cluster_size, codebook.embed_sum = state["cluster_size"], state["embed_sum"]
+        stream.i_scene, stream.i_crop = state["stream"]
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        step, quantizing, restarts, images_seen, elapsed = (state[k] for k in ("step", "quantizing", "restarts", "images_seen", "elapsed"))
+        ema, history = state["ema"], state["history"]
+        print(f"[vq] resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
+    budget = Budget(minutes, max_steps, elapsed_s=elapsed)
     print(f"[vq] {n_params / 1e6:.3f}M params, budget {minutes} min, max_steps={max_steps}, seed={seed}", flush=True)
 
-    step, quantizing, restarts, images_seen = 0, False, 0, 0
-    ema: dict[str, float] = {}
+    def snapshot() -> dict[str, Any]:
+        return {"recipe": asdict(r), "model": vq.state_dict(), "opt": opt.state_dict(), "cluster_size": codebook.cluster_size,
+                "embed_sum": codebook.embed_sum, "stream": (stream.i_scene, stream.i_crop), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "step": step, "quantizing": quantizing, "restarts": restarts,
+                "images_seen": images_seen, "elapsed": budget.elapsed(), "ema": ema, "history": history}
+
     last_log = time.perf_counter()
     bar = tqdm(desc="vq", unit="step", mininterval=5.0, file=sys.stderr)
     vq.train()
@@ -309,7 +380,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             with torch.no_grad():
                 # a step-limited run needs no more data for the fit than it will train on
                 n_fit = r.kmeans_crops if max_steps is None else min(r.kmeans_crops, max(16, max_steps * r.batch_size))
-                xs = _random_crops(stream.batch(n_fit), r.crop, gen)
+                xs = _random_crops(stream.batch(n_fit), r.crop, gen)[:, :3]
                 z = torch.cat([_encode(vq, xs[i : i + 64]) for i in range(0, xs.shape[0], 64)])
                 zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
                 centroids, sizes = kmeans(zf, r.num_codes, r.kmeans_iters, gen)
@@ -321,6 +392,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         images_seen += x.shape[0]
         if not full:
             x = _random_crops(x, r.crop, gen)
+        x, wmap = x[:, :3], x[:, 3:]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(r.lr, prog, step, r.warmup_steps)
 
@@ -336,8 +408,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             commit = torch.zeros(())
             zq = z
         y = vq.decoder(vq.post_quant_conv(zq))
-        l1 = (y - x).abs().mean()
-        l2 = ((y - x) ** 2).mean()
+        wn = wmap / wmap.mean()
+        l1 = (wn * (y - x).abs()).mean()
+        l2 = (wn * (y - x) ** 2).mean()
         edge = _edge_l1(y, x)
         loss = l1 + l2 + r.edge_weight * edge + r.beta * commit
         opt.zero_grad(set_to_none=True)
@@ -364,11 +437,17 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             bar.set_postfix(loss=f"{ema['loss']:.4f}", l1=f"{ema['l1']:.4f}", live=f"{live:.2f}")
             msg = " ".join(f"{kk}={v:.4f}" for kk, v in ema.items())
             print(f"[vq] step {step} t={budget.elapsed():.0f}s prog={prog:.2f} {'full' if full else 'crop'} lr={opt.param_groups[0]['lr']:.2e} {msg} live={live:.3f} restarts={restarts}", flush=True)
+            history.append({"step": step, "seconds": budget.elapsed(), **ema})
+        if checkpoint.due():
+            checkpoint.save(snapshot())
     bar.close()
+    history.append({"step": step, "seconds": budget.elapsed(), **ema})
+    checkpoint.save(snapshot())  # a longer --minutes with the same checkpoint continues from here
     train_seconds = budget.elapsed()
 
     out.mkdir(parents=True, exist_ok=True)
     vq.eval()
+    plot_loss_curve(history, out / "loss_curve.png", "vq", keys=("loss", "l1", "edge", "commit"))
     save_fp16(vq, out)
     shipped = hub.load_vq(out)  # evaluate what ships: fp16 weights, run in fp32
     t0 = time.perf_counter()
