@@ -69,7 +69,8 @@ def main():
             out, _ = run("ar")
             timing = ""
         else:
-            results, times = interleaved_times({"AR": lambda: run("ar"), method: lambda: run(method)}, args.repeats)
+            runs = {"AR": lambda: run("ar"), method: lambda m=method: run(m)}
+            results, times = interleaved_times(runs, args.repeats)
             out, timing = results[method], "\n" + " " * 20 + speedup_summary(times, "AR", method)
         same = torch.equal(out.sequences, greedy)
         print(f"{method:8s} {str(same):>9s}  {out.stats}{timing}")

@@ -2,8 +2,9 @@
 
 import torch
 
-from image_fixtures import tiny_pipeline
 from mmspec.zoo.models import load_caption_pipeline, load_image_pipeline
+
+from image_fixtures import tiny_pipeline
 
 
 def test_loading_writes_no_bars(capfd):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mmspec
+
 from lm_fixtures import perturbed_copy, tiny_causal_lm
 
 V, NEW = 24, 24

@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 
-from image_fixtures import tiny_pipeline, tiny_tokenizer
 from mmspec.models.vocab import known_words, unknown_words
+
+from image_fixtures import tiny_pipeline, tiny_tokenizer
 
 
 def test_unknown_words_and_vocabulary():

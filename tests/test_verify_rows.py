@@ -5,6 +5,7 @@ import torch
 
 import mmspec
 from mmspec.verify import InvalidDistributionError, speculative_redraw
+
 from lm_fixtures import tiny_causal_lm
 
 

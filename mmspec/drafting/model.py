@@ -111,7 +111,7 @@ class DraftModelProposer(Proposer):
 
     def update(self, state, result, target_rows, num_accepted):
         K = target_rows.shape[1] - 1
-        B, dev = state.batch_size, state.device
+        B = state.batch_size
         if K == 0:
             # Nothing was drafted: the pending tokens were not fed; append the new token to them.
             self._pending = torch.cat([self._pending, result.next_token.unsqueeze(1)], dim=1)

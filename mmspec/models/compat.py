@@ -16,7 +16,7 @@ import inspect
 __all__ = ["cache_keyword", "output_cache", "make_output"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_keyword(forward) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
