@@ -72,6 +72,21 @@ def test_rows_with_fewer_drafts_on_kernels_equal_torch_path(model, kernel_calls,
     assert torch.equal(runs[0].sequences, runs[1].sequences)
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_rows_that_cannot_be_sampled_raise_on_kernels_too(kernel_calls, do_sample):
+    from mmspec.verify import InvalidDistributionError
+
+    broken = tiny_causal_lm(vocab_size=64, sharpen=4.0)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[5] = float("nan")  # token 5's logit is NaN everywhere
+    ids = torch.tensor([[3, 4, 6, 7]])
+    for kernels in ("triton", "torch"):
+        with pytest.raises(InvalidDistributionError, match="no allowed token or is not finite"):
+            mmspec.generate(broken, ids, max_new_tokens=4, method="jacobi", window=3, do_sample=do_sample,
+                            generator=torch.Generator().manual_seed(0), eos_token_id=[], kernels=kernels)
+    assert len(kernel_calls) > 0
+
+
 def test_cpu_default_and_processors_keep_the_torch_path(model, kernel_calls, monkeypatch):
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 

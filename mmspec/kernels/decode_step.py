@@ -18,7 +18,7 @@ import torch
 from ..drafting.base import Proposer
 from .. import acceptance as _acceptance
 from ..sampling import per_row
-from ..verify import VerifyResult, _pack, _row, num_drafts
+from ..verify import VerifyResult, _pack, _row, invalid_rows, num_drafts
 from .dispatch import resolve_backend, verify_from_logits
 from .request import draw_noise, fusable
 
@@ -60,7 +60,15 @@ class FusedVerifier:
         num_accepted = torch.minimum(out.num_accepted, own)
         next_token = torch.where(cut, bonus, out.next_token)
         accepted = torch.arange(K, device=drafts.device) < num_accepted.unsqueeze(1)
-        return VerifyResult(num_accepted, _pack(drafts, num_accepted, next_token), next_token, accepted), rows
+        # Rows that cannot be sampled, judged on the raw logits (the pipeline keeps at least one token of a row
+        # with a finite maximum): as the torch path, flagged here and raised by the loop after its one sync.
+        invalid = invalid_rows(drafts, None if self.greedy else draft_probs, logits, num_accepted, greedy=True)
+        if not self.greedy:
+            used = torch.arange(K + 1, device=logits.device) <= num_accepted.unsqueeze(1)
+            posinf = (logits.isposinf().any(-1) & used).any(-1)  # softmax of +inf is NaN
+            invalid = torch.where(posinf & (invalid == 0), 1, invalid)
+        result = VerifyResult(num_accepted, _pack(drafts, num_accepted, next_token), next_token, accepted, invalid)
+        return result, rows
 
 
 def fused_verifier(kernels: str, pipeline, criterion, proposer: Proposer, device) -> FusedVerifier | None:
