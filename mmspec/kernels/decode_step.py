@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..drafting.base import Proposer
 from .. import acceptance as _acceptance
+from ..drafting.base import Proposer
 from ..sampling import per_row
 from ..verify import VerifyResult, _pack, _row, invalid_rows, num_drafts
 from .dispatch import resolve_backend, verify_from_logits
