@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import mmspec
 from mmspec.models.compat import cache_keyword, make_output, output_cache
 
-from conftest import tiny_causal_lm
+from lm_fixtures import tiny_causal_lm
 
 
 @contextmanager

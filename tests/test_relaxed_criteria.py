@@ -499,7 +499,7 @@ def test_greedy_lantern_matches_reference_and_decodes(form):
 
 def test_greedy_lantern_through_generate():
     """do_sample=False with LANTERN runs (it used to raise) and accepts more than exact greedy Jacobi."""
-    from conftest import tiny_causal_lm
+    from lm_fixtures import tiny_causal_lm
 
     V = 48
     model = tiny_causal_lm(vocab_size=V, sharpen=1.5)

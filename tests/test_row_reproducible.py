@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mmspec
-from conftest import perturbed_copy, tiny_causal_lm
+
+from lm_fixtures import perturbed_copy, tiny_causal_lm
 
 V, NEW = 24, 24
 SEEDS = [11, 22, 33, 44]

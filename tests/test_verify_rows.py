@@ -5,7 +5,8 @@ import torch
 
 import mmspec
 from mmspec.verify import InvalidDistributionError, speculative_redraw
-from conftest import tiny_causal_lm
+
+from lm_fixtures import tiny_causal_lm
 
 
 def _rows(B, K, V, seed, dtype):
