@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-
-import inspect
 
 from .checks import check_decoding, check_generator, check_int
 from .decoding import DecodeState, GenerationStats, decode

@@ -21,7 +21,7 @@ criteria of its state's kind (``get(..., kind=...)`` checks it).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 
@@ -64,7 +64,7 @@ class Criterion(ABC):
         is exact greedy verification: the draft is the argmax (first index on ties)."""
         return draft_tokens == scores.argmax(-1)
 
-    def prepare(self, **context) -> "Criterion":
+    def prepare(self, **context) -> Criterion:
         """Hook for criteria that precompute tables from the model (codebooks, embeddings). No-op here."""
         return self
 
@@ -73,7 +73,7 @@ class Criterion(ABC):
         return f"{type(self).__name__}({params})"
 
 
-_REGISTRY: Dict[str, Callable[..., Criterion]] = {}
+_REGISTRY: dict[str, Callable[..., Criterion]] = {}
 _KINDS = {"tokens": "token ids", "continuous": "continuous tokens"}
 
 

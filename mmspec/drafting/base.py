@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -45,7 +45,7 @@ class Proposer(ABC):
     #: number of forwards this proposer ran on a separate draft model
     draft_forwards: int = 0
 
-    def start(self, state) -> None:
+    def start(self, state) -> None:  # noqa: B027 -- an optional hook, empty by default
         """Called once, after the target prefill and the first committed token."""
 
     @abstractmethod
@@ -59,7 +59,7 @@ class Proposer(ABC):
         drafts, a number that depends on that row only) and fills the rest of the batch's window with -1
         (``pad_drafts``); every random draw over the window passes those per-row counts (``mmspec.sampling``)."""
 
-    def update(self, state, result, target_rows: torch.Tensor, num_accepted: torch.Tensor) -> None:
+    def update(self, state, result, target_rows: torch.Tensor, num_accepted: torch.Tensor) -> None:  # noqa: B027
         """After verification: ``result`` is the ``VerifyResult``, ``target_rows`` [B, K+1, V] the target's
         probabilities (processed scores when greedy), ``num_accepted`` the CPU copy of the accepted counts."""
 

@@ -20,8 +20,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from ..decoding import GenerationStats
 from ..checks import resolve_method
+from ..decoding import GenerationStats
 from ..drafting import method_spec
 from ..generation import generate
 from ..models.vocab import warn_unknown_words

@@ -16,8 +16,8 @@ from ..checks import check_choice, check_decoding, check_generator, check_int, r
 from ..continuous import decode_continuous
 from ..decoding import GenerationStats
 from ..drafting import available_methods
-from ..progress import TerminalProgressMixin, quiet_loading
 from ..models.mar import ContinuousARModel, DDPMTrajectory, MARRunner, tokens_to_latents
+from ..progress import TerminalProgressMixin, quiet_loading
 
 __all__ = ["SpeculativeContinuousPipeline", "SpeculativeContinuousPipelineOutput", "DECODINGS"]
 
