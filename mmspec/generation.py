@@ -10,6 +10,8 @@ from . import acceptance as _acceptance
 from .decoding import GenerationStats, decode
 from .drafting.base import NoDraft
 from .drafting.jacobi import INIT_STRATEGIES, JacobiProposer
+from .drafting.layer_skip import self_draft_proposer
+from .drafting.lookahead import LookaheadProposer, lookahead_config
 from .drafting.lookup import LookupProposer
 from .drafting.model import DraftModelProposer
 from .models.causal_lm import vocab_size_of
@@ -18,9 +20,9 @@ from .sampling import LogitsPipeline
 
 __all__ = ["generate", "GenerateOutput", "METHODS", "DEFAULT_WINDOW"]
 
-METHODS = ("jacobi", "draft", "lookup", "ar")
+METHODS = ("jacobi", "draft", "lookup", "ar", "self", "lookahead")
 #: tokens verified per target forward (anchor + drafts) when ``window`` is not given
-DEFAULT_WINDOW = {"jacobi": 16, "draft": 6, "lookup": 11, "ar": 1}
+DEFAULT_WINDOW = {"jacobi": 16, "draft": 6, "lookup": 11, "ar": 1, "self": 6, "lookahead": None}
 
 
 @dataclass
@@ -81,6 +83,8 @@ def generate(
     adaptive: bool = False,
     draft_confidence: float | None = None,
     max_ngram: int = 3,
+    skip=None,
+    lookahead=None,
     logits_processor=None,
     progress: bool = False,
     kernels: str = "auto",
@@ -94,7 +98,8 @@ def generate(
         attention_mask: [B, T] 1 for tokens, 0 for left padding; all ones when None.
         max_new_tokens: most tokens to add per row (>= 0).
         method: ``"jacobi"`` (the target drafts for itself), ``"draft"`` (a draft model proposes),
-            ``"lookup"`` (n-gram match in the context), or ``"ar"`` (plain decoding through the same loop).
+            ``"lookup"`` (n-gram match in the context), ``"self"`` (the target with layers skipped drafts),
+            ``"lookahead"`` (Jacobi n-gram pool, Fu et al. 2024) or ``"ar"`` (plain decoding, same loop).
         draft_model: the drafter for ``method="draft"``; same vocabulary as ``model``.
         window: tokens verified per target forward, anchor included (``window - 1`` drafts);
             defaults per method: ``DEFAULT_WINDOW``. For ``adaptive`` drafting it is the cap.
@@ -110,6 +115,9 @@ def generate(
         draft_confidence: stop drafting a step once the draft's top probability is under this value in
             every active row (one host sync per draft token), None to always draft ``window - 1``.
         max_ngram: longest n-gram for ``lookup``.
+        skip: decoder layers the target skips to draft for itself (``method="self"``); None calibrates them on
+            the prompts (``mmspec.drafting.layer_skip.calibrate_skip``, cached per model).
+        lookahead: ``(window, ngram, pool)`` for ``method="lookahead"`` (``mmspec.drafting.lookahead``).
         logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
             scores alike, before temperature/top-k/top-p.
         progress: show a tqdm bar over new tokens.
@@ -127,6 +135,12 @@ def generate(
     if method not in METHODS:
         raise ValueError(f"unknown `method` {method!r}; choose one of {list(METHODS)}.")
     _check_int(max_new_tokens, "max_new_tokens", 0)
+    if method == "lookahead":
+        lookahead, window = lookahead_config(lookahead, window)
+    elif lookahead is not None:
+        raise ValueError(f"`lookahead` is only used with method='lookahead', not method={method!r}.")
+    if skip is not None and method != "self":
+        raise ValueError(f"`skip` is only used with method='self', not method={method!r}.")
     if window is None:
         window = DEFAULT_WINDOW[method]
     _check_int(window, "window", 1)
@@ -186,6 +200,11 @@ def generate(
         proposer = JacobiProposer(window, init=init, coupled=coupled)
     elif method == "lookup":
         proposer = LookupProposer(window - 1, max_ngram=max_ngram)
+    elif method == "lookahead":
+        proposer = LookaheadProposer(*lookahead)
+    elif method == "self":
+        proposer = self_draft_proposer(model, input_ids, attention_mask, skip=skip, window=window, adaptive=adaptive,
+                                       confidence=draft_confidence, prefill_kwargs=model_kwargs, greedy=not do_sample)
     else:
         if vocab_size_of(draft_model) != V:
             raise ValueError(
