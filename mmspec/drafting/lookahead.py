@@ -53,28 +53,33 @@ def lookahead_config(lookahead, window):
 class NGramPool:
     """N-grams of one row keyed by first token: ``{token: {continuation tuple: score}}``, at most ``size``
     continuations per token (the least recently seen one is evicted). Re-seeing an n-gram adds ``weight`` to
-    its score and makes it the most recent."""
+    its score and makes it the most recent. When the token before the n-gram is known (``context``), the
+    n-gram is also filed under ``(context, first)``, so that candidates seen in the same context rank first."""
 
     def __init__(self, size: int):
         self.size = size
-        self.table: dict[int, dict[tuple, float]] = {}
+        self.table: dict = {}
 
-    def add(self, first: int, continuation: tuple, weight: float = 1.0) -> None:
-        entry = self.table.setdefault(first, {})
-        entry[continuation] = entry.pop(continuation, 0.0) + weight
-        if len(entry) > self.size:
-            del entry[next(iter(entry))]
+    def add(self, first: int, continuation: tuple, weight: float = 1.0, context: int | None = None) -> None:
+        for key in (first,) if context is None else (first, (context, first)):
+            entry = self.table.setdefault(key, {})
+            entry[continuation] = entry.pop(continuation, 0.0) + weight
+            if len(entry) > self.size:
+                del entry[next(iter(entry))]
 
-    def get(self, first: int) -> dict:
-        return self.table.get(first, {})
+    def get(self, key) -> dict:
+        return self.table.get(key, {})
 
 
-def rank_candidates(pool: NGramPool, token: int, limit: int) -> list[tuple]:
-    """The pool's continuations after ``token``, best first: highest score, then most recent; at most
-    ``limit``. (The loop verifies the first; token trees will verify several as sibling branches.)"""
-    entry = pool.get(token)
-    ranked = sorted(enumerate(entry.items()), key=lambda e: (e[1][1], e[0]), reverse=True)
-    return [cont for _, (cont, _) in ranked[:limit]]
+def rank_candidates(pool: NGramPool, token: int, limit: int, context: int | None = None) -> list[tuple]:
+    """The pool's continuations after ``token``, best first: those seen after ``context`` (the token before
+    ``token``) first, then the rest; within each group highest score, then most recent; at most ``limit``.
+    (The loop verifies the first; token trees will verify several as sibling branches.)"""
+    out = []
+    for key in (token,) if context is None else ((context, token), token):
+        ranked = sorted(enumerate(pool.get(key).items()), key=lambda e: (e[1][1], e[0]), reverse=True)
+        out += [cont for _, (cont, _) in ranked if cont not in out]
+    return out[:limit]
 
 
 class LookaheadProposer(Proposer):
@@ -87,7 +92,7 @@ class LookaheadProposer(Proposer):
         committed_weight: score of an n-gram of the committed text relative to a lookahead n-gram (1.0).
     """
 
-    def __init__(self, window: int, ngram: int, pool: int, committed_weight: float = 2.0):
+    def __init__(self, window: int, ngram: int, pool: int, committed_weight: float = 1.0):
         (self.window, self.ngram, self.pool_size), _ = lookahead_config((window, ngram, pool), None)
         self.committed_weight = committed_weight
 
@@ -110,20 +115,20 @@ class LookaheadProposer(Proposer):
             begin = max(int((~valid[b, :end]).sum()), int(self._seen[b]) - N + 1)  # skip left padding
             row = tokens[b, begin:end].tolist()
             for i in range(len(row) - N + 1):
-                self.pools[b].add(row[i], tuple(row[i + 1:i + N]), self.committed_weight)
+                self.pools[b].add(row[i], tuple(row[i + 1:i + N]), self.committed_weight, row[i - 1] if i else None)
             self._seen[b] = end
 
     def propose(self, state, max_tokens):
         K = min(self.window, max_tokens)
         B = state.batch_size
-        anchors = state.last_tokens(1)[:, 0].tolist()
+        before, anchors = state.last_tokens(2).T.tolist()
         drafts = torch.zeros(B, K, dtype=torch.long)
         guess, count = self.guess.tolist(), self.count.tolist()
         for b in range(B):
             if K == 0 or not bool(state.active[b]):
                 continue
             row = []
-            best = rank_candidates(self.pools[b], anchors[b], 1)
+            best = rank_candidates(self.pools[b], anchors[b], 1, before[b])
             if best:
                 row.extend(best[0][:K])
                 self.candidates_used += 1
@@ -134,7 +139,7 @@ class LookaheadProposer(Proposer):
                     row.append(guess[b][j])
                     continue
                 last = row[-1] if row else anchors[b]
-                more = rank_candidates(self.pools[b], last, 1)
+                more = rank_candidates(self.pools[b], last, 1, row[-2] if len(row) > 1 else anchors[b] if row else before[b])
                 row.extend(more[0][: K - j] if more else [last])
             drafts[b] = torch.tensor(row)
         self._start = state.lengths - 1  # position of the anchor in ``state.tokens``
@@ -164,13 +169,13 @@ class LookaheadProposer(Proposer):
                 continue
             s0 = int(start[b])
             rows = [(int(s[b]), blk[b].tolist()) for s, blk in levels]
-            committed = state.tokens[b, max(0, s0 - N + 2): s0 + 1].tolist()
+            committed = state.tokens[b, max(0, s0 - N + 1): s0 + 1].tolist()
             c0 = s0 + 1 - len(committed)
             outs = out[b].tolist()
             for j in range(len(outs)):
                 p = s0 + j  # position of the input token; outs[j] is predicted for p + 1
                 gram = [outs[j]]
-                for d in range(N - 1):
+                for d in range(N):  # N - 1 tokens before the output, then one of context
                     q = p - d
                     if q <= s0:
                         if q < c0:
@@ -179,7 +184,8 @@ class LookaheadProposer(Proposer):
                         continue
                     s, toks = rows[d] if d < len(rows) and 0 <= q - rows[d][0] < len(rows[d][1]) else rows[0]
                     gram.append(toks[q - s])
-                if len(gram) == N:
-                    gram.reverse()
-                    self.pools[b].add(gram[0], tuple(gram[1:]))
+                if len(gram) >= N:
+                    context = gram[N] if len(gram) > N else None
+                    gram = gram[N - 1::-1]
+                    self.pools[b].add(gram[0], tuple(gram[1:]), 1.0, context)
         self.levels = levels[: N - 2]

@@ -15,6 +15,7 @@ from .. import acceptance as _acceptance
 from ..decoding import GenerationStats, decode
 from ..drafting import DraftModelProposer, JacobiProposer, NoDraft
 from ..drafting.jacobi import INIT_STRATEGIES
+from ..drafting.layer_skip import self_draft_proposer
 from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
@@ -22,7 +23,7 @@ from ..sampling import LogitsPipeline
 
 __all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "DECODINGS"]
 
-DECODINGS = ("jacobi", "draft", "ar")
+DECODINGS = ("jacobi", "draft", "ar", "self")
 
 
 @dataclass
@@ -129,7 +130,8 @@ class SpeculativeImagePipeline(DiffusionPipeline):
     def family(self):
         return family_for(self.model, tokenizer=self.tokenizer, vq=self.vq)
 
-    def _check(self, decoding, window, init, guidance_scale, num_images_per_prompt, output_type, draft_model):
+    def _check(self, decoding, window, init, guidance_scale, num_images_per_prompt, output_type, draft_model,
+               skip=None):
         if decoding not in DECODINGS:
             raise ValueError(f"unknown `decoding` {decoding!r}; choose one of {list(DECODINGS)}.")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -144,6 +146,8 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if decoding == "draft" and draft_model is None:
             raise ValueError("`decoding='draft'` needs a `draft_model` with the same token space.")
+        if skip is not None and decoding != "self":
+            raise ValueError(f"`skip` is only used with decoding='self', not {decoding!r}.")
         if decoding != "draft" and draft_model is not None:
             raise ValueError(f"`draft_model` is only used with decoding='draft', not {decoding!r}.")
 
@@ -172,6 +176,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
         coupled: bool = False,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         kernels: str = "auto",
+        skip: Optional[List[int]] = None,
     ):
         """Generate images.
 
@@ -199,11 +204,13 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             negative_prompt_embeds: unconditional features for ``prompt_embeds`` models.
             kernels: verification backend, ``"auto"`` (fused Triton kernels on CUDA), ``"triton"`` or ``"torch"``
                 (see ``mmspec.kernels``).
+            skip: for ``decoding="self"``: decoder layers the model skips to draft for itself (guided like the
+                target); None calibrates them on these prompts (``mmspec.drafting.layer_skip``).
 
         Returns:
             ``SpeculativeImagePipelineOutput`` with ``images``, ``tokens`` [B, h * w] and ``stats``.
         """
-        self._check(decoding, window, init, guidance_scale, num_images_per_prompt, output_type, draft_model)
+        self._check(decoding, window, init, guidance_scale, num_images_per_prompt, output_type, draft_model, skip)
         family = self.family
         prompts = _as_list(prompt, "prompt")
         negatives = _as_list(negative_prompt, "negative_prompt")
@@ -226,7 +233,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             family, inputs, family_for, guidance_scale=guidance_scale, acceptance=acceptance, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, decoding=decoding,
             draft_model=draft_model, window=window, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images")
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", skip=skip)
         T = state.prompt_length
         codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
         if output_type == "latent":
@@ -245,7 +252,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
 
     def _decode(self, family, inputs, draft_family_for, *, guidance_scale, acceptance, do_sample, temperature, top_k,
                 top_p, generator, decoding, draft_model, window, init, coupled, callback_on_step_end, kernels="auto",
-                unit="images"):
+                unit="images", skip=None):
         """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
         with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``draft_family_for`` recognises the
         draft model's family. Returns ``(state, stats, layout, criterion)``."""
@@ -273,6 +280,10 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             if drafter.vocab_size != target.vocab_size:
                 raise ValueError("`draft_model` must have the target's vocabulary size.")
             proposer = DraftModelProposer(drafter, window - 1, prefill_kwargs=dict(inputs))
+        elif decoding == "self":  # the model minus some layers drafts, guided and forced like the target
+            proposer = self_draft_proposer(
+                self.model, input_ids, attention_mask, skip=skip, window=window, prefill_kwargs=dict(inputs),
+                greedy=not do_sample, make_adapter=lambda m: GuidedLM(m, layout, guidance_scale, adapter=family.adapter))
         else:
             proposer, window = NoDraft(), 1
 
