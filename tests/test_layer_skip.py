@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 
 import mmspec
 from conftest import ragged_prompts, tiny_causal_lm
-from mmspec.drafting.layer_skip import LayerSkipModel, calibrate_skip, decoder_layers, expected_speedup
+from mmspec.drafting.layer_skip import layer_skip_model, calibrate_skip, decoder_layers, expected_speedup
 from mmspec.models.causal_lm import CausalLM
 
 NEW = 24
@@ -61,7 +61,7 @@ def _fingerprint(model) -> str:
 def test_draft_view_equals_truncated_model(models, arch, skip):
     target = models(arch)
     keep = [i for i in range(LAYERS) if i not in skip]
-    view, ref = LayerSkipModel(target, skip), _truncated(target, keep)
+    view, ref = layer_skip_model(target, skip), _truncated(target, keep)
     ids, mask = ragged_prompts(3, 96, seed=2)
     a, b = CausalLM(view), CausalLM(ref)
     assert torch.allclose(a.prefill(ids, mask), b.prefill(ids, mask))
@@ -104,7 +104,7 @@ def test_target_weights_modules_and_cache_unchanged(models):
     lm = CausalLM(target)
     lm.prefill(ids, mask)
     snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in lm.cache.layers]
-    draft = CausalLM(LayerSkipModel(target, [1]))
+    draft = CausalLM(layer_skip_model(target, [1]))
     draft.prefill(ids, mask)
     draft.forward(ids[:, :3], torch.ones(4, 3, dtype=torch.bool))
     assert all(torch.equal(k, layer.keys) and torch.equal(v, layer.values)
@@ -227,3 +227,12 @@ def test_sampling_is_lossless(kw):
     assert stats.step_compression > 1.0  # drafts were really accepted
     p = chi2_pvalue(samples, exact_distribution(target))
     assert p > ALPHA, f"self {kw}: chi-square p = {p:.2e}"
+
+
+def test_video_pipeline_self_equals_ar():
+    from test_video_pipeline import PROMPTS, tiny_video_pipeline
+
+    pipe = tiny_video_pipeline(layers=3, eol=True)
+    ref = pipe(PROMPTS, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="latent")
+    out = pipe(PROMPTS, do_sample=False, decoding="self", guidance_scale=2.5, output_type="latent")
+    assert torch.equal(out.tokens, ref.tokens) and out.stats.draft_forwards > 0

@@ -10,7 +10,7 @@ from conftest import ragged_prompts, tiny_causal_lm
 from mmspec.decoding import DecodeState
 from mmspec.drafting.lookahead import LookaheadProposer, NGramPool, lookahead_config, rank_candidates
 from mmspec.sampling import LogitsPipeline
-from test_layer_skip import ALPHA, NEW_S, PROMPT, V, chi2_pvalue, exact_distribution, sample_many
+from test_layer_skip import ALPHA, V, chi2_pvalue, exact_distribution, sample_many
 
 NEW = 24
 

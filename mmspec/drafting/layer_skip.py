@@ -1,7 +1,7 @@
 """Self-speculative drafting by layer skipping (Zhang et al. 2023, "Draft & Verify").
 
 The target with some of its decoder layers skipped drafts for itself: no extra weights, same token space,
-so every model (text LMs, VLMs, image-token families) gets a draft model. ``LayerSkipModel`` builds that
+so every model (text LMs, VLMs, image-token families) gets a draft model. ``layer_skip_model`` builds that
 draft as a *view* of the target:
 
 * the modules on the path from the root to the decoder-layer ``ModuleList`` are shallow-copied (new
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerSkipModel", "SkipCalibration", "calibrate_skip", "decoder_layers", "expected_speedup",
+__all__ = ["layer_skip_model", "SkipCalibration", "calibrate_skip", "decoder_layers", "expected_speedup",
            "self_draft_proposer"]
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -99,57 +99,55 @@ def _deep_view(module: nn.Module) -> nn.Module:
     return clone
 
 
-class LayerSkipModel:
-    """Build the layer-skip draft view of ``model``: call ``LayerSkipModel(model, skip)``; returns the view.
+def layer_skip_model(model, skip) -> nn.Module:
+    """The layer-skip draft view of ``model``.
 
     Args:
         model: a transformers causal LM, VLM or image-token model whose decoder layers are an ``nn.ModuleList``.
         skip: indices of the decoder layers to skip (non-empty, not every layer, each in ``[0, num_layers)``).
 
     Returns:
-        a module of the target's class that runs the kept layers only, sharing the target's weights. Its
-        ``mmspec_skip`` attribute holds the skipped indices. Do not move it (``.to``): its weights are the
-        target's.
+        a module of the target's class that runs the kept layers only, sharing the target's weights (no copy);
+        ``mmspec_skip`` / ``mmspec_keep`` hold the skipped / kept indices. Do not move it (``.to``): its
+        weights are the target's.
     """
+    name, layers = decoder_layers(model)
+    skip = check_skip(skip, len(layers))
+    keep = [i for i in range(len(layers)) if i not in skip]
+    old_configs = {}  # id(original config) -> copy with the kept layer count
+    root_config = getattr(model, "config", None)
+    text_config = _text_config(root_config)
+    if root_config is not None:
+        new_root = copy.deepcopy(root_config)
+        new_text = _text_config(new_root)
+        _cut_config(new_text, keep, len(layers))
+        old_configs[id(root_config)] = new_root
+        old_configs[id(text_config)] = new_text
 
-    def __new__(cls, model, skip):
-        name, layers = decoder_layers(model)
-        skip = check_skip(skip, len(layers))
-        keep = [i for i in range(len(layers)) if i not in skip]
-        old_configs = {}  # id(original config) -> copy with the kept layer count
-        root_config = getattr(model, "config", None)
-        text_config = _text_config(root_config)
-        if root_config is not None:
-            new_root = copy.deepcopy(root_config)
-            new_text = _text_config(new_root)
-            _cut_config(new_text, keep, len(layers))
-            old_configs[id(root_config)] = new_root
-            old_configs[id(text_config)] = new_text
+    def with_config(module):
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in old_configs:
+            module.config = old_configs[id(config)]
+        return module
 
-        def with_config(module):
-            config = getattr(module, "config", None)
-            if config is not None and id(config) in old_configs:
-                module.config = old_configs[id(config)]
-            return module
-
-        root = with_config(_detach_copy(model))
-        parent, parts = root, name.split(".")
-        for part in parts[:-1]:
-            child = with_config(_detach_copy(parent._modules[part]))
-            parent._modules[part] = child
-            parent = child
-        kept = []
-        for new_idx, old_idx in enumerate(keep):
-            layer = _deep_view(layers[old_idx])
-            for sub in layer.modules():
-                if isinstance(getattr(sub, "layer_idx", None), int):
-                    sub.layer_idx = new_idx
-                with_config(sub)
-            kept.append(layer)
-        parent._modules[parts[-1]] = nn.ModuleList(kept)
-        root.mmspec_skip = tuple(skip)
-        root.mmspec_keep = tuple(keep)
-        return root
+    root = with_config(_detach_copy(model))
+    parent, parts = root, name.split(".")
+    for part in parts[:-1]:
+        child = with_config(_detach_copy(parent._modules[part]))
+        parent._modules[part] = child
+        parent = child
+    kept = []
+    for new_idx, old_idx in enumerate(keep):
+        layer = _deep_view(layers[old_idx])
+        for sub in layer.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = new_idx
+            with_config(sub)
+        kept.append(layer)
+    parent._modules[parts[-1]] = nn.ModuleList(kept)
+    root.mmspec_skip = tuple(skip)
+    root.mmspec_keep = tuple(keep)
+    return root
 
 
 def _cut_config(config, keep, total):
@@ -230,7 +228,10 @@ def _rollout(adapter, prompts, prefill_kwargs, new_tokens, greedy, generator):
     for i in range(new_tokens):
         rows.append(logits)
         probs = logits.softmax(-1)
-        tok = probs.argmax(-1) if greedy else torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+        if greedy:
+            tok = probs.argmax(-1)
+        else:
+            tok = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
         tokens.append(tok)
         if i + 1 < new_tokens:
             logits = adapter.forward(tok.unsqueeze(1), valid)[:, -1].float()
@@ -295,7 +296,7 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
     def score(skip):
         skip = tuple(skip)
         if skip not in scores:
-            alpha = _agreement(make_adapter(LayerSkipModel(model, list(skip))), (ids, mask), kwargs, tokens, rows,
+            alpha = _agreement(make_adapter(layer_skip_model(model, list(skip))), (ids, mask), kwargs, tokens, rows,
                                greedy)
             scores[skip] = (alpha, *expected_speedup(alpha, (L - len(skip)) / L, max_drafts))
         return scores[skip]
@@ -336,7 +337,7 @@ def self_draft_proposer(model, input_ids, attention_mask, *, skip=None, window: 
                              prefill_kwargs=prefill_kwargs, greedy=greedy, max_prompts=rows,
                              max_drafts=max(1, window - 1), **(calibration_kwargs or {}))
         skip = list(cal.skip)
-    drafter = make_adapter(LayerSkipModel(model, skip))
+    drafter = make_adapter(layer_skip_model(model, skip))
     start = min(5, window - 1) if adaptive else window - 1
     return DraftModelProposer(drafter, max(start, 1) if window > 1 else 0, adaptive=adaptive,
                               max_drafts=window - 1, confidence=confidence, prefill_kwargs=prefill_kwargs or {})

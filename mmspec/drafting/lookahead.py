@@ -139,7 +139,8 @@ class LookaheadProposer(Proposer):
                     row.append(guess[b][j])
                     continue
                 last = row[-1] if row else anchors[b]
-                more = rank_candidates(self.pools[b], last, 1, row[-2] if len(row) > 1 else anchors[b] if row else before[b])
+                context = row[-2] if len(row) > 1 else anchors[b] if row else before[b]
+                more = rank_candidates(self.pools[b], last, 1, context)
                 row.extend(more[0][: K - j] if more else [last])
             drafts[b] = torch.tensor(row)
         self._start = state.lengths - 1  # position of the anchor in ``state.tokens``

@@ -283,7 +283,8 @@ class SpeculativeImagePipeline(DiffusionPipeline):
         elif decoding == "self":  # the model minus some layers drafts, guided and forced like the target
             proposer = self_draft_proposer(
                 self.model, input_ids, attention_mask, skip=skip, window=window, prefill_kwargs=dict(inputs),
-                greedy=not do_sample, make_adapter=lambda m: GuidedLM(m, layout, guidance_scale, adapter=family.adapter))
+                greedy=not do_sample,
+                make_adapter=lambda m: GuidedLM(m, layout, guidance_scale, adapter=family.adapter))
         else:
             proposer, window = NoDraft(), 1
 
