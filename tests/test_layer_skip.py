@@ -147,6 +147,12 @@ def test_bad_skip(models, skip, message):
         mmspec.generate(target, ids, max_new_tokens=4, method="self", skip=skip)
 
 
+def test_calibration_needs_two_layers():
+    ids, _ = ragged_prompts(1, 96)
+    with pytest.raises(ValueError, match="at least 2 decoder layers"):
+        mmspec.generate(tiny_causal_lm("llama", layers=1), ids, max_new_tokens=4, method="self")
+
+
 def test_skip_needs_method_self(models):
     ids, _ = ragged_prompts(1, 96)
     with pytest.raises(ValueError, match="only used with method='self'"):

@@ -330,6 +330,8 @@ def self_draft_proposer(model, input_ids, attention_mask, *, skip=None, window: 
     from .model import DraftModelProposer
 
     make_adapter = make_adapter or adapter_for
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"`draft_confidence` must be in [0, 1] or None, got {confidence!r}.")
     if skip is None:
         # Processor outputs (pixel values) are not always batched by row: calibrate on every row then.
         rows = input_ids.shape[0] if prefill_kwargs else 4
