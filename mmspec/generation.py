@@ -10,6 +10,7 @@ import torch
 from .checks import check_decoding, check_generator, check_int
 from .decoding import DecodeState, GenerationStats, decode
 from .drafting import available_methods, make_proposer, method_spec
+from .drafting.lookahead import lookahead_config
 from .models.causal_lm import vocab_size_of
 from .models.vlm import adapter_for, is_vision_language_model
 from .sampling import LogitsPipeline
@@ -89,6 +90,8 @@ def generate(
     adaptive: bool = False,
     draft_confidence: float | None = None,
     max_ngram: int = 3,
+    skip=None,
+    lookahead=None,
     logits_processor=None,
     progress: bool = False,
     kernels: str = "auto",
@@ -122,6 +125,9 @@ def generate(
             the step's drafting ends when every active row has (one host sync per draft token), None to
             always draft ``window - 1``.
         max_ngram: longest n-gram for ``lookup``.
+        skip: decoder layers the target skips to draft for itself (``method="self"``); None calibrates them on
+            the prompts (``mmspec.drafting.layer_skip.calibrate_skip``, cached per model).
+        lookahead: ``(window, ngram, pool)`` for ``method="lookahead"`` (``mmspec.drafting.lookahead``).
         logits_processor: transformers ``LogitsProcessorList`` (or callables) applied to target and draft
             scores alike, before temperature/top-k/top-p.
         progress: show a tqdm bar over new tokens.
@@ -140,6 +146,12 @@ def generate(
     """
     check_int(max_new_tokens, "max_new_tokens", 0)
     check_int(max_ngram, "max_ngram", 1)
+    if method == "lookahead":
+        lookahead, window = lookahead_config(lookahead, window)
+    elif lookahead is not None:
+        raise ValueError(f"`lookahead` is only used with method='lookahead', not method={method!r}.")
+    if skip is not None and method != "self":
+        raise ValueError(f"`skip` is only used with method='self', not method={method!r}.")
     choice = check_decoding(method, window=window, draft_model=draft_model, acceptance=acceptance,
                             do_sample=do_sample, init=init)
     criterion = choice.criterion
@@ -195,7 +207,9 @@ def generate(
     draft_kwargs = model_kwargs if draft_model is not None and is_vision_language_model(draft_model) else {}
     proposer, window = make_proposer(method, choice.window, draft=draft, init=init, coupled=coupled,
                                      adaptive=adaptive, draft_confidence=draft_confidence, max_ngram=max_ngram,
-                                     prefill_kwargs=draft_kwargs)
+                                     prefill_kwargs=model_kwargs if method == "self" else draft_kwargs,
+                                     model=model, prompt=(input_ids, attention_mask), skip=skip,
+                                     lookahead=lookahead, greedy=not do_sample)
     state = DecodeState(input_ids, attention_mask, max_new_tokens, V, pipeline, generator, target.device,
                         eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None)
     state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=model_kwargs,

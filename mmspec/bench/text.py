@@ -15,6 +15,7 @@ import torch
 
 from .. import generate
 from ..models.compat import cache_keyword
+from ..drafting.layer_skip import calibrate_skip, decoder_layers
 from .common import environment, markdown_table, timed, write_report
 
 __all__ = ["main", "run", "assisted_generate", "raw_greedy_loop", "random_pair"]
@@ -86,6 +87,15 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
         ("mmspec lookup", "mmspec", lambda: _mm(target, input_ids, method="lookup", window=window_lookup, **common)),
         ("mmspec jacobi", "mmspec", lambda: _mm(target, input_ids, method="jacobi", window=8, **common)),
     ]
+    # Drafts for every model: layer-skip self-speculation (calibrated on these prompts, outside the timing) and
+    # lookahead decoding (issue 16).
+    calibration, calibration_s = timed(lambda: calibrate_skip(target, input_ids))
+    self_window = calibration.num_drafts + 1
+    cases += [
+        ("mmspec self (calibrated)", "mmspec", lambda: _mm(target, input_ids, method="self", window=self_window,
+                                                           **common)),
+        ("mmspec lookahead", "mmspec", lambda: _mm(target, input_ids, method="lookahead", **common)),
+    ]
     if B == 1:  # transformers' assisted generation and prompt lookup support batch size 1 only
         cases += [
             ("transformers assisted", "peer", lambda: (assisted_generate(target, draft, input_ids, K, **hf_common),
@@ -114,6 +124,14 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
                        step_compression=stats.step_compression, mean_accepted=stats.mean_accepted)
         rows.append(row)
     by = {r["method"]: r["median_s"] for r in rows}
+    per_forward = by["mmspec ar"] / max_new_tokens  # one target forward, measured by plain AR
+    for r in rows:
+        if r.get("draft_forwards"):  # what one draft forward costs, in target forwards (timing residual)
+            r["draft_cost"] = (r["median_s"] - r["target_forwards"] * per_forward) / r["draft_forwards"] / per_forward
+        if r["method"] == "mmspec self (calibrated)":
+            r.update(skip=list(calibration.skip), calibrated_alpha=calibration.alpha,
+                     expected_speedup=calibration.speedup, calibration_s=calibration_s,
+                     layer_cost=1 - len(calibration.skip) / len(decoder_layers(target)[1]))
     for r in rows:
         r["vs_raw"] = by["raw forward loop"] / r["median_s"]
         r["vs_mmspec_ar"] = by["mmspec ar"] / r["median_s"]
@@ -134,6 +152,7 @@ COLUMNS = [
     ("target_forwards", "target fwd", ""), ("step_compression", "step compr.", ".2f"),
     ("median_s", "median s", ".3f"), ("vs_raw", "speed vs raw loop", ".2f"),
     ("vs_mmspec_ar", "speed vs mmspec ar", ".2f"), ("vs_peer", "speed vs transformers peer", ".2f"),
+    ("draft_cost", "draft fwd cost", ".2f"), ("skip", "skipped layers", ""),
 ]
 
 

@@ -9,12 +9,14 @@ continuous tokens ``"draft"`` and ``"ar"``. A new method is a ``Proposer`` subcl
 from .base import MethodSpec, NoDraft, Proposer, available_methods, make_proposer, method_spec, register_method
 from .continuous import ContinuousDraftProposer, GaussianDrafts
 from .jacobi import INIT_STRATEGIES, JacobiProposer, register_init
+from .layer_skip import calibrate_skip, layer_skip_model
+from .lookahead import DEFAULT_LOOKAHEAD, LookaheadProposer, lookahead_config
 from .lookup import LookupProposer
 from .model import DraftModelProposer
 
 __all__ = ["ContinuousDraftProposer", "DraftModelProposer", "GaussianDrafts", "INIT_STRATEGIES", "JacobiProposer",
-           "LookupProposer", "MethodSpec", "NoDraft", "Proposer", "available_methods", "make_proposer", "method_spec",
-           "register_init", "register_method"]
+           "LookaheadProposer", "LookupProposer", "MethodSpec", "NoDraft", "Proposer", "available_methods",
+           "calibrate_skip", "layer_skip_model", "make_proposer", "method_spec", "register_init", "register_method"]
 
 
 @register_method("jacobi", default_window=16)
@@ -32,6 +34,23 @@ def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=
 @register_method("lookup", default_window=11)
 def _lookup(window, max_ngram=3):
     return LookupProposer(window - 1, max_ngram=max_ngram)
+
+
+@register_method("self", default_window=6)
+def _self(window, model=None, prompt=None, skip=None, adaptive=False, draft_confidence=None, prefill_kwargs=None,
+          greedy=True, make_adapter=None):
+    """The target minus some decoder layers drafts for itself (``skip=None``: calibrated on the prompts)."""
+    from .layer_skip import self_draft_proposer
+
+    return self_draft_proposer(model, *prompt, skip=skip, window=window, adaptive=adaptive, confidence=draft_confidence,
+                               prefill_kwargs=prefill_kwargs, greedy=greedy, make_adapter=make_adapter)
+
+
+@register_method("lookahead", default_window=DEFAULT_LOOKAHEAD[0] + 1)
+def _lookahead(window, lookahead=None):
+    """Lookahead decoding: Jacobi trajectories fill an n-gram pool whose matches are verified."""
+    config, _ = lookahead_config(lookahead, window)
+    return LookaheadProposer(*config)
 
 
 @register_method("ar", default_window=1, fixed_window=1)

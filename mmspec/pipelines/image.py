@@ -116,6 +116,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         kernels: str = "auto",
         method: Optional[str] = None,
+        skip: Optional[List[int]] = None,
     ):
         """Generate images.
 
@@ -146,6 +147,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             method: the decoding method (default "jacobi"), as in ``mmspec.generate``: "jacobi" (the model drafts
                 for itself), "draft" (``draft_model`` proposes), "lookup" (n-gram match) or "ar"
                 (``mmspec.drafting.available_methods()``); ``decoding=`` is accepted as its alias.
+            skip: for ``method="self"``: decoder layers the model skips to draft for itself (guided like the
+                target); None calibrates them on these prompts (``mmspec.drafting.layer_skip``).
 
         Returns:
             ``SpeculativeImagePipelineOutput`` with ``images``, ``tokens`` [B, h * w] and ``stats``.
@@ -154,6 +157,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                                      count=num_images_per_prompt, count_name="num_images_per_prompt",
                                      output_type=output_type, draft_model=draft_model, acceptance=acceptance,
                                      do_sample=do_sample)
+        if skip is not None and method != "self":
+            raise ValueError(f"`skip` is only used with method='self', not {method!r}.")
         family = self.family
         prompts = _as_list(prompt, "prompt")
         negatives = _as_list(negative_prompt, "negative_prompt")
@@ -176,7 +181,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             family, inputs, family_for, guidance_scale=guidance_scale, choice=choice, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, method=method,
             draft_model=draft_model, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images")
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", skip=skip)
         T = state.prompt_length
         codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
         if output_type == "latent":
@@ -195,7 +200,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
 
     def _decode(self, family, inputs, draft_family_for, *, guidance_scale, choice, do_sample, temperature, top_k,
                 top_p, generator, method, draft_model, init, coupled, callback_on_step_end, kernels="auto",
-                unit="images"):
+                unit="images", skip=None):
         """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
         with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``choice`` from ``_check``;
         ``draft_family_for`` recognises the draft model's family. Returns ``(state, stats, layout, criterion)``."""
@@ -217,8 +222,10 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             drafter = GuidedLM(draft_model, layout, guidance_scale, adapter=draft_family.adapter)
             if drafter.vocab_size != target.vocab_size:
                 raise ValueError("`draft_model` must have the target's vocabulary size.")
-        proposer, window = make_proposer(method, choice.window, draft=drafter, init=init, coupled=coupled,
-                                         layout=layout, prefill_kwargs=dict(inputs))
+        proposer, window = make_proposer(
+            method, choice.window, draft=drafter, init=init, coupled=coupled, layout=layout,
+            prefill_kwargs=dict(inputs), model=self.model, prompt=(input_ids, attention_mask), skip=skip,
+            greedy=not do_sample, make_adapter=lambda m: GuidedLM(m, layout, guidance_scale, adapter=family.adapter))
 
         bar = self.progress_bar(total=layout.num_tokens)
         done = [0]

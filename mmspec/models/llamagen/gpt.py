@@ -328,7 +328,7 @@ class LlamaGenGPT(DataclassConfigModel):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         return make_output(
-            CausalLMOutputWithPast,             loss=loss, logits=logits, past_key_values=past_key_values,
+            CausalLMOutputWithPast, loss=loss, logits=logits, past_key_values=past_key_values,
             hidden_states=tuple(hidden) if hidden is not None else None,
         )
 

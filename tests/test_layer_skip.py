@@ -1,0 +1,244 @@
+"""Self-speculative drafting by layer skipping (``method="self"``): exact, and the target is never touched."""
+
+import copy
+import hashlib
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import mmspec
+from lm_fixtures import ragged_prompts, tiny_causal_lm
+from mmspec.drafting.layer_skip import layer_skip_model, calibrate_skip, decoder_layers, expected_speedup
+from mmspec.models.causal_lm import CausalLM
+
+NEW = 24
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = tiny_causal_lm(arch, layers=LAYERS, sharpen=4.0)
+        return cache[arch]
+
+    return get
+
+
+def _reference(model, ids, mask, eos):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                          pad_token_id=0)
+
+
+def _truncated(model, keep):
+    """An independent reference: a deep copy with the skipped layers really deleted."""
+    ref = copy.deepcopy(model)
+    name, layers = decoder_layers(ref)
+    parent = ref.get_submodule(name.rsplit(".", 1)[0])
+    kept = torch.nn.ModuleList(layers[i] for i in keep)
+    for new_idx, layer in enumerate(kept):
+        for sub in layer.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = new_idx
+    setattr(parent, name.rsplit(".", 1)[1], kept)
+    ref.config.num_hidden_layers = len(keep)
+    return ref
+
+
+def _fingerprint(model) -> str:
+    h = hashlib.sha256()
+    for name, t in itertools.chain(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("skip", [[1, 2], [0], [3]])
+def test_draft_view_equals_truncated_model(models, arch, skip):
+    target = models(arch)
+    keep = [i for i in range(LAYERS) if i not in skip]
+    view, ref = layer_skip_model(target, skip), _truncated(target, keep)
+    ids, mask = ragged_prompts(3, 96, seed=2)
+    a, b = CausalLM(view), CausalLM(ref)
+    assert torch.allclose(a.prefill(ids, mask), b.prefill(ids, mask))
+    block = torch.randint(2, 96, (3, 4), generator=torch.Generator().manual_seed(0))
+    valid = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.allclose(a.forward(block, valid), b.forward(block, valid))
+    assert len(a.cache.layers) == len(keep)
+    # The view really skips layers: it differs from the full target.
+    assert not torch.allclose(CausalLM(target).prefill(ids, mask), b.prefill(ids, mask))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_greedy_equals_transformers(models, arch, batch, with_eos):
+    target = models(arch)
+    ids, mask = ragged_prompts(batch, 96, seed=batch)
+    eos = int(_reference(target, ids, mask, None)[0, ids.shape[1] + NEW // 3]) if with_eos else None
+    ref = _reference(target, ids, mask, eos)
+    for kw in (dict(skip=[1, 2]), dict(skip=[3], window=8, adaptive=True), dict()):
+        out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, method="self",
+                              eos_token_id=eos if with_eos else [], pad_token_id=0, **kw)
+        assert torch.equal(out.sequences, ref), f"{arch} {kw}"
+        assert out.stats.draft_forwards > 0 and out.lossless
+
+
+def test_target_weights_modules_and_cache_unchanged(models):
+    target = models("llama")
+    before = _fingerprint(target)
+    config = target.config.to_dict()
+    layers = decoder_layers(target)[1]
+    ids, mask = ragged_prompts(4, 96, seed=7)
+    mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, method="self", skip=[1, 2])
+    mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=8, method="self", do_sample=True,
+                    generator=torch.Generator().manual_seed(0), skip=[0, 3])
+    assert _fingerprint(target) == before
+    assert target.config.to_dict() == config
+    assert decoder_layers(target)[1] is layers and len(layers) == LAYERS
+    assert [m.self_attn.layer_idx for m in layers] == list(range(LAYERS))
+    # A target cache next to a running draft view keeps its contents.
+    lm = CausalLM(target)
+    lm.prefill(ids, mask)
+    snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in lm.cache.layers]
+    draft = CausalLM(layer_skip_model(target, [1]))
+    draft.prefill(ids, mask)
+    draft.forward(ids[:, :3], torch.ones(4, 3, dtype=torch.bool))
+    assert all(torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+               for (k, v), layer in zip(snapshot, lm.cache.layers))
+    assert len(lm.cache.layers) == LAYERS and lm.cache.get_seq_length() == ids.shape[1]
+
+
+def test_calibration_deterministic_and_cached():
+    target = tiny_causal_lm("llama", layers=LAYERS, sharpen=4.0, seed=3)
+    ids, mask = ragged_prompts(3, 96, seed=1)
+    runs = [calibrate_skip(target, ids, mask, greedy=False, seed=5, cache=False) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert 1 <= len(runs[0].skip) < LAYERS and 1 <= runs[0].num_drafts
+    assert all(0.0 <= a <= 1.0 for a, _ in runs[0].scores.values())
+    # The chosen set is the best scored one under the cost model.
+    assert runs[0].speedup == pytest.approx(max(s for _, s in runs[0].scores.values()))
+    cached = calibrate_skip(target, ids, mask, greedy=True)
+    assert calibrate_skip(target, ids[:1], mask[:1], greedy=True) is cached  # cached per model and settings
+
+
+def test_expected_speedup():
+    assert expected_speedup(1.0, 0.5, 4) == (5 / 3, 4)
+    assert expected_speedup(0.0, 0.5, 4) == (1 / 1.5, 1)
+    value, k = expected_speedup(0.8, 0.25, 8)
+    assert value == pytest.approx(max((1 - 0.8 ** (j + 1)) / 0.2 / (1 + j * 0.25) for j in range(1, 9)))
+
+
+@pytest.mark.parametrize("skip,message", [
+    ([], "empty"),
+    ([0, 1, 2, 3], "at least one layer"),
+    ([4], "out of range"),
+    ([-1], "out of range"),
+    (["1"], "int layer indices"),
+    (1.5, "list of layer indices"),
+])
+def test_bad_skip(models, skip, message):
+    target = models("llama")
+    ids, mask = ragged_prompts(1, 96)
+    with pytest.raises(ValueError, match=message):
+        mmspec.generate(target, ids, max_new_tokens=4, method="self", skip=skip)
+
+
+def test_calibration_needs_two_layers():
+    ids, _ = ragged_prompts(1, 96)
+    with pytest.raises(ValueError, match="at least 2 decoder layers"):
+        mmspec.generate(tiny_causal_lm("llama", layers=1), ids, max_new_tokens=4, method="self")
+
+
+def test_skip_needs_method_self(models):
+    ids, _ = ragged_prompts(1, 96)
+    with pytest.raises(ValueError, match="only used with method='self'"):
+        mmspec.generate(models("llama"), ids, max_new_tokens=4, method="jacobi", skip=[1])
+
+
+def test_vlm_greedy_equals_generate():
+    from vlm_fixtures import FAMILIES, family_batch
+
+    build, _ = FAMILIES["llava"]
+    model, processor = build(seed=0)
+    inputs = dict(family_batch("llava", processor, 3, seed=3))
+    ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    for kw in (dict(skip=[1]), dict(skip=[0], window=3), dict()):
+        out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=12, method="self", **kw, **inputs)
+        assert torch.equal(out.sequences, ref), kw
+
+
+def test_image_pipeline_self_equals_ar():
+    from image_fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline(layers=LAYERS, eol=True)
+    before = _fingerprint(pipe.model)
+    prompts = ["a red circle", "blue square on green background", "green"]
+    ref = pipe(prompts, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="pt")
+    for kw in (dict(skip=[1]), dict(skip=[0, 2], window=4), dict()):
+        out = pipe(prompts, do_sample=False, decoding="self", guidance_scale=2.5, output_type="pt", **kw)
+        assert torch.equal(out.tokens, ref.tokens), kw
+        assert out.stats.step_compression > 1.0 and out.lossless
+    assert _fingerprint(pipe.model) == before
+    with pytest.raises(ValueError, match="only used with method='self'"):
+        pipe(prompts, decoding="jacobi", skip=[1], output_type="pt")
+
+
+# --- sampling: the enumeration chi-square with 4 new tokens ------------------------------------------------
+
+V, NEW_S, N, ALPHA = 5, 4, 20_000, 1e-3
+PROMPT = torch.tensor([[3, 1, 3, 1, 4]])
+
+
+def exact_distribution(model, prompt=PROMPT, vocab=V, new=NEW_S):
+    """Probability of every continuation of ``new`` tokens (base-``vocab`` index), from full forwards."""
+    outcomes = torch.tensor(list(itertools.product(range(vocab), repeat=new)))
+    seqs = torch.cat([prompt.expand(len(outcomes), -1), outcomes], dim=1)
+    with torch.no_grad():
+        logits = model(seqs).logits.double()
+    T = prompt.shape[1]
+    probs = logits[:, T - 1 : T - 1 + new].softmax(-1)
+    return probs.gather(-1, outcomes.unsqueeze(-1)).squeeze(-1).prod(-1)
+
+
+def chi2_pvalue(samples, expected_probs, vocab=V):
+    new = samples.shape[1]
+    codes = (samples * vocab ** torch.arange(new - 1, -1, -1)).sum(-1)
+    observed = torch.bincount(codes, minlength=vocab**new).double()
+    expected = expected_probs * len(samples)
+    assert float(observed[expected == 0].sum()) == 0, "sampled an outcome of probability zero"
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+
+def sample_many(model, **kw):
+    out = mmspec.generate(model, PROMPT.expand(N, -1), max_new_tokens=NEW_S, do_sample=True,
+                          generator=torch.Generator().manual_seed(1234), eos_token_id=[], **kw)
+    return out.sequences[:, PROMPT.shape[1]:], out.stats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(skip=[1], window=5), dict(skip=[0, 2], window=3, adaptive=True)])
+def test_sampling_is_lossless(kw):
+    target = tiny_causal_lm("llama", vocab_size=V, hidden=16, layers=3, sharpen=3.0, seed=11)
+    samples, stats = sample_many(target, method="self", **kw)
+    assert stats.step_compression > 1.0  # drafts were really accepted
+    p = chi2_pvalue(samples, exact_distribution(target))
+    assert p > ALPHA, f"self {kw}: chi-square p = {p:.2e}"
+
+
+def test_video_pipeline_self_equals_ar():
+    from test_video_pipeline import PROMPTS, tiny_video_pipeline
+
+    pipe = tiny_video_pipeline(layers=3, eol=True)
+    ref = pipe(PROMPTS, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="latent")
+    out = pipe(PROMPTS, do_sample=False, decoding="self", guidance_scale=2.5, output_type="latent")
+    assert torch.equal(out.tokens, ref.tokens) and out.stats.draft_forwards > 0
