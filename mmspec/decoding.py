@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .drafting.base import Proposer
 from .kernels.decode_step import fused_verifier
 from .sampling import LogitsPipeline, sample_from_weights
-from .verify import verify
+from .tree import DraftTree
+from .verify import verify, verify_tree
 
 __all__ = ["DecodeState", "GenerationStats", "decode"]
 
@@ -34,7 +35,9 @@ class GenerationStats:
         new_tokens: tokens committed over all rows.
         new_tokens_per_row: list with one count per row.
         row_forwards: target forwards each row took part in while unfinished.
-        accepted_histogram: ``accepted_histogram[k]`` = verify steps in which a row accepted k drafts.
+        accepted_histogram: ``accepted_histogram[k]`` = verify steps in which a row accepted k drafts (for token
+            trees: the accepted depth).
+        tree_nodes: draft nodes verified over all tree steps (0 when every step was a chain).
         mean_accepted: mean tokens committed per row per verify step (accepted drafts + 1).
         step_compression: tokens generated per target forward a row took part in (1.0 for plain AR).
         wall_time: seconds, including the prefill.
@@ -46,6 +49,7 @@ class GenerationStats:
     new_tokens_per_row: list = field(default_factory=list)
     row_forwards: list = field(default_factory=list)
     accepted_histogram: list = field(default_factory=list)
+    tree_nodes: int = 0
     wall_time: float = 0.0
 
     @property
@@ -58,9 +62,16 @@ class GenerationStats:
         forwards = sum(self.row_forwards)
         return self.new_tokens / forwards if forwards else 0.0
 
+    @property
+    def tree_nodes_per_step(self) -> float:
+        """Mean draft nodes per row per verify step (0.0 for chains)."""
+        steps = sum(self.accepted_histogram)
+        return self.tree_nodes / steps if steps > 0 else 0.0
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in vars(self).items()}
-        d.update(mean_accepted=self.mean_accepted, step_compression=self.step_compression)
+        d.update(mean_accepted=self.mean_accepted, step_compression=self.step_compression,
+                 tree_nodes_per_step=self.tree_nodes_per_step)
         return d
 
     def __str__(self) -> str:
@@ -194,29 +205,39 @@ def decode(
     while bool(state.active.any()):
         active = state.active.clone()
         max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1))
-        drafts, draft_probs = proposer.propose(state, max_drafts)
-        K = drafts.shape[1]
-        block = torch.cat([anchor.unsqueeze(1), drafts], dim=1)
+        draft = proposer.propose(state, max_drafts)
         target.checkpoint()
-        logits = target.forward(block, active.unsqueeze(1).expand(-1, K + 1))
+        if isinstance(draft, DraftTree):
+            result, rows = _tree_step(target, draft, anchor, active, state, pipeline, criterion, generator)
+            stats.tree_nodes += int(draft.valid[active].sum())
+            L = result.tokens.shape[1]
+            packed = torch.cat([result.tokens, result.accepted.long()], dim=1).cpu()  # the step's one sync
+            emitted, on_path = packed[:, :L], packed[:, L:].bool() & active.unsqueeze(1)
+            keep = torch.cat([active.unsqueeze(1), on_path], dim=1)  # anchor + accepted path, per block column
+        else:
+            drafts, draft_probs = draft
+            K = drafts.shape[1]
+            block = torch.cat([anchor.unsqueeze(1), drafts], dim=1)
+            logits = target.forward(block, active.unsqueeze(1).expand(-1, K + 1))
+            if fused is not None:
+                result, rows = fused(drafts, draft_probs, logits, generator)
+            elif state.greedy:
+                rows = pipeline.process(logits, state.tokens, state.lengths, drafts)
+                result = verify(drafts, None, rows, greedy=True)
+            else:
+                rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, drafts))
+                result = verify(drafts, draft_probs, rows, criterion, generator)
+            emitted = result.tokens.cpu()  # the one device -> host sync of the step
+            keep = None
         stats.target_forwards += 1
         row_forwards += active
-        if fused is not None:
-            result, rows = fused(drafts, draft_probs, logits, generator)
-        elif state.greedy:
-            rows = pipeline.process(logits, state.tokens, state.lengths, drafts)
-            result = verify(drafts, None, rows, greedy=True)
-        else:
-            rows = pipeline.probs(pipeline.process(logits, state.tokens, state.lengths, drafts))
-            result = verify(drafts, draft_probs, rows, criterion, generator)
-        emitted = result.tokens.cpu()  # the one device -> host sync of the step
         num_accepted = (emitted >= 0).sum(-1) - 1
         for k in num_accepted[active].tolist():
             stats.accepted_histogram[k] += 1
         before = int(state.num_new.max())
         state.commit(emitted, eos_token_ids)
         bar.update(int(state.num_new.max()) - before)
-        target.rollback(torch.where(active, num_accepted + 1, 0))
+        target.rollback(torch.where(active, num_accepted + 1, 0) if keep is None else keep)
         proposer.update(state, result, rows, num_accepted)
         anchor = result.next_token
         if callback is not None:
@@ -231,3 +252,16 @@ def decode(
     stats.row_forwards = row_forwards.tolist()
     stats.wall_time = time.perf_counter() - t0
     return state, stats
+
+
+def _tree_step(target, tree: DraftTree, anchor, active, state, pipeline, criterion, generator):
+    """One target forward over ``[anchor, tree nodes]`` and the tree's verification -> (result, rows [B, N+1, V])."""
+    B = anchor.shape[0]
+    block = torch.cat([anchor.unsqueeze(1), tree.tokens], dim=1)
+    valid = active.unsqueeze(1) & torch.cat([torch.ones(B, 1, dtype=torch.bool), tree.valid], dim=1)
+    logits = target.forward(block, valid, tree=tree)
+    rows = pipeline.process(logits, state.tokens, state.lengths, tree=tree)
+    if state.greedy:
+        return verify_tree(tree, rows, greedy=True), rows
+    rows = pipeline.probs(rows)
+    return verify_tree(tree, rows, criterion, generator), rows

@@ -15,6 +15,7 @@ from .drafting.model import DraftModelProposer
 from .models.causal_lm import vocab_size_of
 from .models.vlm import adapter_for, is_vision_language_model
 from .sampling import LogitsPipeline
+from .tree import parse_tree
 
 __all__ = ["generate", "GenerateOutput", "METHODS", "DEFAULT_WINDOW"]
 
@@ -84,6 +85,8 @@ def generate(
     logits_processor=None,
     progress: bool = False,
     kernels: str = "auto",
+    tree=None,
+    dynamic_tree: bool = False,
     **model_kwargs,
 ) -> GenerateOutput:
     """Generate with speculative decoding; greedy output equals ``model.generate(do_sample=False)``.
@@ -116,6 +119,13 @@ def generate(
         kernels: verification backend: ``"auto"`` (fused Triton kernels for CUDA tensors, else torch; the
             ``MMSPEC_KERNELS`` environment variable may force either), ``"triton"`` or ``"torch"``; see
             ``mmspec.kernels``. Logits processors always take the torch path.
+        tree: ``(width, depth)`` to verify a token tree per step instead of a chain (None): ``jacobi`` adds
+            ``width - 1`` alternatives from the stale rows at each of the first ``depth`` slots (SJD-PAC),
+            ``draft`` adds the draft's next-best candidates at its first ``depth`` levels, ``lookup`` verifies
+            ``width`` n-gram continuations of up to ``depth`` tokens as sibling branches. ``window`` stays the
+            number of tokens per target forward, the tree's nodes included.
+        dynamic_tree: with ``method="draft"`` and ``tree``, spread the draft's extra candidates over all levels by
+            its cumulative probability (EAGLE-2 style) instead of the first ``depth`` levels.
         **model_kwargs: the processor's other outputs (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
             ...), passed to the target's prefill forward only, and to the draft's prefill when the draft is a
             vision-language model too (it must then share the processor); a text-only draft sees the prompt
@@ -137,6 +147,9 @@ def generate(
     if init not in INIT_STRATEGIES:
         raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
     _check_int(max_ngram, "max_ngram", 1)
+    tree = parse_tree(tree)
+    if tree is not None and method == "ar":
+        raise ValueError("`tree` needs drafts: use it with method='jacobi', 'draft' or 'lookup', not 'ar'.")
     criterion = _acceptance.get(acceptance)
     if not do_sample and criterion.requires_sampling:
         raise ValueError(
@@ -183,9 +196,9 @@ def generate(
         proposer = NoDraft()
         window = 1
     elif method == "jacobi":
-        proposer = JacobiProposer(window, init=init, coupled=coupled)
+        proposer = JacobiProposer(window, init=init, coupled=coupled, tree=tree)
     elif method == "lookup":
-        proposer = LookupProposer(window - 1, max_ngram=max_ngram)
+        proposer = LookupProposer(window - 1, max_ngram=max_ngram, tree=tree)
     else:
         if vocab_size_of(draft_model) != V:
             raise ValueError(
@@ -200,7 +213,8 @@ def generate(
         draft_kwargs = model_kwargs if is_vision_language_model(draft_model) else {}
         proposer = DraftModelProposer(adapter_for(draft_model), max(start, 1) if window > 1 else 0,
                                       adaptive=adaptive, max_drafts=window - 1, confidence=draft_confidence,
-                                      prefill_kwargs=draft_kwargs)
+                                      prefill_kwargs=draft_kwargs, tree=tree,
+                                      dynamic_tree=dynamic_tree)
 
     state, stats = decode(
         target,

@@ -18,6 +18,7 @@ from typing import Callable, Dict
 import torch
 
 from ..sampling import onehot, sample_from_weights, uniform
+from ..tree import parse_tree, with_alternatives
 from ..verify import speculative_redraw
 from .base import Proposer
 
@@ -144,23 +145,39 @@ class JacobiProposer(Proposer):
             the whole vocabulary).
         layout: an ``ImageLayout`` (or ``VideoLayout``) for grid-aware init (``vertical``, ``temporal``) and
             forced structural tokens.
+        tree: ``(width, depth)`` for proactive alternatives (SJD-PAC): at each of the first ``depth`` window slots
+            that continue a draft, ``width - 1`` further candidates are drawn from the same stale row without
+            replacement (the next-best tokens when greedy) as siblings of the slot's draft; the chain of drafts
+            keeps the rest of the window: ``window - 1 - (width - 1) * depth`` tokens. None: a plain chain.
     """
 
-    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None):
+    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None,
+                 tree=None):
         if init not in INIT_STRATEGIES:
             raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
+        self.tree = parse_tree(tree)
         self.num_drafts = window - 1
+        if self.tree is not None:
+            width, depth = self.tree
+            self.num_drafts = window - 1 - (width - 1) * depth
+            if self.num_drafts < depth:
+                raise ValueError(
+                    f"tree={tree!r} needs a window of at least {1 + width * depth} tokens (1 anchor + {width} "
+                    f"candidates at each of {depth} depths), got window={window}."
+                )
         self.init, self.coupled, self.layout = init, coupled, layout
         self.token_range = token_range or (layout.token_range if layout is not None else None)
         self.horizon = None  # the target's last row of the previous step [B, V]
         self.tokens = None  # [B, K] continuing drafts (left-aligned)
         self.probs = None  # [B, K, V] their q rows (sampling only)
+        self.rows = None  # [B, K, V] the target rows the continuing drafts came from (for tree alternatives)
         self.count = None  # [B] how many of them are real predictions; the rest are filled by init
 
     def start(self, state):
         B, dev = state.batch_size, state.device
         self.tokens = torch.zeros(B, self.num_drafts, dtype=torch.long, device=dev)
         self.probs = None
+        self.rows = None
         self.count = torch.zeros(B, dtype=torch.long, device=dev)
         self.horizon = None
         self._anchor = state.last_tokens(1).to(dev)[:, 0]
@@ -168,6 +185,7 @@ class JacobiProposer(Proposer):
     def propose(self, state, max_tokens):
         K = min(self.num_drafts, max_tokens)
         tokens = self.tokens[:, :K]
+        self._proposed_len = K
         fill = torch.arange(K, device=tokens.device).unsqueeze(0) >= self.count.unsqueeze(1)
         window = torch.cat([self._anchor.unsqueeze(1), tokens], dim=1)
         init = INIT_STRATEGIES[self.init](state, self, window, fill)
@@ -180,16 +198,28 @@ class JacobiProposer(Proposer):
                 (forced >= 0).unsqueeze(-1), onehot(init, state.vocab_size, init_probs.dtype), init_probs)
         drafts = torch.where(fill, init, tokens)
         if state.greedy:
-            return drafts, None
+            return (drafts, None) if self.tree is None else self._with_alternatives(state, drafts, None, fill)
         q = onehot(drafts, state.vocab_size, dtype=torch.float64)
         if init_probs is not None:
             q = torch.where(fill.unsqueeze(-1), init_probs.to(q.dtype), q)
         if self.probs is not None:
             q = torch.where(fill.unsqueeze(-1), q, self.probs[:, :K].to(q.dtype))
         self._proposed, self._proposed_probs = drafts, q
-        return drafts, q
+        if self.tree is None:
+            return drafts, q
+        return self._with_alternatives(state, drafts, q, fill)
+
+    def _with_alternatives(self, state, drafts, q, fill):
+        """The chain plus siblings from the stale rows (``mmspec.tree.with_alternatives``); fresh init slots have
+        no row and get none."""
+        if self.rows is None:
+            return drafts, q
+        width, depth = self.tree
+        return with_alternatives(drafts, q, self.rows, ~fill, width, depth, state.greedy, state.generator)
 
     def update(self, state, result, target_rows, num_accepted):
+        if self.tree is not None:  # the chain's rows come first in the block; alternatives' rows are not needed
+            target_rows = target_rows[:, : self._proposed_len + 1]
         B, K1, V = target_rows.shape
         K = K1 - 1
         if state.greedy:
@@ -208,5 +238,7 @@ class JacobiProposer(Proposer):
         self.count = have.sum(-1)
         if not state.greedy:
             self.probs = target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
+        if self.tree is not None:
+            self.rows = self.probs if not state.greedy else target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
         self.horizon = target_rows[:, -1]
         self._anchor = result.next_token

@@ -70,6 +70,10 @@ class VisionLM(CausalLM):
         if self._has_logits_to_keep:
             inputs["logits_to_keep"] = 1
         inputs.update(use_cache=True, return_dict=True)
+        if self.sliding_window is not None:  # keep every column (see mmspec.models.causal_lm)
+            from transformers.cache_utils import DynamicCache
+
+            inputs["past_key_values"] = DynamicCache()
         out = model(**inputs)
         self.cache = out.past_key_values
         _check_cache(self.cache)
@@ -82,6 +86,7 @@ class VisionLM(CausalLM):
             )
         self.position_offset = self._offset(positions, mask)
         self.mask = mask
+        self._pos = (mask.cumsum(-1) - 1).clamp_min(0)
         self._mask_cpu = attention_mask.detach().to("cpu", torch.bool)
         self._dense = bool(self._mask_cpu.all())
         return out.logits[:, -1]
