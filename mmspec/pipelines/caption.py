@@ -278,7 +278,7 @@ class CaptionPipeline:
             progress: tqdm bar over batches; None shows it when there is more than one batch.
             window: tokens verified per target forward (default: the pipeline's, else the method's).
             **generate_kwargs: passed to ``mmspec.generate`` (``do_sample``, ``temperature``, ``acceptance``,
-                ``eos_token_id``, ...).
+                ``eos_token_id``, ``tree=(width, depth)`` for token trees, ...).
 
         Returns:
             ``CaptionOutput`` (captions, new token ids per image, summed stats).

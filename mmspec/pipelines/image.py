@@ -168,6 +168,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
         draft_model=None,
         acceptance="exact",
         window: int = 16,
+        tree=None,
         init: str = "random",
         coupled: bool = False,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
@@ -194,6 +195,8 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             draft_model: a smaller token model with the same vocabulary and layout.
             acceptance: "exact" (lossless), "lantern", "gsd", ... or a criterion object.
             window: tokens verified per forward, anchor included (SJD's published setting is 16).
+            tree: ``(width, depth)`` to verify a token tree per forward (SJD-PAC alternatives for Jacobi, the draft's
+                next-best candidates for ``"draft"``), None for a chain; ``window`` counts every node.
             init: Jacobi init for new window slots: "random" (SJD), "horizontal", "vertical", "sample_horizon".
             coupled: coupled redraw of continuing Jacobi slots (lossless, fewer draft changes).
             negative_prompt_embeds: unconditional features for ``prompt_embeds`` models.
@@ -226,7 +229,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             family, inputs, family_for, guidance_scale=guidance_scale, acceptance=acceptance, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, decoding=decoding,
             draft_model=draft_model, window=window, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images")
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", tree=tree)
         T = state.prompt_length
         codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
         if output_type == "latent":
@@ -245,7 +248,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
 
     def _decode(self, family, inputs, draft_family_for, *, guidance_scale, acceptance, do_sample, temperature, top_k,
                 top_p, generator, decoding, draft_model, window, init, coupled, callback_on_step_end, kernels="auto",
-                unit="images"):
+                unit="images", tree=None):
         """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
         with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``draft_family_for`` recognises the
         draft model's family. Returns ``(state, stats, layout, criterion)``."""
@@ -264,7 +267,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
         criterion.prepare(codebook=family.codebook().to(device), image_token_offset=layout.image_token_offset,
                           vocab_size=target.vocab_size)
         if decoding == "jacobi":
-            proposer = JacobiProposer(window, init=init, coupled=coupled, layout=layout)
+            proposer = JacobiProposer(window, init=init, coupled=coupled, layout=layout, tree=tree)
         elif decoding == "draft":
             draft_family = draft_family_for(draft_model, tokenizer=self.tokenizer, vq=self.vq)
             if draft_family.layout() != layout:
@@ -272,7 +275,7 @@ class SpeculativeImagePipeline(DiffusionPipeline):
             drafter = GuidedLM(draft_model, layout, guidance_scale, adapter=draft_family.adapter)
             if drafter.vocab_size != target.vocab_size:
                 raise ValueError("`draft_model` must have the target's vocabulary size.")
-            proposer = DraftModelProposer(drafter, window - 1, prefill_kwargs=dict(inputs))
+            proposer = DraftModelProposer(drafter, window - 1, prefill_kwargs=dict(inputs), tree=tree)
         else:
             proposer, window = NoDraft(), 1
 
