@@ -19,7 +19,7 @@ import torch
 from .sampling import sample_from_weights as sample_weights
 
 __all__ = ["DraftTree", "block_parents", "block_depth", "block_ancestors", "block_paths", "sibling_rank",
-           "parse_tree", "with_alternatives"]
+           "parse_tree", "tree_size", "with_alternatives"]
 
 
 @dataclass
@@ -127,62 +127,117 @@ def block_paths(tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
     return out[:, :, : tree.depth], depth
 
 
+def tree_size(width: int, depth: int) -> int:
+    """Nodes of the full ``width``-ary tree over ``depth`` levels: ``width + width**2 + ... + width**depth``."""
+    return sum(width**d for d in range(1, depth + 1))
+
+
+def _candidates(drafts, rows, usable, width, greedy, generator):
+    """Per slot, the chain's draft then ``width - 1`` further candidates from the slot's row -> (tokens [B, D, w],
+    their q rows [B, D, w, V] or None, usable [B, D, w] on the CPU)."""
+    B, D = drafts.shape
+    V = rows.shape[-1]
+    if greedy:
+        ranked = rows.topk(min(width, V), dim=-1).indices  # [B, D, width]
+        is_draft = ranked == drafts.unsqueeze(-1)
+        order = torch.where(is_draft, width, torch.arange(ranked.shape[-1], device=drafts.device)).sort(-1).indices
+        alt = ranked.gather(-1, order)[..., : width - 1]
+        ok = usable.unsqueeze(-1).expand(B, D, alt.shape[-1])
+        return torch.cat([drafts.unsqueeze(-1), alt], -1), None, torch.cat([torch.ones(B, D, 1, dtype=torch.bool), ok], -1)
+    remaining = rows.to(torch.float64).scatter(-1, drafts.unsqueeze(-1), 0.0)
+    fallback = torch.zeros_like(remaining).scatter(-1, drafts.unsqueeze(-1), 1.0)
+    alt, alt_q, ok = [], [], []
+    for _ in range(width - 1):
+        mass = remaining.sum(-1, keepdim=True)
+        ok.append((mass.squeeze(-1) > 0).cpu() & usable)
+        qa = torch.where(mass > 0, remaining / mass.clamp_min(1e-300), fallback)
+        cand = sample_weights(qa, generator)
+        alt.append(cand), alt_q.append(qa)
+        remaining = remaining.scatter(-1, cand.unsqueeze(-1), 0.0)
+    tokens = torch.stack([drafts] + alt, -1)
+    q_rows = torch.stack([rows.to(torch.float64)] + alt_q, 2)
+    return tokens, q_rows, torch.stack([torch.ones(B, D, dtype=torch.bool)] + ok, -1)
+
+
+_LAYOUTS: dict = {}
+
+
+def _full_layout(K: int, D: int, W: int):
+    """The static node layout of a chain of K with a full W-ary tree over its first D levels -> (parents [N],
+    source [N] index into the [D, W] candidate grid (-1: a chain node beyond the tree's levels), chain [N] bool)."""
+    key = (K, D, W)
+    if key not in _LAYOUTS:
+        parents = list(range(-1, K - 1))
+        source = [d * W if d < D else -1 for d in range(K)]  # chain node d: branch 0 of level d + 1
+        level = [-1]  # nodes at the current level (the anchor first)
+        for d in range(D):
+            nxt = []
+            for parent in level:
+                for b in range(W):
+                    if b == 0 and (parent == -1 or parent < K):
+                        nxt.append(d)  # the chain's own node is the chain parent's first child
+                        continue
+                    parents.append(parent)
+                    source.append(d * W + b)
+                    nxt.append(len(parents) - 1)
+            level = nxt
+        _LAYOUTS[key] = (torch.tensor(parents), torch.tensor(source))
+    return _LAYOUTS[key]
+
+
 def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: bool, generator, budget=None):
-    """A chain of drafts plus ``width - 1`` siblings at each of its first ``depth`` slots: a DraftTree.
+    """A chain of drafts grown into a tree of alternatives (SJD-PAC's proactive drafting).
+
+    Each of the first ``depth`` slots gets ``width`` candidates: the chain's own draft, then ``width - 1`` more from
+    the row the draft came from (drawn without replacement when sampling, so each candidate's q is that row with
+    the draft and the earlier candidates removed, renormalised -- the condition for exact recursive rejection
+    sampling; the next-best tokens when greedy). Every node of the first ``depth`` levels has all of its level's
+    candidates as children (a full ``width``-ary tree, ``tree_size(width, depth)`` nodes), the chain's draft first;
+    below that the chain continues alone.
 
     Args:
         drafts: LongTensor [B, K] the chain (node i's parent is node i - 1, the anchor for i = 0).
         q: [B, K, V] the rows the chain's drafts were drawn from (None when greedy / deterministic).
-        rows: [B, >= min(K, depth), V] the row each slot's draft came from: probabilities when sampling (siblings
-            are drawn from it without replacement, after the draft: each sibling's q is that row with the draft
-            and the earlier siblings removed, renormalised -- the condition for exact recursive rejection
-            sampling), any scores when greedy (siblings are the next-best tokens, deterministic).
-        usable: BoolTensor [B, K] slots that may get siblings (False: the draft has no such row).
-        budget: None, or LongTensor [B, K]: how many siblings each slot gets (<= width - 1; chosen from anything
-            but the siblings themselves, e.g. the draft's confidence), over all K slots instead of the first
-            ``depth``; unused nodes are packed away.
+        rows: [B, >= min(K, depth), V] the row each slot's draft came from: probabilities when sampling, any
+            scores when greedy.
+        usable: BoolTensor [B, K] slots that may get candidates (False: the draft has no such row).
+        budget: None, or LongTensor [B, K]: instead of a full tree, hang ``budget[b, d] <= width - 1`` candidates
+            as leaves beside the chain's draft at every slot d (chosen from anything but the candidates
+            themselves, e.g. the draft's confidence; EAGLE-2-style budgets); unused nodes are packed away.
     Returns:
-        a ``DraftTree`` with the chain first (nodes 0..K-1), then the siblings of slot d after it, or the plain
-        ``(drafts, q)`` when no slot can have siblings.
+        a ``DraftTree`` (the chain first, nodes 0..K-1), or the plain ``(drafts, q)`` when no slot can branch.
     """
     B, K = drafts.shape
     D = K if budget is not None else min(depth, K)
     if K == 0 or width == 1 or D == 0:
         return drafts, q
     dev, V = drafts.device, rows.shape[-1]
-    rows = rows[:, :D]
     usable = usable[:, :D].cpu()
+    cand, cand_q, ok = _candidates(drafts[:, :D], rows[:, :D], usable, width, greedy, generator)
+    if q is not None:  # the chain's draft keeps its own q under every parent (one-hot for fresh init tokens)
+        cand_q[:, :, 0] = q[:, :D].to(cand_q.dtype)
     if budget is not None:
-        usable = usable.unsqueeze(-1) & (torch.arange(width - 1) < budget[:, :D].cpu().unsqueeze(-1))  # [B, D, w-1]
+        ok = ok & (torch.arange(width) <= budget[:, :D].cpu().unsqueeze(-1))
+        parents = torch.cat([torch.arange(K) - 1, (torch.arange(D) - 1).repeat_interleave(width - 1)])
+        source = torch.cat([torch.where(torch.arange(K) < D, torch.arange(K) * width, -1),
+                            (torch.arange(D).unsqueeze(1) * width + torch.arange(1, width)).flatten()])
     else:
-        usable = usable.unsqueeze(-1).expand(B, D, width - 1)
-    alt, alt_q, ok = [], [], []
-    if greedy:
-        ranked = rows.topk(min(width, V), dim=-1).indices  # [B, D, width]
-        is_draft = ranked == drafts[:, :D].unsqueeze(-1)
-        order = torch.where(is_draft, width, torch.arange(ranked.shape[-1], device=dev)).sort(-1).indices
-        alt = ranked.gather(-1, order)[..., : width - 1]
-        ok = torch.ones(B, D, alt.shape[-1], dtype=torch.bool)
-    else:
-        remaining = rows.to(torch.float64).scatter(-1, drafts[:, :D].unsqueeze(-1), 0.0)
-        fallback = torch.zeros_like(remaining).scatter(-1, drafts[:, :D].unsqueeze(-1), 1.0)
-        for _ in range(width - 1):
-            mass = remaining.sum(-1, keepdim=True)
-            ok.append((mass.squeeze(-1) > 0).cpu())
-            qa = torch.where(mass > 0, remaining / mass.clamp_min(1e-300), fallback)
-            cand = sample_weights(qa, generator)
-            alt.append(cand), alt_q.append(qa)
-            remaining = remaining.scatter(-1, cand.unsqueeze(-1), 0.0)
-        alt, ok = torch.stack(alt, -1), torch.stack(ok, -1)
-    valid = torch.cat([torch.ones(B, K, dtype=torch.bool), (ok & usable[..., : alt.shape[-1]]).reshape(B, -1)], 1)
+        parents, source = _full_layout(K, D, width)
+    N = len(parents)
+    grid = source.clamp_min(0)
+    is_tree = source >= 0
+    tokens = torch.where(is_tree.to(dev), cand.reshape(B, D * width)[:, grid.to(dev)], drafts[:, torch.arange(N).clamp(max=K - 1)])
+    tokens[:, :K] = drafts
+    valid = torch.where(is_tree, ok.reshape(B, D * width)[:, grid], True)
+    for _ in range(D):  # a node is usable only below usable nodes
+        valid = valid & torch.where(parents >= 0, valid[:, parents.clamp_min(0)], True)
     if not bool(valid[:, K:].any()):
         return drafts, q
-    w1 = alt.shape[-1]
-    tokens = torch.cat([drafts, alt.reshape(B, D * w1)], dim=1)
-    parents = torch.cat([torch.arange(K, device=dev) - 1, (torch.arange(D, device=dev) - 1).repeat_interleave(w1)])
-    parents = parents.expand(B, -1).contiguous()
-    probs = None if q is None else torch.cat([q, torch.stack(alt_q, 2).reshape(B, D * w1, V).to(q.dtype)], dim=1)
-    tree = DraftTree(tokens, parents, probs, valid, depth=K, width=w1 + 1)
+    probs = None
+    if q is not None:
+        probs = cand_q.reshape(B, D * width, V)[:, grid.to(dev)].to(q.dtype)
+        probs[:, :K] = q
+    tree = DraftTree(tokens, parents.to(dev).expand(B, N).contiguous(), probs, valid, depth=K, width=width)
     return tree if budget is None else _pack_valid(tree)
 
 

@@ -19,10 +19,10 @@ from mmspec.tree import DraftTree
 from conftest import ARCHS, perturbed_copy, ragged_prompts, tiny_causal_lm
 
 TREE_CASES = [
-    ("jacobi", dict(window=10, tree=(3, 2))),
-    ("jacobi", dict(window=10, tree=(2, 3), init="repeat", coupled=True)),
+    ("jacobi", dict(window=16, tree=(3, 2))),
+    ("jacobi", dict(window=18, tree=(2, 3), init="repeat", coupled=True)),
     ("lookup", dict(window=10, tree=(3, 3))),
-    ("draft", dict(window=9, tree=(2, 3))),
+    ("draft", dict(window=16, tree=(2, 3))),
     ("draft", dict(window=9, tree=(3, 2), dynamic_tree=True)),
 ]
 CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6)}
@@ -123,9 +123,9 @@ class _Spy:
 
 
 SAMPLED = [
-    ("jacobi", dict(window=5, tree=(2, 2))),
-    ("jacobi", dict(window=5, tree=(2, 2), init="repeat", coupled=True)),
-    ("draft", dict(window=5, tree=(2, 2))),
+    ("jacobi", dict(window=7, tree=(2, 2))),
+    ("jacobi", dict(window=7, tree=(2, 2), init="repeat", coupled=True)),
+    ("draft", dict(window=7, tree=(2, 2))),
     ("draft", dict(window=5, tree=(2, 2), dynamic_tree=True)),
 ]
 
@@ -220,7 +220,7 @@ def test_tree_with_guided_image_pipeline_equals_ar():
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle", "a blue square on a green background"]
     ar = pipe(prompts, decoding="ar", output_type="latent", guidance_scale=3.0, do_sample=False)
-    for kw in [dict(decoding="jacobi", window=8, tree=(3, 2), init="vertical"),
+    for kw in [dict(decoding="jacobi", window=14, tree=(3, 2), init="vertical"),
                dict(decoding="draft", window=8, tree=(2, 2), draft_model=tiny_image_lm(grid=4, codes=16, seed=4))]:
         out = pipe(prompts, output_type="latent", guidance_scale=3.0, do_sample=False, **kw)
         assert torch.equal(out.tokens, ar.tokens), kw
@@ -232,7 +232,7 @@ def test_tree_with_guided_image_pipeline_equals_ar():
     (dict(method="jacobi", tree=(0, 2)), "width >= 1"),
     (dict(method="jacobi", tree=(2, 0)), "depth >= 1"),
     (dict(method="jacobi", tree=3), "pair of ints"),
-    (dict(method="jacobi", window=4, tree=(3, 2)), "window of at least 7"),
+    (dict(method="jacobi", window=10, tree=(3, 2)), "window of at least 13"),
     (dict(method="lookup", window=4, tree=(2, 2)), "window >= 5"),
     (dict(method="ar", tree=(2, 2)), "needs drafts"),
 ])
@@ -257,7 +257,7 @@ def test_tree_with_attention_that_takes_no_4d_mask_is_refused():
 def test_jacobi_tree_proposes_distinct_siblings():
     model = tiny_causal_lm("llama", sharpen=3.0)
     seen = []
-    prop = JacobiProposer(window=10, init="random", tree=(3, 2))
+    prop = JacobiProposer(window=16, init="random", tree=(3, 2))
     original = prop.propose
 
     def record(state, k):
@@ -268,7 +268,7 @@ def test_jacobi_tree_proposes_distinct_siblings():
 
     prop.propose = record
     ids = torch.tensor([[5, 9, 11, 4]])
-    decode(CausalLM(model), prop, ids, torch.ones_like(ids), max_new_tokens=30, window=10,
+    decode(CausalLM(model), prop, ids, torch.ones_like(ids), max_new_tokens=30, window=16,
            pipeline=LogitsPipeline(do_sample=True), generator=torch.Generator().manual_seed(0))
     assert seen
     for tree in seen:

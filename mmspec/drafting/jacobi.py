@@ -18,7 +18,7 @@ from typing import Callable, Dict
 import torch
 
 from ..sampling import onehot, sample_from_weights, uniform
-from ..tree import parse_tree, with_alternatives
+from ..tree import parse_tree, tree_size, with_alternatives
 from ..verify import speculative_redraw
 from .base import Proposer
 
@@ -145,10 +145,11 @@ class JacobiProposer(Proposer):
             the whole vocabulary).
         layout: an ``ImageLayout`` (or ``VideoLayout``) for grid-aware init (``vertical``, ``temporal``) and
             forced structural tokens.
-        tree: ``(width, depth)`` for proactive alternatives (SJD-PAC): at each of the first ``depth`` window slots
-            that continue a draft, ``width - 1`` further candidates are drawn from the same stale row without
-            replacement (the next-best tokens when greedy) as siblings of the slot's draft; the chain of drafts
-            keeps the rest of the window: ``window - 1 - (width - 1) * depth`` tokens. None: a plain chain.
+        tree: ``(width, depth)`` for proactive drafting (SJD-PAC): each of the first ``depth`` window slots that
+            continues a draft gets ``width - 1`` further candidates drawn from the same stale row without
+            replacement (the next-best tokens when greedy), and those levels form a full ``width``-ary tree of
+            ``mmspec.tree.tree_size(width, depth)`` nodes (the slot's draft first among every node's children);
+            the chain of drafts continues alone below, in what is left of the window. None: a plain chain.
     """
 
     def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None,
@@ -159,11 +160,11 @@ class JacobiProposer(Proposer):
         self.num_drafts = window - 1
         if self.tree is not None:
             width, depth = self.tree
-            self.num_drafts = window - 1 - (width - 1) * depth
+            self.num_drafts = window - 1 - (tree_size(width, depth) - depth)
             if self.num_drafts < depth:
                 raise ValueError(
-                    f"tree={tree!r} needs a window of at least {1 + width * depth} tokens (1 anchor + {width} "
-                    f"candidates at each of {depth} depths), got window={window}."
+                    f"tree={tree!r} needs a window of at least {1 + tree_size(width, depth)} tokens (1 anchor + a "
+                    f"full {width}-ary tree over {depth} levels), got window={window}."
                 )
         self.init, self.coupled, self.layout = init, coupled, layout
         self.token_range = token_range or (layout.token_range if layout is not None else None)

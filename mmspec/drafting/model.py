@@ -14,7 +14,7 @@ import torch
 
 from ..models.causal_lm import CausalLM
 from ..sampling import sample_from_weights
-from ..tree import parse_tree, with_alternatives
+from ..tree import parse_tree, tree_size, with_alternatives
 from .base import Proposer
 
 __all__ = ["DraftModelProposer"]
@@ -34,8 +34,9 @@ class DraftModelProposer(Proposer):
         prefill_kwargs: extra arguments for the draft adapter's prefill (e.g. unconditional prompts).
         tree: ``(width, depth)``: besides its chain, the draft proposes ``width - 1`` further candidates at each
             of its first ``depth`` levels (the next-best tokens when greedy; draws without replacement from its row
-            when sampling), verified as siblings of the chain's token. They cost no draft forward: only the chain
-            is fed to the draft. None: a chain.
+            when sampling), and those levels form a full ``width``-ary tree (``mmspec.tree.tree_size`` nodes; the
+            level's candidates under every node, the chain's token first). They cost no draft forward: only the
+            chain is fed to the draft, and its rows stand in for the other branches'. None: a chain.
         dynamic_tree: spread the same number of extra candidates, ``(width - 1) * depth``, over all levels by the
             draft's cumulative probability instead (EAGLE-2 style): more where the chain is likely to be reached
             and its token is least sure.
@@ -53,13 +54,15 @@ class DraftModelProposer(Proposer):
         self.max_drafts = max_drafts or num_drafts
         self.adaptive, self.confidence = adaptive, confidence
         self.tree, self.dynamic_tree = parse_tree(tree), bool(dynamic_tree)
-        if self.tree is not None and self.tree[0] * self.tree[1] > self.max_drafts:
-            raise ValueError(
-                f"tree={tree!r} has up to {self.tree[0] * self.tree[1]} nodes but the window allows "
-                f"{self.max_drafts} drafts; use window >= {self.tree[0] * self.tree[1] + 1}."
-            )
-        if self.tree is not None:  # the chain keeps what the candidates leave of the window
-            self.num_drafts = self.max_drafts = self.max_drafts - (self.tree[0] - 1) * self.tree[1]
+        if self.tree is not None:  # the chain keeps what the other candidates leave of the window
+            width, depth = self.tree
+            extra = (width - 1) * depth if self.dynamic_tree else tree_size(width, depth) - depth
+            if extra + depth > self.max_drafts:
+                raise ValueError(
+                    f"tree={tree!r} needs {extra + depth} nodes but the window allows {self.max_drafts} drafts; "
+                    f"use window >= {extra + depth + 1}."
+                )
+            self.num_drafts = self.max_drafts = self.max_drafts - extra
         self.draft_forwards = 0
         # Only the last position's draft logits are used: ask adapters that can skip the others to do so.
         can_skip = "logits_to_keep" in inspect.signature(self.lm.forward).parameters
