@@ -30,7 +30,8 @@ from . import acceptance as _acceptance
 from .drafting.base import Proposer
 from .kernels.decode_step import fused_verifier
 from .sampling import LogitsPipeline
-from .verify import check_rows, verify
+from .tree import DraftTree
+from .verify import check_rows, verify, verify_tree
 
 __all__ = ["DecodeState", "GenerationStats", "State", "decode"]
 
@@ -45,7 +46,9 @@ class GenerationStats:
         new_tokens: tokens committed over all rows.
         new_tokens_per_row: list with one count per row.
         row_forwards: target forwards each row took part in while unfinished.
-        accepted_histogram: ``accepted_histogram[k]`` = verify steps in which a row accepted k drafts.
+        accepted_histogram: ``accepted_histogram[k]`` = verify steps in which a row accepted k drafts (for token
+            trees: the accepted depth).
+        tree_nodes: draft nodes verified over all tree steps (0 when every step was a chain).
         mean_accepted: mean tokens committed per row per verify step (accepted drafts + 1).
         step_compression: tokens generated per target forward a row took part in (1.0 for plain AR).
         wall_time: seconds, including the prefill.
@@ -57,6 +60,7 @@ class GenerationStats:
     new_tokens_per_row: list = field(default_factory=list)
     row_forwards: list = field(default_factory=list)
     accepted_histogram: list = field(default_factory=list)
+    tree_nodes: int = 0
     wall_time: float = 0.0
 
     @property
@@ -69,9 +73,16 @@ class GenerationStats:
         forwards = sum(self.row_forwards)
         return self.new_tokens / forwards if forwards else 0.0
 
+    @property
+    def tree_nodes_per_step(self) -> float:
+        """Mean draft nodes per row per verify step (0.0 for chains)."""
+        steps = sum(self.accepted_histogram)
+        return self.tree_nodes / steps if steps > 0 else 0.0
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in vars(self).items()}
-        d.update(mean_accepted=self.mean_accepted, step_compression=self.step_compression)
+        d.update(mean_accepted=self.mean_accepted, step_compression=self.step_compression,
+                 tree_nodes_per_step=self.tree_nodes_per_step)
         return d
 
     def __str__(self) -> str:
@@ -125,6 +136,11 @@ class State(ABC):
         target_rows)``; ``result`` has ``num_accepted`` [B], ``tokens`` [B, K+1, ...] and ``next_token``;
         ``target_rows`` is what ``proposer.update`` reads."""
 
+    def kept(self, result, active: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+        """What the target keeps of this step's block (``rollback``'s argument): LongTensor [B] counts for a chain
+        (the anchor and the accepted drafts), or BoolTensor [B, K+1] block columns (a tree's accepted path)."""
+        return torch.where(active, num_accepted + 1, 0)
+
     @abstractmethod
     def commit(self, result) -> torch.Tensor:
         """Append a step's emitted tokens to the active rows (the step's one device -> host copy), set ``anchor``
@@ -174,6 +190,10 @@ class DecodeState(State):
         return torch.empty(self.batch_size, 0, dtype=torch.long, device=self.device)
 
     def block(self, drafts):
+        if isinstance(drafts, DraftTree):  # [anchor, nodes]; unused nodes are holes
+            block = torch.cat([self.anchor.unsqueeze(1), drafts.tokens.clamp_min(0)], dim=1)
+            valid = torch.cat([torch.ones(self.batch_size, 1, dtype=torch.bool), drafts.valid], dim=1)
+            return block, valid & self.active.unsqueeze(1)
         # A row's slots after its own drafts (-1, see mmspec.drafting.base.pad_drafts) are fed a placeholder whose
         # outputs are never used.
         block = torch.cat([self.anchor.unsqueeze(1), drafts.clamp_min(0)], dim=1)  # [B, K+1]
@@ -188,6 +208,12 @@ class DecodeState(State):
             return lambda drafts, draft_probs, logits: fused(drafts, draft_probs, logits, self.generator)
 
         def step(drafts, draft_probs, logits):  # [B, K] (-1 after a row's own), [B, K, V] or None, [B, K+1, V]
+            if isinstance(drafts, DraftTree):  # [B, N + 1, V] rows: the anchor's, then each node's
+                scores = self.pipeline.process(logits, self.tokens, self.lengths, tree=drafts)
+                if self.greedy:
+                    return verify_tree(drafts, scores, greedy=True), scores
+                rows = self.pipeline.probs(scores)
+                return verify_tree(drafts, rows, criterion, self.generator), rows
             scores = self.pipeline.process(logits, self.tokens, self.lengths, drafts.clamp_min(0))
             if self.greedy:
                 return verify(drafts, None, scores, criterion, greedy=True, check=False), scores
@@ -197,7 +223,12 @@ class DecodeState(State):
         return step
 
     def commit(self, result):
-        if getattr(result, "invalid", None) is None:
+        self._path = None
+        if getattr(result, "path", None) is not None:  # a tree: the path's node mask rides on the same copy
+            L = result.tokens.shape[1]
+            packed = torch.cat([result.tokens, result.accepted.long()], dim=1).cpu()
+            emitted, self._path = packed[:, :L], packed[:, L:].bool()
+        elif getattr(result, "invalid", None) is None:
             emitted = result.tokens.cpu()  # [B, K+1], -1 padded: the one device -> host sync of the step
         else:  # the tokens and each row's validity code in that one copy
             emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
@@ -206,6 +237,11 @@ class DecodeState(State):
         self.append(emitted)
         self.anchor = result.next_token
         return (emitted >= 0).sum(-1) - 1
+
+    def kept(self, result, active, num_accepted):
+        if self._path is None:
+            return super().kept(result, active, num_accepted)
+        return torch.cat([active.unsqueeze(1), self._path & active.unsqueeze(1)], dim=1)
 
     def append(self, emitted: torch.Tensor) -> torch.Tensor:
         """Append emitted tokens [B, L] (-1 padded, CPU) to the active rows.
@@ -287,10 +323,15 @@ def decode(
     while bool(state.active.any()):
         active = state.active.clone()
         max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1))
-        drafts, draft_q = proposer.propose(state, max_drafts)  # [B, K, ...], what they were drawn from
+        proposal = proposer.propose(state, max_drafts)  # (drafts [B, K, ...], what they were drawn from) or a tree
+        drafts, draft_q = proposal if isinstance(proposal, tuple) else (proposal, None)
         block, valid = state.block(drafts)
         target.checkpoint()
-        out = target.forward(block, valid)  # [B, K+1, ...]
+        if isinstance(drafts, DraftTree):  # one forward over [anchor, nodes] with the ancestor mask
+            out = target.forward(block, valid, tree=drafts)
+            stats.tree_nodes += int(drafts.valid[active].sum())
+        else:
+            out = target.forward(block, valid)  # [B, K+1, ...]
         stats.target_forwards += 1
         row_forwards += active
         result, rows = verify_step(drafts, draft_q, out)
@@ -299,7 +340,7 @@ def decode(
         for k in num_accepted[active].tolist():
             stats.accepted_histogram[k] += 1
         bar.update(int(state.num_new.max()) - before)
-        target.rollback(torch.where(active, num_accepted + 1, 0))
+        target.rollback(state.kept(result, active, num_accepted))
         proposer.update(state, result, rows, num_accepted)
         if callback is not None:
             callback(stats.target_forwards - 1, state)
@@ -313,3 +354,4 @@ def decode(
     stats.row_forwards = row_forwards.tolist()
     stats.wall_time = time.perf_counter() - t0
     return state, stats
+

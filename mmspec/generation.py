@@ -14,6 +14,7 @@ from .drafting.lookahead import lookahead_config
 from .models.causal_lm import vocab_size_of
 from .models.vlm import adapter_for, is_vision_language_model
 from .sampling import LogitsPipeline
+from .tree import parse_tree
 
 __all__ = ["generate", "GenerateOutput", "METHODS", "DEFAULT_WINDOW"]
 
@@ -95,6 +96,8 @@ def generate(
     logits_processor=None,
     progress: bool = False,
     kernels: str = "auto",
+    tree=None,
+    dynamic_tree: bool = False,
     **model_kwargs,
 ) -> GenerateOutput:
     """Generate with speculative decoding; greedy output equals ``model.generate(do_sample=False)``.
@@ -134,6 +137,13 @@ def generate(
         kernels: verification backend: ``"auto"`` (fused Triton kernels for CUDA tensors, else torch; the
             ``MMSPEC_KERNELS`` environment variable may force either), ``"triton"`` or ``"torch"``; see
             ``mmspec.kernels``. Logits processors always take the torch path.
+        tree: ``(width, depth)`` to verify a token tree per step instead of a chain (None): ``jacobi`` adds
+            ``width - 1`` alternatives from the stale rows at each of the first ``depth`` slots (SJD-PAC),
+            ``draft`` adds the draft's next-best candidates at its first ``depth`` levels, ``lookup`` verifies
+            ``width`` n-gram continuations of up to ``depth`` tokens as sibling branches. ``window`` stays the
+            number of tokens per target forward, the tree's nodes included.
+        dynamic_tree: with ``method="draft"`` and ``tree``, spread the draft's extra candidates over all levels by
+            its cumulative probability (EAGLE-2 style) instead of the first ``depth`` levels.
         **model_kwargs: the processor's other outputs (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
             ...), passed to the target's prefill forward only, and to the draft's prefill when the draft is a
             vision-language model too (it must then share the processor); a text-only draft sees the prompt
@@ -150,6 +160,10 @@ def generate(
         lookahead, window = lookahead_config(lookahead, window)
     elif lookahead is not None:
         raise ValueError(f"`lookahead` is only used with method='lookahead', not method={method!r}.")
+    tree = parse_tree(tree)
+    if tree is not None and method not in ("jacobi", "draft", "lookup"):
+        raise ValueError(f"`tree` needs drafts to branch: use it with method='jacobi', 'draft' or 'lookup', not "
+                         f"method={method!r}.")
     if skip is not None and method != "self":
         raise ValueError(f"`skip` is only used with method='self', not method={method!r}.")
     choice = check_decoding(method, window=window, draft_model=draft_model, acceptance=acceptance,
@@ -209,7 +223,8 @@ def generate(
                                      adaptive=adaptive, draft_confidence=draft_confidence, max_ngram=max_ngram,
                                      prefill_kwargs=model_kwargs if method == "self" else draft_kwargs,
                                      model=model, prompt=(input_ids, attention_mask), skip=skip,
-                                     lookahead=lookahead, greedy=not do_sample)
+                                     lookahead=lookahead, greedy=not do_sample, tree=tree,
+                                     dynamic_tree=dynamic_tree)
     state = DecodeState(input_ids, attention_mask, max_new_tokens, V, pipeline, generator, target.device,
                         eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None)
     state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=model_kwargs,

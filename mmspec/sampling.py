@@ -135,7 +135,7 @@ class LogitsPipeline:
 
     # -- scores ------------------------------------------------------------------------------------
     def process(self, scores: torch.Tensor, tokens: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                window: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+                window: torch.Tensor | None = None, first: int = 0, tree=None) -> torch.Tensor:
         """Apply the logits processors to scores [B, L, V].
 
         Position ``j`` of row ``b`` is scored with exactly the ids plain decoding would pass:
@@ -148,9 +148,16 @@ class LogitsPipeline:
             lengths: [B] end of each row's committed ids in ``tokens``.
             window: [B, first + L - 1] drafts fed after the committed ids.
             first: number of drafts before the first scored position.
+            tree: a ``mmspec.tree.DraftTree`` instead of ``window``: scores [B, N + 1, V] are the block
+                ``[anchor, nodes]`` and each node continues the tokens on its own path.
         """
         if not self.processors:
             return scores
+        if tree is not None:
+            from .tree import block_paths
+
+            paths, depth = block_paths(tree)  # [B, L, D], [B, L]
+            return self._process_paths(scores, tokens, lengths, paths.cpu(), depth.cpu())
         if tokens is None or lengths is None:
             raise ValueError("logits processors need the committed tokens and their lengths.")
         B, L, _ = scores.shape
@@ -167,6 +174,26 @@ class LogitsPipeline:
                 ids[i, :n] = tokens[b, :n]
                 if first + j:
                     ids[i, n:] = window[b, : first + j]
+            s = scores[rows.to(dev), cols.to(dev)]
+            for proc in self.processors:
+                s = proc(ids, s)
+            out[rows.to(dev), cols.to(dev)] = s
+        return out
+
+    def _process_paths(self, scores, tokens, lengths, paths, counts):
+        """``process`` where position ``j`` of row ``b`` continues ``paths[b, j, :counts[b, j]]``."""
+        dev = scores.device
+        lengths = lengths.to("cpu")
+        tokens = tokens.to(dev)
+        out = scores.clone()
+        total = lengths.unsqueeze(1) + counts
+        for size in total.unique().tolist():
+            rows, cols = (total == size).nonzero(as_tuple=True)
+            ids = torch.empty(len(rows), size, dtype=torch.long, device=dev)
+            for i, (b, j) in enumerate(zip(rows.tolist(), cols.tolist())):
+                n = int(lengths[b])
+                ids[i, :n] = tokens[b, :n]
+                ids[i, n:] = paths[b, j, : size - n].to(dev)
             s = scores[rows.to(dev), cols.to(dev)]
             for proc in self.processors:
                 s = proc(ids, s)

@@ -13,8 +13,10 @@ import torch
 
 from . import acceptance as _acceptance
 from .sampling import Generator, per_row, sample_from_weights, uniform
+from .tree import DraftTree, sibling_rank
 
-__all__ = ["verify", "VerifyResult", "speculative_redraw", "InvalidDistributionError", "check_rows"]
+__all__ = ["verify", "verify_tree", "VerifyResult", "TreeVerifyResult", "speculative_redraw", "InvalidDistributionError",
+           "check_rows"]
 
 
 class InvalidDistributionError(ValueError):
@@ -232,6 +234,115 @@ def sampled_step(draft_tokens, draft_probs, target_probs, criterion, draw_unifor
     else:
         weights = p_n
     return accepted, num_accepted, draw_token(weights)
+
+
+@dataclass
+class TreeVerifyResult(VerifyResult):
+    """Outcome of verifying a ``DraftTree``: ``VerifyResult`` for the accepted root-to-leaf path, plus
+
+    Attributes:
+        path: LongTensor [B, depth]: node indices of the accepted path in depth order, then -1.
+        accepted: BoolTensor [B, N]: True on the nodes of the accepted path (it replaces the chain's prefix mask).
+    """
+
+    path: torch.Tensor = None
+
+
+def verify_tree(
+    tree: DraftTree,
+    target_probs: torch.Tensor,
+    criterion="exact",
+    generator: Generator = None,
+    *,
+    greedy: bool = False,
+) -> TreeVerifyResult:
+    """Verify a token tree per row exactly, by recursive rejection sampling over the siblings of each node.
+
+    Args:
+        tree: the ``DraftTree`` (N nodes per row).
+        target_probs: [B, N + 1, V] the target rows: row 0 for the children of the anchor, row ``i + 1`` for the
+            children of node ``i``. With ``greedy=True`` any scores with the right argmax will do.
+        criterion, generator: as in ``verify``; relaxed criteria apply per candidate.
+        greedy: accept the child equal to ``argmax p`` (the first such sibling), emit ``argmax p`` at the end.
+
+    Returns:
+        ``TreeVerifyResult``: ``num_accepted`` [B] (the path's depth), ``tokens`` [B, depth + 1] (the path, then the
+        correction or bonus token, then -1), ``next_token`` [B], ``path`` [B, depth], ``accepted`` [B, N].
+
+    For the children ``c_1..c_w`` of a node, with ``r`` its target row: ``c_j`` is accepted with the criterion's
+    probability for ``(c_j, q_j, r)``; if it is rejected, ``r`` becomes the normalised residual (the old ``r`` where
+    the residual is empty) and the next sibling is tested; the first accepted child is descended into and later
+    siblings are not consulted. Where no child is accepted, one token is drawn from ``r``. This is exact for any
+    ``q_j`` that is the distribution ``c_j`` was drawn from given ``c_1..c_{j-1}`` (ALGORITHMS, token trees).
+
+    The test of each node depends only on its parent's row and its earlier siblings, not on the path above, so all
+    nodes are tested at once, one sibling rank at a time (``tree.width`` vectorised steps over [B, N + 1, V]); the
+    path is then followed in ``tree.depth`` gathers over [B, N]. Randomness: one float64 uniform per node and one
+    token draw per row, whatever is accepted.
+    """
+    tokens, parents = tree.tokens, tree.parents
+    B, N = tokens.shape
+    if target_probs.dim() != 3 or target_probs.shape[:2] != (B, N + 1):
+        raise ValueError(f"`target_probs` must be [B, N+1, V] = [{B}, {N + 1}, V], got {tuple(target_probs.shape)}.")
+    V, dev = target_probs.shape[-1], tokens.device
+    valid = tree.valid.to(dev)
+    W = max(tree.width, 1)
+    rank = sibling_rank(parents, valid)  # [B, N]
+    # child[b, a, j]: the node that is the j-th child of block position a (0 = anchor), or N (none).
+    slot = torch.where(valid & (rank < W), (parents + 1) * W + rank, (N + 1) * W)
+    child = torch.full((B, (N + 1) * W + 1), N, dtype=torch.long, device=dev)
+    child.scatter_(1, slot, torch.arange(N, device=dev).expand(B, N))
+    child = child[:, :-1].view(B, N + 1, W)
+    tokens_ext = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1)  # index N: no child
+
+    chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)  # per node (index N is a sink)
+    if greedy:
+        best = target_probs.argmax(-1)  # [B, N + 1]
+        done = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
+        for j in range(W):
+            c = child[:, :, j]
+            ok = (c < N) & ~done & (tokens_ext.gather(1, c) == best)
+            chosen.scatter_(1, torch.where(ok, c, N), ok)
+            done |= ok
+    else:
+        crit = _acceptance.get(criterion)
+        dtype = torch.float64 if target_probs.dtype == torch.float64 else torch.float32
+        r = target_probs.to(dtype)  # [B, N + 1, V], the running residual of every node's row
+        u = torch.cat([uniform((B, N), generator, dev), torch.ones(B, 1, dtype=torch.float64, device=dev)], 1)
+        probs_ext = None if tree.probs is None else torch.cat([tree.probs, tree.probs.new_zeros(B, 1, V)], 1)
+        done = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
+        for j in range(W):
+            c = child[:, :, j]  # [B, N + 1]
+            has = c < N
+            x = tokens_ext.gather(1, c)
+            q = None if probs_ext is None else probs_ext.gather(1, c.unsqueeze(-1).expand(B, N + 1, V)).to(dtype)
+            a = crit.acceptance(x, q, r).to(torch.float64)
+            ok = has & ~done & (u.gather(1, c) <= a)
+            chosen.scatter_(1, torch.where(ok, c, N), ok)
+            done |= ok
+            w = crit.residual(x.flatten(), None if q is None else q.flatten(0, 1), r.flatten(0, 1)).view(B, N + 1, V)
+            mass = w.sum(-1, keepdim=True)
+            r = torch.where(has.unsqueeze(-1) & ~done.unsqueeze(-1) & (mass > 0), w / mass.clamp_min(1e-300), r)
+    chosen = chosen[:, :N] & valid
+
+    # The accepted path: chosen nodes whose parent is the anchor or itself on the path.
+    on_path = chosen & (parents < 0)
+    src = parents.clamp_min(0)
+    for _ in range(max(tree.depth - 1, 0)):
+        on_path = chosen & ((parents < 0) | on_path.gather(1, src))
+    num_accepted = on_path.sum(-1)
+    node = torch.arange(N, device=dev).expand(B, N)
+    end = torch.where(on_path, node + 1, 0).amax(-1) if N else torch.zeros(B, dtype=torch.long, device=dev)
+    if greedy:
+        next_token = best.gather(1, end.unsqueeze(1)).squeeze(1)
+    else:
+        next_token = sample_from_weights(_row(r, end), generator)
+    D = tree.depth
+    order = torch.where(on_path, node, N).sort(-1).values[:, :D]  # path nodes in depth order, N padded
+    path = torch.where(order < N, order, -1)
+    path_tokens = tokens_ext.gather(1, order.clamp(max=N))
+    out = _pack(path_tokens, num_accepted, next_token)
+    return TreeVerifyResult(num_accepted, out, next_token, on_path, path=path)
 
 
 def speculative_redraw(

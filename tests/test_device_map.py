@@ -42,11 +42,14 @@ def prompts():
     return ids, mask
 
 
-@pytest.mark.parametrize("method", ["ar", "jacobi", "lookup", "draft"])
-def test_offloaded_target_and_draft_decode_identically(method, prompts, tmp_path):
+@pytest.mark.parametrize("method,tree", [("ar", None), ("jacobi", None), ("lookup", None), ("draft", None),
+                                         ("jacobi", (2, 2)), ("draft", (2, 2))])
+def test_offloaded_target_and_draft_decode_identically(method, tree, prompts, tmp_path):
     ids, mask = prompts
     target, draft = _llama(0), _llama(1, layers=2)
     kw = dict(attention_mask=mask, max_new_tokens=10, method=method, eos_token_id=[])
+    if tree is not None:
+        kw.update(tree=tree, window=7)
     ref = mmspec.generate(target, ids, **kw, **({"draft_model": draft} if method == "draft" else {}))
     t = _offload(copy.deepcopy(target), tmp_path, "t")
     assert t.get_input_embeddings().weight.device.type == "meta" and input_device(t) == torch.device("cpu")

@@ -50,8 +50,10 @@ def test_speculative_equals_generate(family, batch):
     inputs, ref = reference(family, batch)
     inputs = dict(inputs)
     ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-    runs = {"lookup": {}, "jacobi": {"window": 4}, "draft": {"draft_model": text_draft(model), "window": 4}}
-    for method, kw in runs.items():
+    draft = text_draft(model)
+    runs = [("lookup", {}), ("jacobi", {"window": 4}), ("draft", {"draft_model": draft, "window": 4}),
+            ("jacobi", {"window": 7, "tree": (2, 2)}), ("draft", {"draft_model": draft, "window": 7, "tree": (2, 2)})]
+    for method, kw in runs:
         out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, method=method, **kw, **inputs)
         assert torch.equal(out.sequences, ref), f"{family} {method} batch {batch}"
 

@@ -20,20 +20,21 @@ __all__ = ["ContinuousDraftProposer", "DraftModelProposer", "GaussianDrafts", "I
 
 
 @register_method("jacobi", default_window=16)
-def _jacobi(window, init="random", coupled=False, layout=None):
-    return JacobiProposer(window, init=init, coupled=coupled, layout=layout)
+def _jacobi(window, init="random", coupled=False, layout=None, tree=None):
+    return JacobiProposer(window, init=init, coupled=coupled, layout=layout, tree=tree)
 
 
 @register_method("draft", default_window=6, needs_draft=True)
-def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None):
+def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None, tree=None, dynamic_tree=False):
     start = min(5, window - 1) if adaptive else window - 1
     return DraftModelProposer(draft, max(start, 1) if window > 1 else 0, adaptive=adaptive, max_drafts=window - 1,
-                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs)
+                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs, tree=tree,
+                              dynamic_tree=dynamic_tree)
 
 
 @register_method("lookup", default_window=11)
-def _lookup(window, max_ngram=3):
-    return LookupProposer(window - 1, max_ngram=max_ngram)
+def _lookup(window, max_ngram=3, tree=None):
+    return LookupProposer(window - 1, max_ngram=max_ngram, tree=tree)
 
 
 @register_method("self", default_window=6)

@@ -18,6 +18,7 @@ from typing import Callable, Dict
 import torch
 
 from ..sampling import onehot, sample_from_weights, uniform
+from ..tree import parse_tree, tree_size, with_alternatives
 from ..verify import _row, speculative_redraw
 from .base import Proposer, pad_drafts, row_limits
 
@@ -145,17 +146,33 @@ class JacobiProposer(Proposer):
             the whole vocabulary).
         layout: an ``ImageLayout`` (or ``VideoLayout``) for grid-aware init (``vertical``, ``temporal``) and
             forced structural tokens.
+        tree: ``(width, depth)`` for proactive drafting (SJD-PAC): each of the first ``depth`` window slots that
+            continues a draft gets ``width - 1`` further candidates drawn from the same stale row without
+            replacement (the next-best tokens when greedy), and those levels form a full ``width``-ary tree of
+            ``mmspec.tree.tree_size(width, depth)`` nodes (the slot's draft first among every node's children);
+            the chain of drafts continues alone below, in what is left of the window. None: a plain chain.
     """
 
-    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None):
+    def __init__(self, window: int, init: str = "random", coupled: bool = False, token_range=None, layout=None,
+                 tree=None):
         if init not in INIT_STRATEGIES:
             raise ValueError(f"unknown Jacobi `init` {init!r}; available: {sorted(INIT_STRATEGIES)}.")
+        self.tree = parse_tree(tree)
         self.num_drafts = window - 1
+        if self.tree is not None:
+            width, depth = self.tree
+            self.num_drafts = window - 1 - (tree_size(width, depth) - depth)
+            if self.num_drafts < depth:
+                raise ValueError(
+                    f"tree={tree!r} needs a window of at least {1 + tree_size(width, depth)} tokens (1 anchor + a "
+                    f"full {width}-ary tree over {depth} levels), got window={window}."
+                )
         self.init, self.coupled, self.layout = init, coupled, layout
         self.token_range = token_range or (layout.token_range if layout is not None else None)
         self.horizon = None  # the target's last row of the previous step [B, V]
         self.tokens = None  # [B, K] continuing drafts (left-aligned)
         self.probs = None  # [B, K, V] their q rows (sampling only)
+        self.rows = None  # [B, K, V] the target rows the continuing drafts came from (for tree alternatives)
         self.count = None  # [B] how many of them are real predictions; the rest are filled by init
         self.limit = None  # [B] (CPU) drafts each row proposes this step (its own window)
 
@@ -163,6 +180,7 @@ class JacobiProposer(Proposer):
         B, dev = state.batch_size, state.device
         self.tokens = torch.zeros(B, self.num_drafts, dtype=torch.long, device=dev)
         self.probs = None
+        self.rows = None
         self.count = torch.zeros(B, dtype=torch.long, device=dev)
         self.horizon = None
         self._anchor = state.last_tokens(1).to(dev)[:, 0]
@@ -171,6 +189,7 @@ class JacobiProposer(Proposer):
         K = min(self.num_drafts, max_tokens)
         self.limit = row_limits(state, K)
         tokens = self.tokens[:, :K]
+        self._proposed_len = K
         fill = torch.arange(K, device=tokens.device).unsqueeze(0) >= self.count.unsqueeze(1)
         window = torch.cat([self._anchor.unsqueeze(1), tokens], dim=1)
         init = INIT_STRATEGIES[self.init](state, self, window, fill)
@@ -183,16 +202,28 @@ class JacobiProposer(Proposer):
                 (forced >= 0).unsqueeze(-1), onehot(init, state.vocab_size, init_probs.dtype), init_probs)
         drafts = pad_drafts(torch.where(fill, init, tokens), self.limit)
         if state.greedy:
-            return drafts, None
+            return (drafts, None) if self.tree is None else self._with_alternatives(state, drafts, None, fill)
         q = onehot(drafts.clamp_min(0), state.vocab_size, dtype=torch.float64)
         if init_probs is not None:
             q = torch.where(fill.unsqueeze(-1), init_probs.to(q.dtype), q)
         if self.probs is not None:
             q = torch.where(fill.unsqueeze(-1), q, self.probs[:, :K].to(q.dtype))
         self._proposed, self._proposed_probs = drafts, q
-        return drafts, q
+        if self.tree is None:
+            return drafts, q
+        return self._with_alternatives(state, drafts, q, fill)
+
+    def _with_alternatives(self, state, drafts, q, fill):
+        """The chain plus siblings from the stale rows (``mmspec.tree.with_alternatives``); fresh init slots have
+        no row and get none."""
+        if self.rows is None:
+            return drafts, q
+        width, depth = self.tree
+        return with_alternatives(drafts, q, self.rows, ~fill, width, depth, state.greedy, state.generator)
 
     def update(self, state, result, target_rows, num_accepted):
+        if self.tree is not None:  # the chain's rows come first in the block; alternatives' rows are not needed
+            target_rows = target_rows[:, : self._proposed_len + 1]
         B, K1, V = target_rows.shape
         K = K1 - 1
         limit = self.limit.to(target_rows.device)  # each row's own window: rows past it are never drawn or read
@@ -213,5 +244,7 @@ class JacobiProposer(Proposer):
         self.count = have.sum(-1)
         if not state.greedy:
             self.probs = target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
+        if self.tree is not None:
+            self.rows = self.probs if not state.greedy else target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
         self.horizon = _row(target_rows, limit)
         self._anchor = result.next_token

@@ -1,13 +1,18 @@
 """Adapter for transformers causal LMs: a per-row ragged KV cache that can be rolled back.
 
 Rows of a batch accept different numbers of drafts in a step. Instead of cutting every row to the batch
-minimum (which biases sampling, docs/algorithms.md section 7), the cache keeps one common length and each row
-marks its rejected positions as *holes* in its 2-D attention mask. Position ids count valid tokens only,
-so every row sees exactly the positions plain decoding would give it. Trailing positions that no row
-kept are cropped from the transformers cache (``Cache.crop(-n)``, transformers 5.x).
+minimum (which biases sampling, docs/algorithms.md section 7), the cache keeps one common length and
+each row marks its rejected positions as *holes* in its attention mask. Position ids count valid tokens only,
+so every row sees exactly the positions plain decoding would give it. Trailing positions that no row kept are
+cropped from the transformers cache (``Cache.crop(-n)``, transformers 5.x).
 
-Holes are only correct for full-attention layers: sliding-window and linear-attention (state-space)
-layers would see the rejected tokens, so those cache kinds are refused with a clear error.
+Two cases need an explicit 4-D attention mask instead of the 2-D one, built here from the same bookkeeping:
+* token trees (``forward(..., tree=...)``): each node attends to the committed prefix and its own ancestors
+  only, at the position of its depth; after verification the off-path nodes become holes like any rejection;
+* sliding-window layers (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): the window must count
+  *positions*, not cache columns, once holes exist. The cache then keeps every column (a plain
+  ``DynamicCache``, no sliding layers that would drop what a row still sees), and each layer kind gets its mask.
+Linear-attention / recurrent layers keep a state that a hole cannot undo: those models are refused.
 """
 
 from __future__ import annotations
@@ -46,6 +51,32 @@ def input_device(model) -> torch.device:
     return module.weight.device
 
 
+#: layer kinds whose attention mask mmspec builds itself (anything else, e.g. linear attention, is refused)
+_MASKED_KINDS = ("full_attention", "sliding_attention")
+
+
+def _attention_layout(model) -> tuple[tuple[str, ...] | None, int | None, str | None]:
+    """-> (layer kinds when the model takes a dict of masks per kind, else None; sliding window or None;
+    attention implementation). Raises ``RollbackError`` for layer kinds whose cache cannot take holes."""
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    impl = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    if kinds is not None:
+        bad = sorted(set(kinds) - set(_MASKED_KINDS))
+        if bad:
+            raise RollbackError(
+                f"this model has layers of kind {bad} (linear / chunked attention or recurrent state), which cannot "
+                "be rolled back per row without changing the result; supported kinds: "
+                f"{list(_MASKED_KINDS)}."
+            )
+        if "sliding_attention" not in kinds:
+            return None, None, impl
+        return tuple(sorted(set(kinds))), int(window), impl
+    return None, (int(window) if isinstance(window, int) and window > 0 else None), impl
+
+
 def _check_cache(cache) -> None:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -58,7 +89,7 @@ def _check_cache(cache) -> None:
     if bad:
         raise RollbackError(
             f"this model's cache has layers of kind {sorted(bad)} (sliding-window or linear attention), which "
-            "cannot be rolled back per row without changing the result; only full-attention models are supported."
+            "cannot be rolled back per row without changing the result."
         )
 
 
@@ -92,8 +123,10 @@ class CausalLM:
         self._has_cache_position = "cache_position" in params or any(
             p.kind == p.VAR_KEYWORD for p in params.values()
         )
+        self._mask_kinds, self.sliding_window, self._attn = _attention_layout(model)
         self.cache = None
         self.mask = None  # [B, S] long on the model's device
+        self._pos = None  # [B, S] the position of every cache column (any value at holes), on the device
         self._mask_cpu = None  # [B, S] bool host mirror
         self._start = 0
         self._dense = False
@@ -127,9 +160,15 @@ class CausalLM:
         kwargs = dict(model_kwargs)
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        logits, self.cache = self.call_model(input_ids, mask, position_ids, None, **kwargs)
+        cache = None
+        if self.sliding_window is not None:  # keep every column: holes make the window count positions
+            from transformers.cache_utils import DynamicCache
+
+            cache = DynamicCache()
+        logits, self.cache = self.call_model(input_ids, mask, position_ids, cache, **kwargs)
         _check_cache(self.cache)
         self.mask = mask
+        self._pos = position_ids
         self._mask_cpu = attention_mask.detach().to("cpu", torch.bool)
         self._dense = bool(self._mask_cpu.all())
         # Models that expand the prompt (image placeholder tokens -> many embeddings) report their own length.
@@ -154,7 +193,7 @@ class CausalLM:
         self._start = self.length
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 0, tree=None) -> torch.Tensor:
         """Append a block and return its logits.
 
         Args:
@@ -162,6 +201,9 @@ class CausalLM:
             valid: BoolTensor [B, L] on the CPU; invalid places become holes in the attention mask.
             logits_to_keep: 0 for the logits of every position, n > 0 for the last n only (a drafter needs
                 one row; skipping the others saves most of a small model's output projection).
+            tree: None (the block is a chain), or a ``mmspec.tree.DraftTree`` of the ``L - 1`` tokens after the
+                block's first one: each token then attends to the cache, the first token and its own ancestors,
+                at the position of its depth.
         Returns:
             logits [B, L, V] (``[B, n, V]`` with ``logits_to_keep=n``).
         """
@@ -169,32 +211,83 @@ class CausalLM:
         dev = tokens.device
         valid_dev = valid.to(dev, non_blocking=True).long()
         start = self.num_valid().to(dev, non_blocking=True)
-        position_ids = (start.unsqueeze(1) + valid_dev.cumsum(-1) - 1).clamp_min(0)
-        if self.position_offset is not None:
-            position_ids = position_ids + self.position_offset.unsqueeze(1)
+        if tree is None:
+            position_ids = (start.unsqueeze(1) + valid_dev.cumsum(-1) - 1).clamp_min(0)
+            parents = None
+        else:
+            from ..tree import block_depth, block_parents
+
+            parents = block_parents(tree.parents.to(dev))
+            position_ids = start.unsqueeze(1) + block_depth(parents, tree.depth)
         S = self.length
         self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
         self.mask = torch.cat([self.mask, valid_dev], dim=1)
+        self._pos = torch.cat([self._pos, position_ids], dim=1)  # logical positions (sliding windows)
+        if self.position_offset is not None:
+            position_ids = position_ids + self.position_offset.unsqueeze(1)
         kwargs = {"cache_position": torch.arange(S, S + L, device=dev)} if self._has_cache_position else {}
         if logits_to_keep and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         # Without padding or holes the 2-D mask says nothing causality does not: let the model take its
         # fast (mask-free) attention path.
-        mask = None if self._dense and bool(valid.all()) else self.mask
-        self._dense = mask is None
+        dense = self._dense and bool(valid.all())
+        if tree is not None or (self.sliding_window is not None and not dense):
+            mask = self._block_mask(S, L, parents, tree.depth if tree is not None else 0)
+        else:
+            mask = None if dense else self.mask
+        self._dense = dense and tree is None
         logits, self.cache = self.call_model(tokens, mask, position_ids, self.cache, **kwargs)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return logits.to(dev)  # no-op unless the model is sharded over devices (logits on the last one)
 
-    def rollback(self, keep: torch.Tensor) -> None:
-        """Keep the first ``keep[b]`` valid tokens added since ``checkpoint`` in row b; drop the rest.
+    def _block_mask(self, S: int, L: int, parents, depth: int):
+        """The 4-D mask [B, 1, L, S + L] of a block appended at cache column S: the valid cache columns, then the
+        block's own causal (chain) or ancestor (tree) structure; sliding layers also cut keys more than the window
+        behind the query's position. A dict per layer kind for models that take one."""
+        if self._attn not in (None, "sdpa", "eager"):
+            raise RollbackError(
+                f"token trees and sliding windows with holes need a 4-D attention mask, which attention "
+                f"implementation {self._attn!r} does not take; load the model with attn_implementation='sdpa' "
+                "or 'eager'."
+            )
+        dev = self.mask.device
+        key_valid = self.mask.bool()  # [B, S + L]
+        B = key_valid.shape[0]
+        if parents is None:
+            inner = torch.ones(L, L, dtype=torch.bool, device=dev).tril().expand(B, L, L)
+        else:
+            from ..tree import block_ancestors
 
-        Args:
-            keep: LongTensor [B] on the CPU.
+            inner = block_ancestors(parents, depth)
+        allowed = torch.cat([key_valid[:, None, :S].expand(B, L, S), inner & key_valid[:, None, S:]], dim=2)
+        diag = torch.arange(L, device=dev)
+        allowed[:, diag, S + diag] = True  # every query sees itself: no empty rows (invalid queries are ignored)
+        masks = {"full_attention": allowed}
+        if self.sliding_window is not None:
+            q_pos = self._pos[:, S:]
+            near = (q_pos.unsqueeze(2) - self._pos.unsqueeze(1)) < self.sliding_window
+            masks["sliding_attention"] = allowed & near
+        dtype = getattr(self.model, "dtype", torch.float32)
+        for kind, m in masks.items():
+            m = m.unsqueeze(1)
+            if self._attn == "eager":
+                m = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill(~m, torch.finfo(dtype).min)
+            masks[kind] = m
+        if self._mask_kinds is not None:
+            return {kind: masks[kind] for kind in self._mask_kinds}
+        return masks["sliding_attention" if self.sliding_window is not None else "full_attention"]
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Keep, in row b, the first ``keep[b]`` valid tokens added since ``checkpoint`` (LongTensor [B]), or the
+        block columns where ``keep[b, j]`` is True (BoolTensor [B, L], a tree's accepted path); drop the rest.
+        ``keep`` is on the CPU.
         """
         tail = self._mask_cpu[:, self._start :]
-        kept = tail & (tail.long().cumsum(-1) <= keep.view(-1, 1))
+        if keep.dtype == torch.bool:
+            kept = tail & keep[:, : tail.shape[1]]
+        else:
+            kept = tail & (tail.long().cumsum(-1) <= keep.view(-1, 1))
         if torch.equal(kept, tail):  # nothing rejected (plain AR, or every draft accepted)
             self._start = self.length
             return
@@ -208,5 +301,6 @@ class CausalLM:
         self.mask = torch.cat(
             [self.mask[:, : self._start], kept.to(self.mask.device, non_blocking=True).long()], dim=1
         )
+        self._pos = self._pos[:, : self.length]
         self._start = self.length
         self._dense = bool(self._mask_cpu.all())

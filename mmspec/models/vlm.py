@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .causal_lm import CausalLM, RollbackError, _check_cache
-from .compat import output_cache
+from .compat import cache_keyword, output_cache
 
 __all__ = ["VisionLM", "is_vision_language_model", "adapter_for"]
 
@@ -71,6 +71,10 @@ class VisionLM(CausalLM):
         if self._has_logits_to_keep:
             inputs["logits_to_keep"] = 1
         inputs.update(use_cache=True, return_dict=True)
+        if self.sliding_window is not None:  # keep every column (see mmspec.models.causal_lm)
+            from transformers.cache_utils import DynamicCache
+
+            inputs[cache_keyword(model)] = DynamicCache()
         out = model(**inputs)
         self.cache = output_cache(out)
         _check_cache(self.cache)
@@ -83,6 +87,7 @@ class VisionLM(CausalLM):
             )
         self.position_offset = self._offset(positions, mask)
         self.mask = mask
+        self._pos = (mask.cumsum(-1) - 1).clamp_min(0)
         self._mask_cpu = attention_mask.detach().to("cpu", torch.bool)
         self._dense = bool(self._mask_cpu.all())
         return out.logits[:, -1]

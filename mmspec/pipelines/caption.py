@@ -285,7 +285,7 @@ class CaptionPipeline:
                 is a terminal.
             window: tokens verified per target forward (default: the pipeline's, else the method's).
             **generate_kwargs: passed to ``mmspec.generate`` (``do_sample``, ``temperature``, ``acceptance``,
-                ``eos_token_id``, ...).
+                ``eos_token_id``, ``tree=(width, depth)`` for token trees, ...).
 
         Returns:
             ``CaptionOutput`` (captions, new token ids per image, summed stats).

@@ -19,6 +19,7 @@ from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
 from ..progress import TerminalProgressMixin, quiet_loading
 from ..sampling import LogitsPipeline
+from ..tree import parse_tree
 
 __all__ = ["SpeculativeImagePipeline", "SpeculativeImagePipelineOutput", "DECODINGS"]
 
@@ -111,6 +112,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         draft_model=None,
         acceptance="exact",
         window: int = 16,
+        tree=None,
         init: str = "random",
         coupled: bool = False,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
@@ -139,6 +141,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             draft_model: a smaller token model with the same vocabulary and layout.
             acceptance: "exact" (lossless), "lantern", "gsd", ... or a criterion object.
             window: tokens verified per forward, anchor included (SJD's published setting is 16).
+            tree: ``(width, depth)`` to verify a token tree per forward (SJD-PAC alternatives for Jacobi, the draft's
+                next-best candidates for ``"draft"``), None for a chain; ``window`` counts every node.
             init: Jacobi init for new window slots: "random" (SJD), "horizontal", "vertical", "sample_horizon".
             coupled: coupled redraw of continuing Jacobi slots (lossless, fewer draft changes).
             negative_prompt_embeds: unconditional features for ``prompt_embeds`` models.
@@ -159,6 +163,9 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                                      do_sample=do_sample)
         if skip is not None and method != "self":
             raise ValueError(f"`skip` is only used with method='self', not {method!r}.")
+        if parse_tree(tree) is not None and method not in ("jacobi", "draft", "lookup"):
+            raise ValueError(f"`tree` needs drafts to branch: use it with method 'jacobi', 'draft' or 'lookup', "
+                             f"not {method!r}.")
         family = self.family
         prompts = _as_list(prompt, "prompt")
         negatives = _as_list(negative_prompt, "negative_prompt")
@@ -181,7 +188,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             family, inputs, family_for, guidance_scale=guidance_scale, choice=choice, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, method=method,
             draft_model=draft_model, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", skip=skip)
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", skip=skip, tree=tree)
         T = state.prompt_length
         codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
         if output_type == "latent":
@@ -200,7 +207,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
 
     def _decode(self, family, inputs, draft_family_for, *, guidance_scale, choice, do_sample, temperature, top_k,
                 top_p, generator, method, draft_model, init, coupled, callback_on_step_end, kernels="auto",
-                unit="images", skip=None):
+                unit="images", skip=None, tree=None):
         """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
         with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``choice`` from ``_check``;
         ``draft_family_for`` recognises the draft model's family. Returns ``(state, stats, layout, criterion)``."""
@@ -225,7 +232,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         proposer, window = make_proposer(
             method, choice.window, draft=drafter, init=init, coupled=coupled, layout=layout,
             prefill_kwargs=dict(inputs), model=self.model, prompt=(input_ids, attention_mask), skip=skip,
-            greedy=not do_sample, make_adapter=lambda m: GuidedLM(m, layout, guidance_scale, adapter=family.adapter))
+            greedy=not do_sample, make_adapter=lambda m: GuidedLM(m, layout, guidance_scale, adapter=family.adapter),
+            tree=tree)
 
         bar = self.progress_bar(total=layout.num_tokens)
         done = [0]

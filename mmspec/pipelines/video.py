@@ -124,6 +124,7 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
         draft_model=None,
         acceptance="exact",
         window: int = 16,
+        tree=None,
         init: str = "temporal",
         coupled: bool = False,
         kernels: str = "auto",
@@ -176,7 +177,7 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
             family, family.prefill_inputs(prompts, negatives), video_family_for, guidance_scale=guidance_scale,
             choice=choice, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, method=method, draft_model=draft_model, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos")
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos", tree=tree)
         B = state.batch_size
         T = state.prompt_length
         codes = layout.to_frames(state.tokens[:, T:T + layout.num_tokens])  # [B, F, h * w]
