@@ -142,6 +142,9 @@ def _image(argv):
     p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
                    help="coupled redraw of Jacobi drafts (lossless)")
     p.add_argument("--window", type=int, default=16, help="tokens verified per forward (anchor included)")
+    p.add_argument("--tree", nargs=2, type=int, default=None, metavar=("WIDTH", "DEPTH"),
+                   help="verify a token tree per forward: WIDTH candidates at each of the first DEPTH levels "
+                   "(--window counts every node)")
     p.add_argument("--acceptance", choices=available(), default="exact",
                    help="acceptance criterion (exact is lossless; the others relax it)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
@@ -176,6 +179,8 @@ def _image(argv):
     common = dict(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                   num_images_per_prompt=args.num_images, output_type="pt")
     kw = dict(window=args.window, acceptance=args.acceptance)
+    if args.tree is not None:
+        kw.update(tree=tuple(args.tree))
     if args.decoding == "jacobi":
         kw.update(init=args.init, coupled=args.coupled)
     if draft is not None:
@@ -223,6 +228,9 @@ def _text(argv):
     p.add_argument("--method", "--decoding", dest="decoding", choices=available_methods(), default="draft",
                    help="decoding method (draft: the bundled draft model; --decoding is an alias)")
     p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
+    p.add_argument("--tree", nargs=2, type=int, default=None, metavar=("WIDTH", "DEPTH"),
+                   help="verify a token tree per forward: WIDTH candidates at each of the first DEPTH levels "
+                   "(--window counts every node)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -258,6 +266,8 @@ def _text(argv):
         kw = dict(draft_model=draft) if method_spec(method).needs_draft else {}
         if args.window is not None:
             kw["window"] = args.window  # methods with a fixed window (ar) ignore it
+        if args.tree is not None and method != "ar":
+            kw["tree"] = tuple(args.tree)
         return generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
                         method=method, generator=torch.Generator().manual_seed(args.seed), **sampling, **kw)
 

@@ -29,6 +29,15 @@ METHODS = {
     "GSD (G=10)": dict(decoding="jacobi", window=16, init="random", acceptance=("gsd", dict(group_size=10, delta_p=0.2))),
     "LANTERN (draft, k=50, delta=0.2)": dict(decoding="draft", window=6, acceptance=("lantern", dict(k=50, delta=0.2))),
     "draft-verify exact": dict(decoding="draft", window=6),
+    # token trees (SJD-PAC): `window` counts every node, so a tree's chain is shorter than the window
+    "SJD coupled (horizontal, w16)": dict(decoding="jacobi", window=16, init="horizontal", coupled=True),
+    "coupled + tree(2,3) (horizontal, w32)": dict(decoding="jacobi", window=32, init="horizontal", coupled=True,
+                                                   tree=(2, 3)),
+    "coupled + tree(3,2) (horizontal, w32)": dict(decoding="jacobi", window=32, init="horizontal", coupled=True,
+                                                   tree=(3, 2)),
+    "coupled + tree(4,2) (horizontal, w64)": dict(decoding="jacobi", window=64, init="horizontal", coupled=True,
+                                                   tree=(4, 2)),
+    "draft tree(3,2) (w20)": dict(decoding="draft", window=20, tree=(3, 2)),
 }
 
 
@@ -72,7 +81,7 @@ def _concat(outs):
     stats = replace(s[0], target_forwards=sum(x.target_forwards for x in s), draft_forwards=sum(x.draft_forwards for x in s),
                     new_tokens=sum(x.new_tokens for x in s), new_tokens_per_row=sum((x.new_tokens_per_row for x in s), []),
                     row_forwards=sum((x.row_forwards for x in s), []), accepted_histogram=hist,
-                    wall_time=sum(x.wall_time for x in s))
+                    tree_nodes=sum(x.tree_nodes for x in s), wall_time=sum(x.wall_time for x in s))
     return replace(outs[0], images=torch.cat([o.images for o in outs]), tokens=torch.cat([o.tokens for o in outs]),
                    stats=stats)
 
@@ -101,7 +110,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
             stats = out.stats
         row = {"method": name, "lossless": out.lossless, "target_forwards": stats.target_forwards,
                "step_compression": stats.step_compression, "mean_accepted": stats.mean_accepted,
-               "median_s": statistics.median(times), "times": times,
+               "tree_nodes": stats.tree_nodes_per_step, "median_s": statistics.median(times), "times": times,
                "accepted_histogram": stats.accepted_histogram,
                "entropy": token_entropy(pipe, prompts, out.tokens, guidance)}
         if clf is not None:
@@ -127,7 +136,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
 COLUMNS = [
     ("method", "method", ""), ("lossless", "lossless", ""), ("target_forwards", "target fwd", ""),
     ("step_compression", "step compr.", ".2f"), ("compression_vs_sjd", "vs SJD", ".2f"),
-    ("mean_accepted", "mean acc.", ".2f"), ("median_s", "median s", ".2f"), ("speedup_vs_ar", "speedup vs AR", ".2f"),
+    ("mean_accepted", "mean acc.", ".2f"), ("tree_nodes", "tree nodes/step", ".1f"), ("median_s", "median s", ".2f"), ("speedup_vs_ar", "speedup vs AR", ".2f"),
     ("adherence", "adherence %", ".1f"), ("frechet", "Frechet", ".2f"), ("entropy", "entropy (nats)", ".2f"),
 ]
 

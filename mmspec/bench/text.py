@@ -86,6 +86,13 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
                                                window=window_draft, **common)),
         ("mmspec lookup", "mmspec", lambda: _mm(target, input_ids, method="lookup", window=window_lookup, **common)),
         ("mmspec jacobi", "mmspec", lambda: _mm(target, input_ids, method="jacobi", window=8, **common)),
+        # token trees at the chain's depth: the draft's next-best candidates over its first 2 levels (3-ary), and
+        # up to 3 n-gram continuations as sibling branches
+        ("mmspec draft tree(3,2)", "mmspec", lambda: _mm(target, input_ids, method="draft", draft_model=draft,
+                                                         window=window_draft + 10, tree=(3, 2), **common)),
+        ("mmspec lookup tree(3,7)", "mmspec", lambda: _mm(target, input_ids, method="lookup",
+                                                          window=3 * (window_lookup - 1) + 1, tree=(3, window_lookup - 1),
+                                                          **common)),
     ]
     # Drafts for every model: layer-skip self-speculation (calibrated on these prompts, outside the timing) and
     # lookahead decoding (issue 16).
@@ -121,7 +128,8 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
                "times": times[name], "identical": bool(torch.equal(seqs, reference))}
         if stats is not None:
             row.update(target_forwards=stats.target_forwards, draft_forwards=stats.draft_forwards,
-                       step_compression=stats.step_compression, mean_accepted=stats.mean_accepted)
+                       step_compression=stats.step_compression, mean_accepted=stats.mean_accepted,
+                       tree_nodes=stats.tree_nodes_per_step)
         rows.append(row)
     by = {r["method"]: r["median_s"] for r in rows}
     per_forward = by["mmspec ar"] / max_new_tokens  # one target forward, measured by plain AR
@@ -150,7 +158,7 @@ def _mm(target, input_ids, **kw):
 COLUMNS = [
     ("method", "method", ""), ("batch", "B", ""), ("identical", "= greedy", ""),
     ("target_forwards", "target fwd", ""), ("step_compression", "step compr.", ".2f"),
-    ("median_s", "median s", ".3f"), ("vs_raw", "speed vs raw loop", ".2f"),
+    ("tree_nodes", "tree nodes/step", ".1f"), ("median_s", "median s", ".3f"), ("vs_raw", "speed vs raw loop", ".2f"),
     ("vs_mmspec_ar", "speed vs mmspec ar", ".2f"), ("vs_peer", "speed vs transformers peer", ".2f"),
     ("draft_cost", "draft fwd cost", ".2f"), ("skip", "skipped layers", ""),
 ]

@@ -123,6 +123,7 @@ def merge_stats(parts: list) -> GenerationStats:
     for p in parts:
         out.target_forwards += p.target_forwards
         out.draft_forwards += p.draft_forwards
+        out.tree_nodes += p.tree_nodes
         out.new_tokens += p.new_tokens
         out.new_tokens_per_row += list(p.new_tokens_per_row)
         out.row_forwards += list(p.row_forwards)
