@@ -15,12 +15,13 @@ whole tensor is drawn, as rows are not reproducible alone then anyway.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import torch
 
-Generator = Union[torch.Generator, Sequence[torch.Generator], None]
+Generator = Union[torch.Generator, Sequence[torch.Generator], None]  # noqa: UP007 (a runtime alias, py3.10-safe)
 
 __all__ = [
     "LogitsPipeline",

@@ -228,7 +228,8 @@ def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: b
     N = len(parents)
     grid = source.clamp_min(0)
     is_tree = source >= 0
-    tokens = torch.where(is_tree.to(dev), cand.reshape(B, D * width)[:, grid.to(dev)], drafts[:, torch.arange(N).clamp(max=K - 1)])
+    chain_src = torch.arange(N).clamp(max=K - 1).to(dev)
+    tokens = torch.where(is_tree.to(dev), cand.reshape(B, D * width)[:, grid.to(dev)], drafts[:, chain_src])
     tokens[:, :K] = drafts
     valid = torch.where(is_tree, ok.reshape(B, D * width)[:, grid], own[:, torch.arange(N).clamp(max=K - 1)])
     valid[:, :K] = own

@@ -13,8 +13,9 @@ import torch
 from accelerate import dispatch_model
 
 import mmspec
-from image_fixtures import tiny_pipeline
 from mmspec.models.causal_lm import input_device
+
+from image_fixtures import tiny_pipeline
 
 
 def _llama(seed=0, layers=3):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_fixtures import tiny_pipeline
 from mmspec.distributed import DistContext, merge_records, read_prompt_file, run_sharded, shard_indices
+
+from image_fixtures import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square on a green background", "green", "a red square on a blue background",

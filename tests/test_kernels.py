@@ -15,8 +15,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mmspec  # noqa: E402
-from mmspec.kernels import draw_noise, make_request, resolve_backend, verify_from_logits  # noqa: E402
-from mmspec.kernels import reference  # noqa: E402
+from mmspec.kernels import (  # noqa: E402
+    draw_noise,
+    make_request,
+    reference,  # noqa: E402
+    resolve_backend,
+    verify_from_logits,
+)
 from mmspec.sampling import LogitsPipeline, sample_from_weights  # noqa: E402
 
 from utils_stats import chi2_pvalue  # noqa: E402

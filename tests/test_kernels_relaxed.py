@@ -15,8 +15,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mmspec import acceptance  # noqa: E402
-from mmspec.kernels import draw_noise, make_request, verify_from_logits  # noqa: E402
-from mmspec.kernels import reference  # noqa: E402
+from mmspec.kernels import (  # noqa: E402
+    draw_noise,
+    make_request,
+    reference,  # noqa: E402
+    verify_from_logits,
+)
 from mmspec.sampling import LogitsPipeline, sample_from_weights  # noqa: E402
 
 triton_verify = pytest.importorskip("mmspec.kernels.triton_verify")

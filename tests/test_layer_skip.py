@@ -9,9 +9,10 @@ import torch
 from scipy.stats import chisquare
 
 import mmspec
-from lm_fixtures import ragged_prompts, tiny_causal_lm
-from mmspec.drafting.layer_skip import layer_skip_model, calibrate_skip, decoder_layers, expected_speedup
+from mmspec.drafting.layer_skip import calibrate_skip, decoder_layers, expected_speedup, layer_skip_model
 from mmspec.models.causal_lm import CausalLM
+
+from lm_fixtures import ragged_prompts, tiny_causal_lm
 
 NEW = 24
 LAYERS = 4

@@ -4,13 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_layer_skip import ALPHA, V, chi2_pvalue, exact_distribution, sample_many
 
 import mmspec
-from lm_fixtures import ragged_prompts, tiny_causal_lm
 from mmspec.decoding import DecodeState
 from mmspec.drafting.lookahead import LookaheadProposer, NGramPool, lookahead_config, rank_candidates
 from mmspec.sampling import LogitsPipeline
-from test_layer_skip import ALPHA, V, chi2_pvalue, exact_distribution, sample_many
+
+from lm_fixtures import ragged_prompts, tiny_causal_lm
 
 NEW = 24
 

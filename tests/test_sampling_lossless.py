@@ -3,7 +3,8 @@
 On a tiny vocabulary (V = 8) the exact distribution of 3 sampled tokens is enumerated from the model
 (512 outcomes, computed here independently of mmspec's logits pipeline) and compared with N = 20,000
 speculative samples drawn as one batch; on V = 4 the same for 5 tokens (1024 outcomes), where windows of
-several drafts and carried-over Jacobi drafts occur (recorded and asserted). Chi-square test at significance level alpha = 0.001 (bins with an
+several drafts and carried-over Jacobi drafts occur (recorded and asserted). Chi-square test at significance
+level alpha = 0.001 (bins with an
 expected count under 5 are merged). A deliberately biased criterion must fail the same test, so the test
 has power.
 """

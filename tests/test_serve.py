@@ -446,6 +446,7 @@ def test_load_script_reports_rates_and_refuses_remote_hosts():
 @pytest.fixture(scope="module")
 def caption_pipeline():
     from mmspec.pipelines.caption import CaptionPipeline
+
     from vlm_fixtures import tiny_llava
 
     model, processor = tiny_llava(seed=0)

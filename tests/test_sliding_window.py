@@ -12,6 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 import mmspec
+
 from lm_fixtures import perturbed_copy, ragged_prompts
 
 WINDOW = 8

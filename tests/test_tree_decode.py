@@ -16,6 +16,7 @@ from mmspec.drafting.jacobi import JacobiProposer
 from mmspec.models.causal_lm import CausalLM, RollbackError
 from mmspec.sampling import LogitsPipeline
 from mmspec.tree import DraftTree
+
 from lm_fixtures import ARCHS, perturbed_copy, ragged_prompts, tiny_causal_lm
 
 TREE_CASES = [
@@ -211,8 +212,9 @@ def test_tree_mask_and_cache_equal_the_accepted_path():
 
 
 def test_tree_with_guided_image_pipeline_equals_ar():
-    from image_fixtures import tiny_image_lm, tiny_tokenizer, tiny_vq
     from mmspec.pipelines import SpeculativeImagePipeline
+
+    from image_fixtures import tiny_image_lm, tiny_tokenizer, tiny_vq
 
     model = tiny_image_lm(grid=4, codes=16, sharpen=2.0)
     pipe = SpeculativeImagePipeline(model=model, vq=tiny_vq(codes=16), tokenizer=tiny_tokenizer())

@@ -18,7 +18,14 @@ import torch
 from mmspec.zoo import hub
 from mmspec.zoo.data import LABEL_NAMES, POSITIONS
 from mmspec.zoo.recipes.classifier import ACCURACY_BARS, EVAL_DEFAULT_SEED, EVAL_ONE_OBJECT_SEED
-from mmspec.zoo.recipes.common import HELDOUT_CROP_SEED, HELDOUT_SCENE_SEED, crop_batch, label_tensors, psnr, scene_batch
+from mmspec.zoo.recipes.common import (
+    HELDOUT_CROP_SEED,
+    HELDOUT_SCENE_SEED,
+    crop_batch,
+    label_tensors,
+    psnr,
+    scene_batch,
+)
 
 # Bundled tokenizer, mean PSNR on 256 held-out images (metrics.json): scenes 24.2 dB, crops 25.4 dB;
 # on the 16-image subsets used here 23.6 and 24.4 dB; the bars leave ~1.6-1.9 dB of margin.

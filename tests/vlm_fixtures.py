@@ -80,8 +80,13 @@ def tiny_llava(seed: int = 0, dtype=torch.float64, image_size: int = 32, patch: 
     image becomes ``(image_size // patch) ** 2`` placeholder tokens (the CLS feature is dropped, strategy
     ``"default"``). Returns ``(model, processor)``.
     """
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = word_tokenizer(["<image>"])
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},

@@ -88,7 +88,7 @@ def _concat(outs):
 
 def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None, batch_size=None):
     from ..zoo import hub
-    from ..zoo.data import POSITIONS, caption_labels
+    from ..zoo.data import caption_labels
 
     labels = [caption_labels(p) for p in prompts]
     positions = torch.tensor([lab["position"] for lab in labels])
@@ -101,7 +101,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
             kw["acceptance"] = _criterion(kw["acceptance"])
         times, stats = [], None
         bs = batch_size or len(prompts)
-        for r in range(repeats):
+        for _ in range(repeats):
             outs = [pipe(prompts[i : i + bs], guidance_scale=guidance, output_type="pt", **kw,
                          generator=[torch.Generator().manual_seed(seed + j) for j in range(i, min(i + bs, len(prompts)))])
                     for i in range(0, len(prompts), bs)]
@@ -136,7 +136,8 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
 COLUMNS = [
     ("method", "method", ""), ("lossless", "lossless", ""), ("target_forwards", "target fwd", ""),
     ("step_compression", "step compr.", ".2f"), ("compression_vs_sjd", "vs SJD", ".2f"),
-    ("mean_accepted", "mean acc.", ".2f"), ("tree_nodes", "tree nodes/step", ".1f"), ("median_s", "median s", ".2f"), ("speedup_vs_ar", "speedup vs AR", ".2f"),
+    ("mean_accepted", "mean acc.", ".2f"), ("tree_nodes", "tree nodes/step", ".1f"), ("median_s", "median s", ".2f"),
+    ("speedup_vs_ar", "speedup vs AR", ".2f"),
     ("adherence", "adherence %", ".1f"), ("frechet", "Frechet", ".2f"), ("entropy", "entropy (nats)", ".2f"),
 ]
 
@@ -145,8 +146,9 @@ def plots(rows, out_dir):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -14,8 +14,8 @@ import sys
 import torch
 
 from .. import generate
-from ..models.compat import cache_keyword
 from ..drafting.layer_skip import calibrate_skip, decoder_layers
+from ..models.compat import cache_keyword
 from .common import environment, markdown_table, timed, write_report
 
 __all__ = ["main", "run", "assisted_generate", "raw_greedy_loop", "random_pair"]

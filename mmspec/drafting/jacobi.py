@@ -13,7 +13,7 @@ stop churning between iterations.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 
@@ -27,7 +27,7 @@ __all__ = ["JacobiProposer", "INIT_STRATEGIES", "register_init", "random_tokens"
 #: name -> fn(state, proposer, window [B, 1 + K] (anchor then drafts), fill [B, K] bool) -> tokens [B, K],
 #: or (tokens, probs [B, K, V]) when the init tokens are drawn from a distribution (else their q is one-hot).
 #: Random draws pass ``counts=proposer.limit`` (each row's own window, see ``mmspec.sampling``).
-INIT_STRATEGIES: Dict[str, Callable] = {}
+INIT_STRATEGIES: dict[str, Callable] = {}
 
 
 def register_init(name: str):
@@ -70,7 +70,6 @@ def _init_vertical(state, proposer, window, fill):
     if layout is None:
         raise ValueError("Jacobi init 'vertical' needs an image layout (use it through an image pipeline).")
     K, stride, dev = fill.shape[1], layout.row_stride, window.device
-    B = fill.shape[0]
     committed = state.num_new.to(dev)  # new tokens committed; the anchor is new index committed - 1
     slot_index = committed.unsqueeze(1) - 1 + torch.arange(1, K + 1, device=dev)  # new index of each slot
     above = slot_index - stride

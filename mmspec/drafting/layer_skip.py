@@ -216,7 +216,7 @@ class SkipCalibration:
     scores: dict
 
 
-_CALIBRATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CALIBRATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _rollout(adapter, prompts, prefill_kwargs, new_tokens, greedy, generator):

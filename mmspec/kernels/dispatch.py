@@ -20,7 +20,7 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MMSPEC_KERNELS"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_module():
     """The kernel module, or the ImportError that keeps it from loading (cached: triton imports once)."""
     try:

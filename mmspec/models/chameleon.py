@@ -403,6 +403,8 @@ class _Decoder(nn.Module):
     def __init__(self, cfg):
         from transformers.models.chameleon.modeling_chameleon import (
             ChameleonVQVAEEncoderAttnBlock as AttnBlock,
+        )
+        from transformers.models.chameleon.modeling_chameleon import (
             ChameleonVQVAEEncoderResnetBlock as ResnetBlock,
         )
 
@@ -473,7 +475,7 @@ class ChameleonVQDecoder(ModelMixin, ConfigMixin):
         self.decoder = _Decoder(cfg)
 
     @classmethod
-    def from_vq_config(cls, vq_config) -> "ChameleonVQDecoder":
+    def from_vq_config(cls, vq_config) -> ChameleonVQDecoder:
         get = vq_config.get if isinstance(vq_config, dict) else (lambda k, d=None: getattr(vq_config, k, d))
         kwargs = {k: get(k) for k in _VQ_FIELDS if get(k) is not None}
         if "channel_multiplier" in kwargs:
@@ -481,7 +483,7 @@ class ChameleonVQDecoder(ModelMixin, ConfigMixin):
         return cls(**kwargs)
 
     @classmethod
-    def from_chameleon(cls, model, vqgan_state_dict=None) -> "ChameleonVQDecoder":
+    def from_chameleon(cls, model, vqgan_state_dict=None) -> ChameleonVQDecoder:
         """Decoder for a ``ChameleonForConditionalGeneration`` / ``ChameleonModel`` / ``ChameleonVQVAE``: codebook
         and ``post_quant_conv`` copied from the model's VQ-VAE, decoder weights from ``vqgan_state_dict`` (the
         taming checkpoint's ``state_dict``; random when None)."""

@@ -10,7 +10,6 @@ with ``@register_family``; the loop and the core never change.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import List
 
 import torch
 
@@ -20,7 +19,7 @@ from .vocab import warn_unknown_words
 
 __all__ = ["ImageFamily", "JointVocabFamily", "register_family", "family_for", "FAMILIES", "PrefillInputs"]
 
-FAMILIES: List[type] = []
+FAMILIES: list[type] = []
 
 
 def register_family(cls):
@@ -139,5 +138,9 @@ def family_for(model, tokenizer=None, vq=None) -> ImageFamily:
 
 
 # Families with quirks live in their own modules; importing them registers them.
-from . import chameleon, emu3, janus  # noqa: E402,F401
-from . import llamagen_family  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    chameleon,
+    emu3,
+    janus,
+    llamagen_family,  # noqa: E402,F401
+)

@@ -22,8 +22,6 @@ acceptance needs: see :mod:`mmspec.acceptance.continuous`.) Guidance mixes the n
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -17,7 +17,7 @@ from ..drafting import available_methods, make_proposer
 from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
-from ..progress import TerminalProgressMixin, quiet_loading
+from ..progress import TerminalProgressMixin
 from ..sampling import LogitsPipeline
 from ..tree import parse_tree
 

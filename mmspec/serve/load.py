@@ -164,7 +164,8 @@ def main(argv=None) -> int:
         sys.stderr.write(f"load: {e}\n")
         return 2
     lat = res["latency_ms"]
-    fmt = (lambda v: "-" if v is None else f"{v:.1f}")
+    def fmt(v):
+        return "-" if v is None else f"{v:.1f}"
     print(f"{res['ok']}/{res['sent']} ok in {res['wall_s']:.1f}s: {res['requests_per_s']:.2f} req/s, "
           f"p50 {fmt(lat['p50'])} ms, p99 {fmt(lat['p99'])} ms, mean batch {fmt(res['mean_batch_size'])}, "
           f"errors {res['errors'] or 'none'}")
