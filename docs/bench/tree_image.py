@@ -1,0 +1,55 @@
+"""Step compression of Jacobi / draft chains and token trees on the bundled t2i zoo model (the BENCHMARKS.md tree
+tables). Usage: python docs/bench/tree_image.py N_PROMPTS "name;name;..." (names: see `configs`); prompts are the
+held-out captions of `mmspec bench image`, image i drawn with seed i, guidance 3, batch 1."""
+
+import sys
+import time
+
+import torch
+
+from mmspec.zoo.data import make_scene, scene_seed
+from mmspec.zoo.models import load_image_pipeline
+from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
+
+torch.set_num_threads(1)
+pipe, draft = load_image_pipeline()
+pipe.set_progress_bar_config(disable=True)
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
+configs = {
+ "sjd16": dict(decoding="jacobi", window=16, init="random"),
+ "coupled16-h": dict(decoding="jacobi", window=16, init="horizontal", coupled=True),
+ "coupled16-v": dict(decoding="jacobi", window=16, init="vertical", coupled=True),
+ "coupled32-h": dict(decoding="jacobi", window=32, init="horizontal", coupled=True),
+ "greedy-jacobi16-h": dict(decoding="jacobi", window=16, init="horizontal", do_sample=False),
+ "greedy-jacobi32-h": dict(decoding="jacobi", window=32, init="horizontal", do_sample=False),
+ "sjd32": dict(decoding="jacobi", window=32, init="random"),
+ "coupled16-h-tree(2,2)": dict(decoding="jacobi", window=16, init="horizontal", coupled=True, tree=(2,2)),
+ "coupled32-h-tree(3,2)": dict(decoding="jacobi", window=32, init="horizontal", coupled=True, tree=(3,2)),
+ "coupled32-h-tree(2,3)": dict(decoding="jacobi", window=32, init="horizontal", coupled=True, tree=(2,3)),
+ "coupled32-h-tree(2,4)": dict(decoding="jacobi", window=32, init="horizontal", coupled=True, tree=(2,4)),
+ "coupled24-h-tree(3,2)": dict(decoding="jacobi", window=24, init="horizontal", coupled=True, tree=(3,2)),
+ "coupled32-v-tree(3,2)": dict(decoding="jacobi", window=32, init="vertical", coupled=True, tree=(3,2)),
+ "coupled64-h-tree(4,2)": dict(decoding="jacobi", window=64, init="horizontal", coupled=True, tree=(4,2)),
+ "draft6": dict(decoding="draft", window=6, draft_model=draft),
+ "draft12-tree(2,2)": dict(decoding="draft", window=12, draft_model=draft, tree=(2,2)),
+ "draft20-tree(3,2)": dict(decoding="draft", window=20, draft_model=draft, tree=(3,2)),
+}
+for w in (8, 12, 16, 17, 20, 24, 32, 48):
+    configs[f"c{w}-h"] = dict(decoding="jacobi", window=w, init="horizontal", coupled=True)
+    configs[f"c{w}-v"] = dict(decoding="jacobi", window=w, init="vertical", coupled=True)
+    configs[f"g{w}-h"] = dict(decoding="jacobi", window=w, init="horizontal", do_sample=False)
+configs["draft6"] = dict(decoding="draft", window=6, draft_model=draft)
+configs["c64-h"] = dict(decoding="jacobi", window=64, init="horizontal", coupled=True)
+configs["c64-h-tree(3,3)"] = dict(decoding="jacobi", window=64, init="horizontal", coupled=True, tree=(3, 3))
+configs["c64-h-tree(2,5)"] = dict(decoding="jacobi", window=64, init="horizontal", coupled=True, tree=(2, 5))
+configs["c48-h-tree(3,2)"] = dict(decoding="jacobi", window=48, init="horizontal", coupled=True, tree=(3, 2))
+sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
+for name in sel:
+    kw = configs[name]
+    t, toks, fw = time.time(), 0, 0
+    for i, p in enumerate(prompts):
+        out = pipe(p, guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(i), **kw)
+        toks += out.stats.new_tokens
+        fw += sum(out.stats.row_forwards)
+    print(f"{name:28s} step compression {toks/fw:.2f}  ({time.time()-t:.0f}s)", flush=True)
