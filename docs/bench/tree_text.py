@@ -1,0 +1,44 @@
+"""Tokens per target forward of draft / lookup / Jacobi chains and token trees on the bundled text pair (the
+BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py. Prompts: 8 six-line snippets of json.decoder and
+textwrap, greedy, 64 new tokens each, batch 1."""
+
+import inspect
+
+import torch
+
+import mmspec
+from mmspec.zoo.models import load_text_pair
+
+torch.set_num_threads(1)
+target, draft, tok = load_text_pair()
+src = inspect.getsource(__import__("json").decoder) + inspect.getsource(__import__("textwrap"))
+lines = [line for line in src.split("\n") if len(line.strip()) > 20][:400]
+prompts = ["\n".join(lines[i:i+6]) + "\n" for i in range(0, 8 * 40, 40)]
+tok.padding_side = "left"
+if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+
+
+def run(**kw):
+    toks = fw = 0
+    for p in prompts:
+        enc = tok([p], return_tensors="pt")
+        out = mmspec.generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=64, eos_token_id=[], **kw)
+        toks += out.stats.new_tokens
+        fw += sum(out.stats.row_forwards)
+    return toks / fw, out.stats.tree_nodes_per_step
+
+
+for name, kw in [("draft chain w6 (depth 5)", dict(method="draft", draft_model=draft, window=6)),
+                 ("draft tree(3,2) w16 (depth 5)", dict(method="draft", draft_model=draft, window=16, tree=(3, 2))),
+                 ("draft tree(2,3) w15 (depth 5)", dict(method="draft", draft_model=draft, window=15, tree=(2, 3))),
+                 ("draft tree(4,1) w9 (depth 5)", dict(method="draft", draft_model=draft, window=9, tree=(4, 1))),
+                 ("draft dynamic tree(3,2) w10 (depth 5)",
+                  dict(method="draft", draft_model=draft, window=10, tree=(3, 2), dynamic_tree=True)),
+                 ("lookup chain w8", dict(method="lookup", window=8)),
+                 ("lookup tree(3,7) w22", dict(method="lookup", window=22, tree=(3, 7))),
+                 ("jacobi w8", dict(method="jacobi", window=8)),
+                 ("jacobi tree(3,2) w20", dict(method="jacobi", window=20, tree=(3, 2))),
+                 ("lookahead", dict(method="lookahead"))]:
+    c, n = run(**kw)
+    print(f"{name:40s} step compression {c:.2f}  tree nodes/step {n:.1f}", flush=True)
