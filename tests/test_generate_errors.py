@@ -78,12 +78,15 @@ def test_encoder_decoder_refused():
         mmspec.generate(t5, IDS % 32, max_new_tokens=4)
 
 
-def test_sliding_window_cache_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+def test_linear_attention_layers_refused():
+    """Sliding-window models are supported (tests/test_sliding_window.py); layers whose state a hole cannot undo
+    are refused with a clear error."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    m = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4))
-    with pytest.raises(TypeError, match="sliding-window or linear attention"):
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2))
+    m.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(TypeError, match="linear / chunked attention or recurrent state"):
         mmspec.generate(m, IDS, max_new_tokens=4)
 
 

@@ -112,14 +112,14 @@ class _Spy:
         import mmspec.decoding as dec
 
         self.depths, self.widths = [], []
-        original = dec._tree_step
+        original = dec.verify_tree
 
-        def spy(target, tree, *args):
+        def spy(tree, *args, **kwargs):
             self.depths.append(tree.depth)
             self.widths.append(int(tree.valid.sum(-1).max()) - tree.depth)
-            return original(target, tree, *args)
+            return original(tree, *args, **kwargs)
 
-        monkeypatch.setattr(dec, "_tree_step", spy)
+        monkeypatch.setattr(dec, "verify_tree", spy)
 
 
 SAMPLED = [

@@ -17,8 +17,12 @@ import logging
 import os
 import sys
 
+from ..generation import METHODS
+
 SERVICES = ("caption",)
-DECODINGS = ("lookup", "jacobi", "draft", "ar")
+
+#: the decoding methods a server accepts (the registry's, ``mmspec.generate``'s ``METHODS``)
+DECODINGS = tuple(METHODS)
 
 
 def _zoo_loader():
