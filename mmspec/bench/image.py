@@ -10,6 +10,7 @@ Writes ``image.json``, ``image.md`` and plots (step compression vs adherence; ac
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 
@@ -86,15 +87,19 @@ def _concat(outs):
                    stats=stats)
 
 
-def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None, batch_size=None):
+def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None, batch_size=None,
+        bootstrap=0):
+    """One row per method: ``methods`` is a list of names of :data:`METHODS` or a dict name -> pipeline kwargs.
+    ``bootstrap > 0`` adds 95% bootstrap intervals (that many resamples of the images) of adherence and Frechet."""
     from ..zoo import hub
     from ..zoo.data import caption_labels
 
     labels = [caption_labels(p) for p in prompts]
     positions = torch.tensor([lab["position"] for lab in labels])
+    specs = methods if isinstance(methods, dict) else {name: METHODS[name] for name in methods}
     rows = []
-    for name in methods:
-        kw = dict(METHODS[name])
+    for name, spec in specs.items():
+        kw = dict(spec)
         if kw.get("decoding") == "draft":
             kw["draft_model"] = draft
         if "acceptance" in kw:
@@ -116,12 +121,19 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
         if clf is not None:
             images = out.images * 2 - 1
             pred = hub.classify(clf, images, positions=positions)
-            per_head = {k: float((pred[k] == torch.tensor([lab[k] for lab in labels])).float().mean())
-                        for k in pred if k in labels[0]}
-            row["adherence"] = 100 * statistics.mean(per_head.values())
-            row["adherence_heads"] = per_head
-            if real_feats is not None:
-                row["frechet"] = hub.frechet_distance(hub.features(clf, images), real_feats)
+            heads = [k for k in pred if k in labels[0]]
+            correct = torch.stack([(pred[k] == torch.tensor([lab[k] for lab in labels])).float() for k in heads], 1)
+            row["adherence"] = 100 * float(correct.mean())
+            row["adherence_heads"] = dict(zip(heads, correct.mean(0).tolist()))
+            per_image = correct.mean(1)  # [N] fraction of the caption's heads the image satisfies
+            feats = hub.features(clf, images) if real_feats is not None else None
+            if feats is not None:
+                row["frechet"] = hub.frechet_distance(feats, real_feats)
+            if bootstrap:
+                row["adherence_ci"] = [100 * v for v in bootstrap_mean_ci(per_image, bootstrap, seed)]
+                if feats is not None:
+                    row["frechet_ci"] = bootstrap_frechet_ci(feats, real_feats, bootstrap, seed)
+                row["_per_image"] = per_image
         rows.append(row)
     ar = next((r for r in rows if r["method"] == "AR"), None)
     sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
@@ -131,6 +143,118 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
         if sjd:
             r["compression_vs_sjd"] = r["step_compression"] / sjd["step_compression"]
     return rows
+
+
+def bootstrap_mean_ci(values: torch.Tensor, reps: int, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values [N]`` (``reps`` resamples of N with replacement)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, values.shape[0], (reps, values.shape[0]), generator=g)
+    means = values.double()[idx].mean(1)
+    a = (1 - level) / 2
+    return [float(means.quantile(a)), float(means.quantile(1 - a))]
+
+
+def bootstrap_frechet_ci(feats: torch.Tensor, real: torch.Tensor, reps: int, seed: int = 0,
+                         level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the Frechet distance of generated features ``feats [N, D]`` (resampled
+    with replacement, ``min(reps, 200)`` times: each needs a matrix square root) to the fixed ``real [M, D]``."""
+    from ..zoo import hub
+
+    g = torch.Generator().manual_seed(seed + 1)
+    vals = torch.tensor([hub.frechet_distance(feats[torch.randint(0, feats.shape[0], (feats.shape[0],), generator=g)], real)
+                         for _ in range(min(reps, 200))], dtype=torch.float64)
+    a = (1 - level) / 2
+    return [float(vals.quantile(a)), float(vals.quantile(1 - a))]
+
+
+def sweep_methods(codebook: torch.Tensor, tiny: bool = False) -> dict[str, dict]:
+    """The sweep's points, name -> pipeline kwargs: the lossless references (AR, SJD, draft-verify), LANTERN
+    (additive ``delta`` 0.05-0.4 and multiplicative ``lam`` 2-20, draft proposals, k=50 neighbours), GSD (group
+    size x ``d_max``, Jacobi proposals as in the paper; ``d_max`` as quantiles of the squared distances between
+    codebook vectors ``codebook [N, D]``, and no bound) and typical acceptance (draft proposals)."""
+    d = torch.cdist(codebook.float(), codebook.float()).pow(2)
+    off = d[~torch.eye(d.shape[0], dtype=torch.bool)]
+    q = {f"q{int(100 * f)}": float(off.quantile(f)) for f in (0.05, 0.25)}
+    pts = {
+        "AR": dict(decoding="ar"),
+        "SJD (random init, w16)": dict(decoding="jacobi", window=16, init="random"),
+        "draft-verify exact": dict(decoding="draft", window=6),
+    }
+    deltas, lams, groups, dmaxes, typ = (0.05, 0.1, 0.2, 0.4), (2.0, 5.0, 10.0, 20.0), (3, 10, 25), \
+        [("inf", math.inf)] + list(q.items()), (0.09, 0.3)
+    if tiny:
+        deltas, lams, groups, dmaxes, typ = (0.2,), (5.0,), (10,), [("inf", math.inf)], (0.09,)
+    for dl in deltas:
+        pts[f"LANTERN delta={dl:g}"] = dict(decoding="draft", window=6, acceptance=("lantern", dict(k=50, delta=dl)))
+    for lam in lams:
+        pts[f"LANTERN++ lam={lam:g}"] = dict(decoding="draft", window=6, acceptance=("lantern", dict(k=50, lam=lam)))
+    for g in groups:
+        for tag, dm in dmaxes:
+            pts[f"GSD G={g} d_max={tag}"] = dict(decoding="jacobi", window=16, init="random",
+                                                acceptance=("gsd", dict(group_size=g, delta_p=0.2, d_max=dm)))
+    for eps in typ:
+        pts[f"typical eps={eps:g}"] = dict(decoding="draft", window=6, acceptance=("typical", dict(epsilon=eps)))
+    return pts
+
+
+def sanity(rows, reps: int, seed: int = 0) -> list[str]:
+    """The sweep's sanity rule: every lossless method's adherence must agree with AR's, i.e. the 95% bootstrap
+    interval of (method - AR) must contain 0 (if not, the metric or the method is broken). One line per method."""
+    ar = next(r for r in rows if r["method"] == "AR")
+    g = torch.Generator().manual_seed(seed + 2)
+    lines = []
+    for r in rows:
+        if not r["lossless"] or r is ar:
+            continue
+        a, b = r["_per_image"].double(), ar["_per_image"].double()
+        ia = torch.randint(0, a.shape[0], (reps, a.shape[0]), generator=g)
+        ib = torch.randint(0, b.shape[0], (reps, b.shape[0]), generator=g)
+        diff = 100 * (a[ia].mean(1) - b[ib].mean(1))
+        lo, hi = float(diff.quantile(0.025)), float(diff.quantile(0.975))
+        ok = lo <= 0.0 <= hi
+        r["sanity_vs_ar"] = "pass" if ok else "FAIL"
+        lines.append(f"{'PASS' if ok else 'FAIL'}: {r['method']} adherence {r['adherence']:.1f}% vs AR "
+                     f"{ar['adherence']:.1f}% (difference 95% interval [{lo:+.1f}, {hi:+.1f}] points)")
+    return lines
+
+
+def sweep_plot(rows, path):
+    """Adherence and Frechet distance (with 95% intervals) against step compression, one colour per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    fams = {}
+    for r in rows:
+        fam = r["method"].split(" ")[0] if not r["lossless"] else "lossless"
+        fams.setdefault(fam, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key in zip(axes, ("adherence", "frechet")):
+        for fam, rs in fams.items():
+            rs = sorted((r for r in rs if key in r), key=lambda r: r["step_compression"])
+            if not rs:
+                continue
+            x = [r["step_compression"] for r in rs]
+            y = [r[key] for r in rs]
+            ci = [r.get(f"{key}_ci", [v, v]) for r, v in zip(rs, y)]
+            # (a resampled set has duplicates, so the Frechet interval can lie above the point estimate)
+            err = [[max(v - c[0], 0.0) for v, c in zip(y, ci)], [max(c[1] - v, 0.0) for v, c in zip(y, ci)]]
+            ax.errorbar(x, y, yerr=err, fmt="o" if fam == "lossless" else "x-", capsize=3, label=fam)
+            for r, xi, yi in zip(rs, x, y):
+                ax.annotate(r["method"].split(" ", 1)[-1] if fam != "lossless" else r["method"], (xi, yi), fontsize=6)
+        ax.set_xlabel("step compression (tokens / target forward)")
+        ax.set_ylabel("prompt adherence (%)" if key == "adherence" else "Frechet distance (classifier features)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("quality vs speed: adherence (95% bootstrap intervals)")
+    axes[1].set_title("Frechet distance to real scenes (lower is better)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 COLUMNS = [
@@ -179,7 +303,8 @@ def plots(rows, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mmspec bench image", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=16, help="held-out scene captions to generate (one image each)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="held-out scene captions to generate, one image each (default 16; 256 with --sweep)")
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per method (medians reported)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
@@ -189,8 +314,18 @@ def main(argv=None):
                    help="prompts per pipeline call (default: all at once); 1 measures single-image latency")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="outputs/bench", help="folder for image.json, image.md, image.png")
-    p.add_argument("--tiny", action="store_true", help="a smoke run: 2 prompts, AR and SJD only, no plots")
+    p.add_argument("--tiny", action="store_true", help="a smoke run: 2 prompts, AR and SJD only, no plots "
+                   "(with --sweep: 4 prompts, one point per family)")
+    p.add_argument("--sweep", action="store_true",
+                   help="speed/quality curves: LANTERN over delta and lam, GSD over group size and d_max, typical, and "
+                        "the lossless methods, with bootstrap intervals; writes image_sweep.{json,md} and a plot")
+    p.add_argument("--bootstrap", type=int, default=1000, help="--sweep: bootstrap resamples for the intervals")
+    p.add_argument("--plot", default=None, help="--sweep: plot path (default: OUT/image_sweep.png)")
     args = p.parse_args(argv)
+    if args.prompts is None:
+        args.prompts = 256 if args.sweep else 16
+    if args.prompts < 1:
+        p.error("--prompts must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..zoo import hub
@@ -200,6 +335,8 @@ def main(argv=None):
 
     pipe, draft = load_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    if args.sweep:
+        return _sweep(args, pipe, draft, argv)
     n = 2 if args.tiny else args.prompts
     methods = ["AR", "SJD (random init, w16)"] if args.tiny else args.methods
     prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
@@ -227,6 +364,46 @@ def main(argv=None):
         print(f"plot: {plots(rows, args.out)}")
     print(md)
     print(f"wrote {js} and {mdp}")
+    return rows
+
+
+SWEEP_COLUMNS = [
+    ("method", "method", ""), ("lossless", "lossless", ""), ("step_compression", "step compr.", ".2f"),
+    ("mean_accepted", "mean acc.", ".2f"), ("speedup_vs_ar", "speedup vs AR", ".2f"),
+    ("adherence", "adherence %", ".1f"), ("adherence_ci_text", "95% interval", ""), ("frechet", "Frechet", ".2f"),
+    ("frechet_ci_text", "95% interval", ""), ("entropy", "entropy (nats)", ".2f"), ("sanity_vs_ar", "= AR?", ""),
+]
+
+
+def _sweep(args, pipe, draft, argv):
+    from ..zoo import hub
+    from ..zoo.data import make_scene, scene_seed
+    from ..zoo.recipes.common import HELDOUT_SCENE_SEED, scene_batch
+
+    n = 4 if args.tiny else args.prompts
+    methods = sweep_methods(hub.codebook(pipe.vq), tiny=args.tiny)
+    prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
+    clf = hub.load_classifier()
+    real_feats = hub.features(clf, scene_batch(0, max(n, 256), HELDOUT_SCENE_SEED + 8, 2)[0])
+    rows = run(pipe, draft, prompts, methods, args.repeats, args.guidance, args.seed, clf, real_feats,
+               args.batch_size or min(n, 64), bootstrap=args.bootstrap)
+    checks = sanity(rows, args.bootstrap, args.seed)
+    for r in rows:
+        r["adherence_ci_text"] = "[{:.1f}, {:.1f}]".format(*r["adherence_ci"])
+        r["frechet_ci_text"] = "[{:.2f}, {:.2f}]".format(*r["frechet_ci"])
+        r["adherence_per_image"] = r.pop("_per_image").tolist()
+    cmd = "mmspec bench image " + " ".join(argv if argv is not None else sys.argv[1:])
+    plot = sweep_plot(rows, args.plot or f"{args.out}/image_sweep.png")
+    md = (f"# mmspec bench image --sweep (bundled text-to-image zoo models)\n\n`{cmd}`\n\n"
+          f"{n} held-out captions, one image each (seed {args.seed} + i), guidance {args.guidance}, batch "
+          f"{args.batch_size or min(n, 64)}; 95% percentile-bootstrap intervals over the images ({args.bootstrap} "
+          f"resamples; Frechet: {min(args.bootstrap, 200)}).\n\n{markdown_table(rows, SWEEP_COLUMNS)}\n\n"
+          "Sanity rule (every lossless method's adherence agrees with AR's: the 95% interval of the difference "
+          "contains 0):\n\n" + "\n".join(f"- {c}" for c in checks) + f"\n\nPlot: `{plot}`\n\nEnvironment: {environment()}\n")
+    payload = {"args": vars(args), "env": environment(), "prompts": prompts, "rows": rows, "sanity": checks}
+    js, mdp = write_report(args.out, "image_sweep", payload, md)
+    print(md)
+    print(f"wrote {js}, {mdp} and {plot}")
     return rows
 
 

@@ -5,7 +5,7 @@ safetensors and a JSON config with ``save_pretrained`` in ``--out`` and writes t
 ``--out/metrics.json``. The bundled weights were made with the commands in each model card
 (``mmspec/zoo/cards/``), for example::
 
-    python -m mmspec.zoo.train vq --minutes 20 --threads 1 --out mmspec/zoo/weights/vq
+    python -m mmspec.zoo.train vq --minutes 35 --threads 1 --out mmspec/zoo/weights/vq --ckpt outputs/ckpt/vq.pt
     python -m mmspec.zoo.train text_target --minutes 15 --threads 1 --out mmspec/zoo/weights/text_target
 
 ``--threads 1`` because two OpenMP threads ran 2-15x slower than one on a two-core machine shared with
@@ -21,10 +21,10 @@ import sys
 
 #: name -> (recipe module, role or None, default minutes, what it is)
 MODELS = {
-    "vq": ("vq", None, 20.0, "image tokenizer (diffusers VQModel, 64x64 <-> 16x16 codes)"),
+    "vq": ("vq", None, 35.0, "image tokenizer (diffusers VQModel, 64x64 <-> 16x16 codes)"),
     "classifier": ("classifier", None, 25.0, "evaluation classifier of the procedural scenes"),
-    "t2i_target": ("t2i", "target", 30.0, "text-to-image token model (Llama, joint vocabulary)"),
-    "t2i_draft": ("t2i", "draft", 15.0, "its draft"),
+    "t2i_target": ("t2i", "target", 50.0, "text-to-image token model (Llama, joint vocabulary)"),
+    "t2i_draft": ("t2i", "draft", 12.0, "its draft"),
     "text_target": ("text_lm", "target", 15.0, "text LM on the Python standard library's source"),
     "text_draft": ("text_lm", "draft", 10.0, "its draft (shares the target's tokenizer)"),
     "c2i": ("c2i", None, 20.0, "class-conditional LlamaGen GPT on natural-image crops"),

@@ -1,0 +1,76 @@
+"""``mmspec bench image --sweep`` pieces: bootstrap intervals, the sweep's points, the sanity rule, the plot."""
+
+import math
+
+import pytest
+import torch
+
+from mmspec.bench import image as bi
+
+
+def test_bootstrap_mean_ci_brackets_the_mean_and_shrinks_with_n():
+    g = torch.Generator().manual_seed(0)
+    small = (torch.rand(32, generator=g) < 0.6).float()
+    big = (torch.rand(1024, generator=g) < 0.6).float()
+    lo_s, hi_s = bi.bootstrap_mean_ci(small, 500)
+    lo_b, hi_b = bi.bootstrap_mean_ci(big, 500)
+    assert lo_s <= float(small.mean()) <= hi_s and lo_b <= float(big.mean()) <= hi_b
+    assert hi_b - lo_b < 0.5 * (hi_s - lo_s)
+    assert bi.bootstrap_mean_ci(torch.ones(10), 100) == [1.0, 1.0]
+
+
+def test_bootstrap_frechet_ci_is_ordered_and_separates_shifted_sets():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(200, 4, generator=g)
+    same = torch.randn(200, 4, generator=g)
+    shifted = same + 3.0
+    lo, hi = bi.bootstrap_frechet_ci(same, real, 50)
+    lo2, hi2 = bi.bootstrap_frechet_ci(shifted, real, 50)
+    assert lo <= hi < lo2 <= hi2
+
+
+def test_sweep_methods_cover_the_issue_grid():
+    pts = bi.sweep_methods(torch.randn(64, 8))
+    assert {"AR", "SJD (random init, w16)", "draft-verify exact"} <= set(pts)
+    deltas = sorted(v["acceptance"][1]["delta"] for k, v in pts.items() if k.startswith("LANTERN delta"))
+    lams = sorted(v["acceptance"][1]["lam"] for k, v in pts.items() if k.startswith("LANTERN++"))
+    assert deltas[0] == 0.05 and deltas[-1] == 0.4 and lams[0] == 2 and lams[-1] == 20
+    gsd = [v["acceptance"][1] for k, v in pts.items() if k.startswith("GSD")]
+    assert len({p["group_size"] for p in gsd}) >= 3 and any(math.isinf(p["d_max"]) for p in gsd)
+    assert any(not math.isinf(p["d_max"]) for p in gsd) and any(k.startswith("typical") for k in pts)
+    tiny = bi.sweep_methods(torch.randn(64, 8), tiny=True)
+    assert len(tiny) < len(pts) and "AR" in tiny
+
+
+def test_sanity_rule_passes_equal_and_fails_broken_lossless_methods():
+    g = torch.Generator().manual_seed(2)
+    ar = (torch.rand(256, generator=g) < 0.7).float()
+    same = (torch.rand(256, generator=g) < 0.7).float()
+    broken = (torch.rand(256, generator=g) < 0.3).float()
+    rows = [{"method": "AR", "lossless": True, "adherence": 100 * float(ar.mean()), "_per_image": ar},
+            {"method": "ok", "lossless": True, "adherence": 100 * float(same.mean()), "_per_image": same},
+            {"method": "broken", "lossless": True, "adherence": 100 * float(broken.mean()), "_per_image": broken},
+            {"method": "lossy", "lossless": False, "adherence": 30.0, "_per_image": broken}]
+    lines = bi.sanity(rows, 500)
+    assert len(lines) == 2 and lines[0].startswith("PASS: ok") and lines[1].startswith("FAIL: broken")
+    assert rows[1]["sanity_vs_ar"] == "pass" and rows[2]["sanity_vs_ar"] == "FAIL" and "sanity_vs_ar" not in rows[3]
+
+
+def test_sweep_plot_writes_png(tmp_path):
+    rows = [{"method": "AR", "lossless": True, "step_compression": 1.0, "adherence": 50.0, "adherence_ci": [45, 55],
+             "frechet": 10.0, "frechet_ci": [11.0, 14.0]},
+            {"method": "LANTERN delta=0.1", "lossless": False, "step_compression": 2.0, "adherence": 45.0,
+             "adherence_ci": [40, 50], "frechet": 12.0, "frechet_ci": [12.5, 15.0]}]
+    path = bi.sweep_plot(rows, tmp_path / "d" / "sweep.png")
+    assert path.is_file() and path.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_image_sweep_tiny_end_to_end(tmp_path):
+    import json
+
+    rows = bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "image_sweep.json").read_text())
+    assert len(data["rows"]) == len(rows) >= 5 and (tmp_path / "image_sweep.png").is_file()
+    assert all(len(r["adherence_per_image"]) == 4 and len(r["adherence_ci"]) == 2 for r in data["rows"])
+    assert "Sanity rule" in (tmp_path / "image_sweep.md").read_text()
