@@ -238,18 +238,21 @@ def forward_curve(model, batch, windows, context, device, repeats, compiled=None
     The cache is cropped back to ``context`` after each call (untimed), so every call sees the same shapes."""
     from transformers import DynamicCache
 
+    from ..models.compat import cache_keyword
+
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, V, (batch, context + max(windows)), generator=g).to(device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+    kw = {cache_keyword(model): cache}
+    model(input_ids=ids[:, :context], use_cache=True, **kw)
     # The dry run traces with dynamo but skips inductor's code generation (minutes on one CPU core).
     fwd = torch.compile(model, backend=compiled) if compiled else model
     curve = {}
     for w in windows:
         pos = torch.arange(context, context + w, device=device)
         window = ids[:, context:context + w]
-        curve[w] = round(_median_ms(lambda: fwd(input_ids=window, past_key_values=cache, use_cache=True,
+        curve[w] = round(_median_ms(lambda: fwd(input_ids=window, use_cache=True, **kw,
                                                 cache_position=pos), device, repeats,
                                     warmup=3 if compiled else 2, after=lambda: cache.crop(-w)), 4)
     return curve
