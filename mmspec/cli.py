@@ -24,7 +24,7 @@ BENCHES = {
     "caption": ("mmspec.bench.caption", "captioning methods vs AR on the bundled captioner"),
     "continuous": ("mmspec.bench.continuous", "continuous-token (MAR-style) speculative decoding vs AR"),
     "video": ("mmspec.bench.video", "video token methods vs AR on the bundled video model"),
-    "gpu": ("mmspec.bench.gpu", "one-shot device check: kernels, verify bandwidth, forward cost vs window, zoo on CUDA"),
+    "gpu": ("mmspec.bench.gpu", "one-shot device check: kernels, verify bandwidth, forward cost vs window, zoo"),
     "project": ("mmspec.bench.project", "cost model: projected speedups from a bench JSON and a forward-cost curve"),
 }
 #: benchmarks `mmspec bench all` leaves out (device-specific, or needing input files)

@@ -40,7 +40,8 @@ from .common import environment, markdown_table, write_report
 
 __all__ = ["main", "run", "MODEL_SHAPES", "forward_curve", "build_model"]
 
-SECTIONS = ("kernel_tests", "verify", "forward", "zoo")
+#: in run order: the kernel tests (slow, in the interpreter) get the time that is left
+SECTIONS = ("verify", "forward", "zoo", "kernel_tests")
 DTYPES = ("float16", "bfloat16", "float32")
 WINDOWS = (1, 4, 16, 32, 64)
 
@@ -130,8 +131,13 @@ def kernel_tests(args, clock):
     if args.dry_run:
         cmd.append("--collect-only")  # the same subprocess and parsing, without running the interpreter tests
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                          timeout=max(60.0, clock.budget - (time.perf_counter() - clock.t0)))
+    timeout = max(30.0, clock.budget - (time.perf_counter() - clock.t0))
+    try:
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        tail = (err.stdout or b"")[-2000:]
+        return {"command": " ".join(cmd), "error": f"cut by the budget: still running after {timeout:.0f} s",
+                "stdout_tail": tail.decode() if isinstance(tail, bytes) else tail}
     tail = done.stdout.strip().splitlines()[-1:] or [""]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected"
                                               r"|tests? collected)", tail[0])}
@@ -152,6 +158,16 @@ def _verify_cases(dry_run):
     cases = [(B, K, V, dt) for dt in DTYPES for V in (16384, 65536, 152064) for B in (1, 8, 64)
              for K in (1, 4, 16, 64)]
     return [c for c in cases if c[0] * (c[1] + 1) * c[2] <= 2.0e8]  # ~0.8 GB of float32 logits at most
+
+
+def _verify_times(request, device, repeats):
+    """Median ms of the Triton step, the torch reference step and one ``copy_`` of the target logits."""
+    from ..kernels import reference, triton_verify
+
+    dst = torch.empty_like(request.target_logits)
+    return (_median_ms(lambda: triton_verify.run(request), device, repeats),
+            _median_ms(lambda: reference.run(request), device, repeats),
+            _median_ms(lambda: dst.copy_(request.target_logits), device, repeats))
 
 
 def verify(args, device, clock):
@@ -181,7 +197,6 @@ def verify(args, device, clock):
             continue
         kargs = kbench._parse(["--dtype", dt, "--seed", str(B * 1000 + K)])
         request = kbench._inputs(B, K, V, kargs, device)
-        out = {}
         a = reference.run(request)
         b = triton_verify.run(request)
         row = dict(B=B, K=K, V=V, dtype=dt,
@@ -191,12 +206,8 @@ def verify(args, device, clock):
         logits = request.target_logits
         nbytes = logits.numel() * logits.element_size()
         if not interpreted:  # interpreter timings measure Python: leave them out
-            dst = torch.empty_like(logits)
             reps = 5 if nbytes > 2**28 else args.repeats
-            t_tri = _median_ms(lambda: out.__setitem__("t", triton_verify.run(request)), device, reps)
-            t_ref = _median_ms(lambda: out.__setitem__("r", reference.run(request)), device, reps)
-            t_cpy = _median_ms(lambda: dst.copy_(logits), device, reps)
-            del dst
+            t_tri, t_ref, t_cpy = _verify_times(request, device, reps)
             row.update(logits_MB=round(nbytes / 2**20, 1), triton_ms=round(t_tri, 4), torch_ms=round(t_ref, 4),
                        memcpy_ms=round(t_cpy, 4), triton_GBps=round(nbytes / t_tri / 1e6, 1),
                        memcpy_GBps=round(2 * nbytes / t_cpy / 1e6, 1),
@@ -252,9 +263,11 @@ def forward_curve(model, batch, windows, context, device, repeats, compiled=None
     for w in windows:
         pos = torch.arange(context, context + w, device=device)
         window = ids[:, context:context + w]
-        curve[w] = round(_median_ms(lambda: fwd(input_ids=window, use_cache=True, **kw,
-                                                cache_position=pos), device, repeats,
-                                    warmup=3 if compiled else 2, after=lambda: cache.crop(-w)), 4)
+        def step(window=window, pos=pos):
+            fwd(input_ids=window, use_cache=True, cache_position=pos, **kw)
+
+        curve[w] = round(_median_ms(step, device, repeats, warmup=3 if compiled else 2,
+                                    after=lambda w=w: cache.crop(-w)), 4)
     return curve
 
 
@@ -271,42 +284,43 @@ def forward(args, device, clock):
         compiled = {"tiny"} if args.dry_run else ({"GPT-L"} if device.type == "cuda" else set())
     backend = "eager" if args.dry_run else "inductor"
     curves, notes, cut = [], [], 0
-    for name, shape in shapes.items():
+    # Every eager curve first, then the compiled ones (compilation takes the longest; it gets what is left).
+    for mode, name in [("eager", n) for n in shapes] + [("compiled", n) for n in shapes if n in compiled]:
+        shape = shapes[name]
+        if mode == "compiled" and not hasattr(torch, "compile"):
+            notes.append("torch.compile unavailable")
+            continue
         model = build_model(shape, device, dtype)
         params = sum(p.numel() for p in model.parameters())
-        for mode in ("eager", "compiled") if name in compiled else ("eager",):
-            if mode == "compiled" and not hasattr(torch, "compile"):
-                notes.append("torch.compile unavailable")
+        be = backend if mode == "compiled" else None
+        for batch in batches:
+            if clock.over():
+                cut += 1
                 continue
-            be = backend if mode == "compiled" else None
-            for batch in batches:
-                if clock.over():
-                    cut += 1
-                    continue
+            try:
+                ms = forward_curve(model, batch, windows, context, device, repeats, be)
+            except Exception as err:  # e.g. inductor without a compiler: record, keep going
+                notes.append(f"{name} {mode} B={batch}: {type(err).__name__}: {str(err)[:300]}")
+                continue
+            entry = dict(model=name, params_M=round(params / 1e6, 1), batch=batch,
+                         mode=f"compiled ({be})" if be else mode, context=context,
+                         dtype=str(dtype).replace("torch.", ""), window_ms={str(w): t for w, t in ms.items()})
+            hidden, layers, _, _, _, built = shape
+            if built < layers:  # time the 1-layer model too: per-layer cost = t(2) - t(1)
+                full = model.model.layers
+                model.model.layers = full[:built - 1]
                 try:
-                    ms = forward_curve(model, batch, windows, context, device, repeats, be)
-                except Exception as err:  # e.g. inductor without a compiler: record, keep going
-                    notes.append(f"{name} {mode} B={batch}: {type(err).__name__}: {str(err)[:300]}")
-                    continue
-                entry = dict(model=name, params_M=round(params / 1e6, 1), batch=batch,
-                             mode=f"compiled ({be})" if be else mode, context=context,
-                             dtype=str(dtype).replace("torch.", ""), window_ms={str(w): t for w, t in ms.items()})
-                hidden, layers, _, _, _, built = shape
-                if built < layers:  # time the 1-layer model too: per-layer cost = t(2) - t(1)
-                    full = model.model.layers
-                    model.model.layers = full[:built - 1]
-                    try:
-                        ms1 = forward_curve(model, batch, windows, context, device, repeats, be)
-                    finally:
-                        model.model.layers = full
-                    entry["built_layers"] = built
-                    entry["per_layer_ms"] = {str(w): round(ms[w] - ms1[w], 4) for w in windows}
-                    entry["window_ms_built"] = entry["window_ms"]
-                    entry["window_ms"] = {str(w): round(ms[w] + (layers - built) * (ms[w] - ms1[w]), 4)
-                                          for w in windows}
-                    entry["scaled_to_layers"] = layers
-                curves.append(entry)
-                print(json.dumps(entry), flush=True)
+                    ms1 = forward_curve(model, batch, windows, context, device, repeats, be)
+                finally:
+                    model.model.layers = full
+                entry["built_layers"] = built
+                entry["per_layer_ms"] = {str(w): round(ms[w] - ms1[w], 4) for w in windows}
+                entry["window_ms_built"] = entry["window_ms"]
+                entry["window_ms"] = {str(w): round(ms[w] + (layers - built) * (ms[w] - ms1[w]), 4)
+                                      for w in windows}
+                entry["scaled_to_layers"] = layers
+            curves.append(entry)
+            print(json.dumps(entry), flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -315,10 +329,11 @@ def forward(args, device, clock):
                       "scaled models: window_ms = t(built) + (layers - built) * (t(built) - t(built - 1))"}
 
 
-def forward_cost_file(section, device_name, dry_run) -> dict:
+def forward_cost_file(section, device_name, dry_run, command="") -> dict:
     """The forward-time-vs-window curves in the format ``mmspec bench project --cost`` reads."""
     return {"kind": "forward_cost", "label": "measured forward time vs window (input of the projection cost model)",
-            "device": device_name, "dry_run": dry_run, "env": environment(), "curves": section.get("curves", [])}
+            "device": device_name, "dry_run": dry_run, "command": command, "env": environment(),
+            "method": section.get("method"), "curves": section.get("curves", [])}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -397,7 +412,7 @@ def run(args) -> dict:
     report["total_seconds"] = round(time.perf_counter() - clock.t0, 1)
     write_report(args.out, "gpu", report, markdown(report))
     if "forward" in report["sections"]:
-        cost = forward_cost_file(report["sections"]["forward"], name, args.dry_run)
+        cost = forward_cost_file(report["sections"]["forward"], name, args.dry_run, report["command"])
         (Path(args.out) / "forward_cost.json").write_text(json.dumps(cost, indent=2))
     return report
 
