@@ -5,6 +5,8 @@
     mmspec bench all [--tiny]                                     every benchmark in turn
     mmspec bench text [--batch 1 4] [--models random|zoo] ...   benchmark text methods against peers
     mmspec bench kernels ...                                      fused verification kernels vs torch
+    mmspec bench gpu [--dry-run]                                  one-shot device check (JSON + markdown)
+    mmspec bench project --steps BENCH.json --cost FORWARD_COST.json   projected speedups (cost model)
 
 Run ``mmspec <command> --help`` for every flag.
 """
@@ -22,13 +24,18 @@ BENCHES = {
     "caption": ("mmspec.bench.caption", "captioning methods vs AR on the bundled captioner"),
     "continuous": ("mmspec.bench.continuous", "continuous-token (MAR-style) speculative decoding vs AR"),
     "video": ("mmspec.bench.video", "video token methods vs AR on the bundled video model"),
+    "gpu": ("mmspec.bench.gpu", "one-shot device check: kernels, verify bandwidth, forward cost vs window, zoo"),
+    "project": ("mmspec.bench.project", "cost model: projected speedups from a bench JSON and a forward-cost curve"),
 }
+#: benchmarks `mmspec bench all` leaves out (device-specific, or needing input files)
+NOT_IN_ALL = ("kernels", "gpu", "project")
 
 
 def _bench_all(argv):
     """Run every benchmark in turn with the given flags understood by all (``--tiny``, ``--out``, ``--threads``)."""
     p = argparse.ArgumentParser(prog="mmspec bench all", description="Run every benchmark in turn: "
-                                + ", ".join(k for k in BENCHES if k != "kernels") + " (kernels: `mmspec bench kernels`).")
+                                + ", ".join(k for k in BENCHES if k not in NOT_IN_ALL)
+                                + " (not " + ", ".join(NOT_IN_ALL) + ": run those by name).")
     p.add_argument("--tiny", action="store_true", help="smoke settings for every benchmark")
     p.add_argument("--out", default="outputs/bench", help="folder for every benchmark's JSON, markdown and plots")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -38,7 +45,7 @@ def _bench_all(argv):
         ["--threads", str(args.threads)] if args.threads else [])
     failed = []
     for name, (module, _) in BENCHES.items():
-        if name == "kernels" or name in args.skip:
+        if name in NOT_IN_ALL or name in args.skip:
             continue
         print(f"\n=== mmspec bench {name} ===", flush=True)
         try:
@@ -56,7 +63,7 @@ def _bench(argv):
         return _bench_all(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
         lines = "\n".join(f"  {k:10s} {doc}" for k, (_, doc) in BENCHES.items())
-        lines += "\n  all        every benchmark above but kernels, in turn"
+        lines += f"\n  all        every benchmark above but {', '.join(NOT_IN_ALL)}, in turn"
         msg = f"usage: mmspec bench {{{','.join(BENCHES)},all}} [options]\n\nbenchmarks:\n{lines}\n"
         if argv and argv[0] not in ("-h", "--help"):
             sys.stderr.write(f"mmspec bench: unknown benchmark {argv[0]!r}\n" + msg)
