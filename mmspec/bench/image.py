@@ -223,8 +223,9 @@ def sweep_plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     fams = {}
     for r in rows:

@@ -35,48 +35,48 @@ Run ``python -m mmspec.zoo.data --out DIR`` to write preview grids.
 
 from __future__ import annotations
 
-from .vocab import (
-    SHAPES,
-    COLOURS,
-    COLOUR_RGB,
-    SIZES,
-    POSITIONS,
-    BACKGROUNDS,
-    BACKGROUND_PHRASES,
-    DIRECTIONS,
-    SCENE_VOCAB,
-    LABEL_NAMES,
-)
 from .captions import (
-    Scene,
     MovingScene,
-    make_caption,
+    Scene,
+    caption_labels,
     caption_words,
+    labels_from_attributes,
+    make_caption,
     parse_caption,
     scene_labels,
-    labels_from_attributes,
-    caption_labels,
 )
-from .scenes import (
-    make_scene,
-    scene_seed,
-    mean_patch_std,
-    image_to_tensor,
-    tensor_to_image,
-    SceneDataset,
+from .moving import (
+    make_moving_scene,
 )
 from .natural import (
     NATURAL_CLASSES,
     NaturalCropDataset,
     load_natural_images,
-    natural_crop,
+    natural_crop,  # noqa: F401 (public name of the package)
+)
+from .scenes import (
+    SceneDataset,
+    image_to_tensor,
+    make_scene,
+    mean_patch_std,
+    scene_seed,
+    tensor_to_image,
 )
 from .text import (
     stdlib_corpus,
     text_corpus_splits,
 )
-from .moving import (
-    make_moving_scene,
+from .vocab import (
+    BACKGROUND_PHRASES,
+    BACKGROUNDS,
+    COLOUR_RGB,
+    COLOURS,
+    DIRECTIONS,
+    LABEL_NAMES,
+    POSITIONS,
+    SCENE_VOCAB,
+    SHAPES,
+    SIZES,
 )
 
 __all__ = [

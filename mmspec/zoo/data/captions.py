@@ -8,12 +8,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .vocab import (
-    BACKGROUNDS,
-    BACKGROUND_PHRASES,
-    COLOURS,
-    COLOUR_RGB,
-    DIRECTIONS,
     _PHRASE_TO_BACKGROUND,
+    BACKGROUND_PHRASES,
+    BACKGROUNDS,
+    COLOUR_RGB,
+    COLOURS,
+    DIRECTIONS,
     POSITIONS,
     SHAPES,
     SIZES,

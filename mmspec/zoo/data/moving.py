@@ -18,7 +18,7 @@ from .render import (
     _render_background,
     _rgb,
 )
-from .vocab import DIRECTIONS, SHAPES, SIZES, _SIZE_RADIUS
+from .vocab import _SIZE_RADIUS, DIRECTIONS, SHAPES, SIZES
 
 
 def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: int = 2) -> MovingScene:

@@ -10,7 +10,6 @@ from torch.utils.data import Dataset
 
 from .scenes import image_to_tensor, scene_seed
 
-
 #: Source images (name -> loader) that ship inside scikit-learn / scikit-image; no download.
 #: Order defines the class index.
 NATURAL_CLASSES: list[str] = [

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .vocab import BACKGROUNDS, COLOURS, COLOUR_RGB, _MIN_CONTRAST
+from .vocab import _MIN_CONTRAST, BACKGROUNDS, COLOUR_RGB, COLOURS
 
 
 def _rgb(name: str) -> np.ndarray:

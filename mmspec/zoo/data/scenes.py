@@ -20,7 +20,7 @@ from .render import (
     _render_background,
     _rgb,
 )
-from .vocab import POSITIONS, SHAPES, SIZES, _SIZE_RADIUS
+from .vocab import _SIZE_RADIUS, POSITIONS, SHAPES, SIZES
 
 
 def make_scene(seed: int, size: int = 64, max_objects: int = 2) -> Scene:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sysconfig
 
-
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 SHAPES: tuple[str, ...] = (
     "circle",
     "square",

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..data import NATURAL_CLASSES, NaturalCropDataset
 from .common import (
-    adamw,
     HELDOUT_CROP_SEED,
     TRAIN_CROP_SEED,
     Budget,
+    adamw,
     cosine_lr,
     dir_size_bytes,
     seed_everything,

@@ -22,8 +22,17 @@ from pathlib import Path
 import torch
 
 from ..data import SCENE_VOCAB, make_scene, parse_caption, scene_seed
-from .common import (HELDOUT_SCENE_SEED, TRAIN_SCENE_SEED, Budget, cosine_lr, dir_size_bytes, save_fp16,
-                     seed_everything, setup_threads, write_json)
+from .common import (
+    HELDOUT_SCENE_SEED,
+    TRAIN_SCENE_SEED,
+    Budget,
+    cosine_lr,
+    dir_size_bytes,
+    save_fp16,
+    seed_everything,
+    setup_threads,
+    write_json,
+)
 
 __all__ = ["CaptionerRecipe", "PRESETS", "PROMPT", "build_processor", "build_model", "train", "evaluate",
            "load_caption_pipeline", "WEIGHTS", "DRAFT_WEIGHTS"]
@@ -85,7 +94,7 @@ def build_processor():
 
 
 def build_model(r: CaptionerRecipe, processor):
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=r.vision_hidden, intermediate_size=2 * r.vision_hidden,

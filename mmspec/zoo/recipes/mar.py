@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from ..data import COLOURS, image_to_tensor, make_scene, scene_seed
 from .common import (
-    adamw,
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
     Budget,
+    adamw,
     cosine_lr,
     dir_size_bytes,
     psnr,

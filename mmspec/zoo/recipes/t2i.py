@@ -12,8 +12,6 @@ VQ in the same step.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .. import hub
 from ..data import SCENE_VOCAB
-from .vq import object_weights
 from .common import (
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
@@ -39,6 +36,7 @@ from .common import (
     setup_threads,
     write_json,
 )
+from .vq import object_weights
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 GRID = 16

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import text_corpus_splits
-from .common import adamw, Budget, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import Budget, adamw, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 

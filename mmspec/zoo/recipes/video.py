@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import hub
 from ..data import image_to_tensor, make_moving_scene, scene_seed
-from .common import adamw, Budget, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import Budget, adamw, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
