@@ -121,6 +121,12 @@ def _timed(run, method):
     return out, out.stats.wall_time
 
 
+def _add_tree_argument(p):
+    p.add_argument("--tree", nargs=2, type=int, default=None, metavar=("WIDTH", "DEPTH"),
+                   help="verify a token tree per forward: WIDTH candidates at each of the first DEPTH levels "
+                   "(--window counts every node)")
+
+
 def _image(argv):
     from .acceptance import available
     from .drafting.jacobi import INIT_STRATEGIES
@@ -149,9 +155,7 @@ def _image(argv):
     p.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
                    help="coupled redraw of Jacobi drafts (lossless)")
     p.add_argument("--window", type=int, default=16, help="tokens verified per forward (anchor included)")
-    p.add_argument("--tree", nargs=2, type=int, default=None, metavar=("WIDTH", "DEPTH"),
-                   help="verify a token tree per forward: WIDTH candidates at each of the first DEPTH levels "
-                   "(--window counts every node)")
+    _add_tree_argument(p)
     p.add_argument("--acceptance", choices=available(), default="exact",
                    help="acceptance criterion (exact is lossless; the others relax it)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
@@ -235,9 +239,7 @@ def _text(argv):
     p.add_argument("--method", "--decoding", dest="decoding", choices=available_methods(), default="draft",
                    help="decoding method (draft: the bundled draft model; --decoding is an alias)")
     p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
-    p.add_argument("--tree", nargs=2, type=int, default=None, metavar=("WIDTH", "DEPTH"),
-                   help="verify a token tree per forward: WIDTH candidates at each of the first DEPTH levels "
-                   "(--window counts every node)")
+    _add_tree_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

@@ -154,7 +154,7 @@ class LogitsPipeline:
         """
         if not self.processors:
             return scores
-        if tree is not None:
+        if tree is not None and tokens is not None and lengths is not None:
             from .tree import block_paths
 
             paths, depth = block_paths(tree)  # [B, L, D], [B, L]
@@ -162,24 +162,10 @@ class LogitsPipeline:
         if tokens is None or lengths is None:
             raise ValueError("logits processors need the committed tokens and their lengths.")
         B, L, _ = scores.shape
-        dev = scores.device
-        lengths = lengths.to("cpu")
-        tokens = tokens.to(dev)
-        out = scores.clone()
-        total = lengths.unsqueeze(1) + first + torch.arange(L)  # prefix length of every scored position
-        for size in total.unique().tolist():
-            rows, cols = (total == size).nonzero(as_tuple=True)
-            ids = torch.empty(len(rows), size, dtype=torch.long, device=dev)
-            for i, (b, j) in enumerate(zip(rows.tolist(), cols.tolist())):
-                n = int(lengths[b])
-                ids[i, :n] = tokens[b, :n]
-                if first + j:
-                    ids[i, n:] = window[b, : first + j]
-            s = scores[rows.to(dev), cols.to(dev)]
-            for proc in self.processors:
-                s = proc(ids, s)
-            out[rows.to(dev), cols.to(dev)] = s
-        return out
+        # a chain: position j continues the first ``first + j`` drafts of the same window
+        window = torch.empty(B, 0, dtype=torch.long) if window is None else window.cpu()
+        counts = (first + torch.arange(L)).expand(B, L)
+        return self._process_paths(scores, tokens, lengths, window.unsqueeze(1).expand(B, L, -1), counts)
 
     def _process_paths(self, scores, tokens, lengths, paths, counts):
         """``process`` where position ``j`` of row ``b`` continues ``paths[b, j, :counts[b, j]]``."""

@@ -4,11 +4,8 @@ Sampling: exact enumeration of 5 new tokens over V = 5 (3,125 outcomes) vs N = 2
 alpha = 0.001; each case asserts that steps with a tree of depth >= 2 and with siblings really happened.
 """
 
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import mmspec
 from mmspec.decoding import DecodeState, decode
@@ -18,6 +15,7 @@ from mmspec.sampling import LogitsPipeline
 from mmspec.tree import DraftTree
 
 from lm_fixtures import ARCHS, perturbed_copy, ragged_prompts, tiny_causal_lm
+from utils_stats import all_outcomes, chi2_pvalue, outcome_counts, sequence_law
 
 TREE_CASES = [
     ("jacobi", dict(window=16, tree=(3, 2))),
@@ -74,29 +72,21 @@ V, NEW, N, ALPHA = 5, 5, 20_000, 1e-3
 PROMPT = torch.tensor([[3, 4, 3, 4, 2]])
 
 
-def _exact(model, temperature=1.0, top_k=None):
-    outcomes = torch.tensor(list(itertools.product(range(V), repeat=NEW)))
+def _exact(model, prompt=PROMPT, new=NEW, temperature=1.0, top_k=None):
+    """The exact law of every ``new``-token continuation of ``prompt`` (teacher forcing on each outcome)."""
+    outcomes = all_outcomes(V, new)
     with torch.no_grad():
-        logits = model(torch.cat([PROMPT.expand(len(outcomes), -1), outcomes], 1)).logits.double()
-    T = PROMPT.shape[1]
-    logits = logits[:, T - 1 : T - 1 + NEW] / temperature
+        logits = model(torch.cat([prompt.expand(len(outcomes), -1), outcomes], 1)).logits.double()
+    T = prompt.shape[1]
+    logits = logits[:, T - 1 : T - 1 + new] / temperature
     if top_k:
         kth = logits.sort(-1, descending=True).values[..., top_k - 1 : top_k]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits.softmax(-1).gather(-1, outcomes.unsqueeze(-1)).squeeze(-1).prod(-1)
+    return sequence_law(logits.softmax(-1), outcomes)
 
 
 def _pvalue(samples, probs):
-    codes = (samples * V ** torch.arange(NEW - 1, -1, -1)).sum(-1)
-    observed = torch.bincount(codes, minlength=V**NEW).double()
-    expected = probs * len(samples)
-    assert float(observed[expected == 0].sum()) == 0, "sampled an outcome of probability zero"
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+    return chi2_pvalue(outcome_counts(samples, V), probs)
 
 
 @pytest.fixture(scope="module")
@@ -153,20 +143,8 @@ def test_sampled_lookup_tree_is_lossless(monkeypatch):
     out = mmspec.generate(target, prompt.expand(N, -1), max_new_tokens=4, method="lookup", window=7, tree=(2, 3),
                           do_sample=True, generator=torch.Generator().manual_seed(5), eos_token_id=[])
     assert max(spy.widths) >= 1 and max(spy.depths) >= 2
-    outcomes = torch.tensor(list(itertools.product(range(V), repeat=4)))
-    with torch.no_grad():
-        logits = target(torch.cat([prompt.expand(len(outcomes), -1), outcomes], 1)).logits.double()
-    T = prompt.shape[1]
-    probs = logits[:, T - 1 : T + 3].softmax(-1).gather(-1, outcomes.unsqueeze(-1)).squeeze(-1).prod(-1)
-    codes = (out.sequences[:, T:] * V ** torch.arange(3, -1, -1)).sum(-1)
-    observed = torch.bincount(codes, minlength=V**4).double()
-    expected = probs * N
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > ALPHA
+    p = _pvalue(out.sequences[:, prompt.shape[1]:], _exact(target, prompt=prompt, new=4))
+    assert p > ALPHA, f"lookup tree: chi-square p = {p:.2e}"
 
 
 # -- the tree mask and the cache ------------------------------------------------------------------------------------
