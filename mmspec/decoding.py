@@ -194,6 +194,8 @@ class DecodeState(State):
             block = torch.cat([self.anchor.unsqueeze(1), drafts.tokens.clamp_min(0)], dim=1)
             valid = torch.cat([torch.ones(self.batch_size, 1, dtype=torch.bool), drafts.valid], dim=1)
             return block, valid & self.active.unsqueeze(1)
+        if drafts.shape[1] == 0:  # plain AR
+            return self.anchor.unsqueeze(1), self.active.unsqueeze(1)
         # A row's slots after its own drafts (-1, see mmspec.drafting.base.pad_drafts) are fed a placeholder whose
         # outputs are never used.
         block = torch.cat([self.anchor.unsqueeze(1), drafts.clamp_min(0)], dim=1)  # [B, K+1]
@@ -214,7 +216,8 @@ class DecodeState(State):
                     return verify_tree(drafts, scores, greedy=True), scores
                 rows = self.pipeline.probs(scores)
                 return verify_tree(drafts, rows, criterion, self.generator), rows
-            scores = self.pipeline.process(logits, self.tokens, self.lengths, drafts.clamp_min(0))
+            scores = self.pipeline.process(logits, self.tokens, self.lengths, drafts.clamp_min(0)) \
+                if self.pipeline.processors else logits
             if self.greedy:
                 return verify(drafts, None, scores, criterion, greedy=True, check=False), scores
             rows = self.pipeline.probs(scores)
@@ -234,40 +237,39 @@ class DecodeState(State):
             emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
             check_rows(emitted[:, -1], self.active)
             emitted = emitted[:, :-1]
-        self.append(emitted)
+        emitted_count = (emitted >= 0).sum(-1)
+        self.append(emitted, emitted_count)
         self.anchor = result.next_token
-        return (emitted >= 0).sum(-1) - 1
+        return emitted_count - 1
 
     def kept(self, result, active, num_accepted):
         if self._path is None:
             return super().kept(result, active, num_accepted)
         return torch.cat([active.unsqueeze(1), self._path & active.unsqueeze(1)], dim=1)
 
-    def append(self, emitted: torch.Tensor) -> torch.Tensor:
-        """Append emitted tokens [B, L] (-1 padded, CPU) to the active rows.
+    def append(self, emitted: torch.Tensor, emitted_count: torch.Tensor | None = None) -> torch.Tensor:
+        """Append emitted tokens [B, L] (-1 padded, CPU; ``emitted_count`` [B] of them per row if known) to the
+        active rows.
 
         Truncates at the first EOS (kept) and at ``max_new_tokens``; updates ``active``.
         Returns the number of tokens committed per row, LongTensor [B].
         """
         B, L = emitted.shape
-        pos = torch.arange(L).expand(B, L)
-        count = (emitted >= 0).sum(-1)
-        count = torch.minimum(count, self.remaining)
+        count = torch.minimum((emitted >= 0).sum(-1) if emitted_count is None else emitted_count, self.remaining)
+        pos = torch.arange(L)
         eos = self.eos_token_ids
         if eos is not None and eos.numel():
             is_eos = torch.isin(emitted, eos) & (pos < count.unsqueeze(1))
-            first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, count)
-            count = torch.minimum(count, first_eos)
             hit_eos = is_eos.any(-1)
-        else:
-            hit_eos = torch.zeros(B, dtype=torch.bool)
+            count = torch.where(hit_eos, is_eos.int().argmax(-1) + 1, count)  # the first EOS ends the row
+            self.active &= ~hit_eos
         take = pos < count.unsqueeze(1)
         rows, cols = take.nonzero(as_tuple=True)
         dest = self.lengths[rows] + cols
         self.tokens[rows, dest] = emitted[rows, cols]
         self.valid[rows, dest] = True
         self.num_new += count
-        self.active &= ~hit_eos & (self.num_new < self.max_new_tokens)
+        self.active &= self.num_new < self.max_new_tokens
         return count
 
 
@@ -322,7 +324,7 @@ def decode(
 
     while bool(state.active.any()):
         active = state.active.clone()
-        max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1))
+        max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1)) if window > 1 else 0
         proposal = proposer.propose(state, max_drafts)  # (drafts [B, K, ...], what they were drawn from) or a tree
         drafts, draft_q = proposal if isinstance(proposal, tuple) else (proposal, None)
         block, valid = state.block(drafts)
@@ -335,11 +337,12 @@ def decode(
         stats.target_forwards += 1
         row_forwards += active
         result, rows = verify_step(drafts, draft_q, out)
-        before = int(state.num_new.max())
+        before = int(state.num_new.max()) if progress else 0
         num_accepted = state.commit(result)  # [B] (CPU)
-        for k in num_accepted[active].tolist():
+        for k in (num_accepted[active] if active.shape[0] > 1 else num_accepted).tolist():
             stats.accepted_histogram[k] += 1
-        bar.update(int(state.num_new.max()) - before)
+        if progress:
+            bar.update(int(state.num_new.max()) - before)
         target.rollback(state.kept(result, active, num_accepted))
         proposer.update(state, result, rows, num_accepted)
         if callback is not None:

@@ -36,6 +36,8 @@ INVALID_REASONS = {
 def check_rows(invalid: torch.Tensor, active: torch.Tensor | None = None) -> None:
     """Raise ``InvalidDistributionError`` if any (active) row of ``invalid`` [B] (CPU codes, see
     ``VerifyResult.invalid``) is flagged; the message names the rows and the cause."""
+    if not bool(invalid.any()):
+        return
     bad = invalid if active is None else torch.where(active, invalid, 0)
     if bool((bad > 0).any()):
         rows = (bad > 0).nonzero().flatten().tolist()
@@ -81,12 +83,14 @@ def _row(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _pack(draft_tokens, num_accepted, next_token):
+    """[B, K] drafts, [B] counts, [B] next tokens -> [B, K+1]: the accepted drafts, the next token, then -1."""
     B, K = draft_tokens.shape
-    pos = torch.arange(K + 1, device=draft_tokens.device).expand(B, K + 1)
+    if K == 0:  # plain AR
+        return next_token.unsqueeze(1)
+    pos = torch.arange(K + 1, device=draft_tokens.device)
     n = num_accepted.unsqueeze(1)
-    padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)
-    tokens = torch.where(pos < n, padded, torch.full_like(padded, -1))
-    return torch.where(pos == n, next_token.unsqueeze(1).expand_as(padded), tokens)
+    padded = torch.cat([draft_tokens, next_token.unsqueeze(1)], dim=1).masked_fill_(pos > n, -1)
+    return padded.scatter_(1, n, next_token.unsqueeze(1))
 
 
 def verify(
@@ -143,8 +147,9 @@ def verify(
         )
 
     if greedy:
-        accepted, num_accepted, next_token = greedy_step(draft_tokens, target_probs, _acceptance.get(criterion))
-        invalid = invalid_rows(draft_tokens, None, target_probs, num_accepted, greedy=True)
+        accepted, num_accepted, next_token, best = greedy_step(
+            draft_tokens, target_probs, _acceptance.get(criterion), with_scores=True)
+        invalid = invalid_rows(draft_tokens, None, target_probs, num_accepted, greedy=True, best=best)
     else:
         dtype = compute_dtype(target_probs, draft_probs)
         target_probs = target_probs.to(dtype)
@@ -167,20 +172,25 @@ def num_drafts(draft_tokens: torch.Tensor) -> torch.Tensor:
     return (draft_tokens >= 0).long().cumprod(-1).sum(-1)
 
 
-def invalid_rows(draft_tokens, draft_probs, target_rows, num_accepted, greedy: bool = False) -> torch.Tensor:
+def invalid_rows(draft_tokens, draft_probs, target_rows, num_accepted, greedy: bool = False,
+                 best: torch.Tensor | None = None) -> torch.Tensor:
     """LongTensor [B] of ``INVALID_REASONS`` codes for the rows this step used (positions ``0..num_accepted``
     of the target, the drafts up to the first rejection); no host sync.
 
     ``target_rows`` are probabilities [B, K+1, V], or scores when ``greedy`` (then a row is invalid when no
-    score is above -inf, or one is NaN).
+    score is above -inf, or one is NaN); ``best`` [B, K+1] may pass the greedy rows' maxima already computed.
     """
     K1 = target_rows.shape[1]
-    used = torch.arange(K1, device=target_rows.device) <= num_accepted.unsqueeze(1)  # [B, K+1]
-    if greedy:
-        bad_p = ~(target_rows.amax(-1) > float("-inf")) | target_rows.isnan().any(-1)
+    if greedy:  # the maximum propagates NaN, and is -inf when nothing is allowed
+        best = target_rows.amax(-1) if best is None else best
+        bad_p = ~(best > float("-inf"))
     else:
         bad_p = ~torch.isfinite(target_rows).all(-1) | ~(target_rows.sum(-1) > 0) | (target_rows < 0).any(-1)
-    invalid = torch.where((bad_p & used).any(-1), 1, 0)
+    if K1 == 1:  # plain AR: the one row is used
+        invalid = bad_p[:, 0].long()
+    else:
+        used = torch.arange(K1, device=target_rows.device) <= num_accepted.unsqueeze(1)  # [B, K+1]
+        invalid = (bad_p & used).any(-1).long()
     if draft_probs is not None and draft_tokens.shape[1]:
         K = draft_tokens.shape[1]
         q_x = draft_probs.gather(-1, draft_tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, K]
@@ -189,12 +199,17 @@ def invalid_rows(draft_tokens, draft_probs, target_rows, num_accepted, greedy: b
     return invalid
 
 
-def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor, criterion=None):
+def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor, criterion=None, with_scores: bool = False):
     """Greedy verification: [B, K] drafts, [B, K+1, V] scores -> (accepted [B, K], num_accepted [B],
     next_token [B]): accept iff ``x_i == argmax`` (or the criterion's ``greedy_accept``, e.g. greedy LANTERN),
-    emit the argmax (first index on ties). Drafts of -1 end a row's window."""
+    emit the argmax (first index on ties). Drafts of -1 end a row's window. ``with_scores=True`` also returns
+    the maximum score per position [B, K+1] (NaN where a row has a NaN)."""
     K = draft_tokens.shape[1]
-    best = scores.argmax(-1)  # [B, K+1]
+    top, best = scores.max(-1)  # [B, K+1]
+    if K == 0:  # plain AR
+        next_token = best[:, 0]
+        out = draft_tokens.new_zeros(draft_tokens.shape, dtype=torch.bool), torch.zeros_like(next_token), next_token
+        return (*out, top) if with_scores else out
     if criterion is None or type(criterion).greedy_accept is _acceptance.Criterion.greedy_accept:
         passed = draft_tokens == best[:, :K]
     else:
@@ -202,7 +217,7 @@ def greedy_step(draft_tokens: torch.Tensor, scores: torch.Tensor, criterion=None
     accepted = passed.long().cumprod(-1).bool()
     num_accepted = accepted.sum(-1)
     next_token = best.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
-    return accepted, num_accepted, next_token
+    return (accepted, num_accepted, next_token, top) if with_scores else (accepted, num_accepted, next_token)
 
 
 def sampled_step(draft_tokens, draft_probs, target_probs, criterion, draw_uniform, draw_token):

@@ -209,28 +209,39 @@ class CausalLM:
         """
         B, L = tokens.shape
         dev = tokens.device
-        valid_dev = valid.to(dev, non_blocking=True).long()
-        start = self.num_valid().to(dev, non_blocking=True)
+        S = self.length
+        cache_position = torch.arange(S, S + L, device=dev)
+        # Without padding or holes (``dense``) every row holds S valid tokens, and the 2-D mask says nothing
+        # causality does not: the model takes its fast (mask-free) attention path and no mask is kept.
+        dense = self._dense and bool(valid.all())
+        valid_dev = valid.to(dev, non_blocking=True).long() if not dense or self.mask is not None else None
         if tree is None:
-            position_ids = (start.unsqueeze(1) + valid_dev.cumsum(-1) - 1).clamp_min(0)
+            if dense:
+                position_ids = cache_position.expand(B, L)
+            else:
+                start = self.num_valid().to(dev, non_blocking=True)
+                position_ids = (start.unsqueeze(1) + valid_dev.cumsum(-1) - 1).clamp_min(0)
             parents = None
         else:
             from ..tree import block_depth, block_parents
 
+            start = self.num_valid().to(dev, non_blocking=True)
             parents = block_parents(tree.parents.to(dev))
             position_ids = start.unsqueeze(1) + block_depth(parents, tree.depth)
-        S = self.length
         self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
-        self.mask = torch.cat([self.mask, valid_dev], dim=1)
-        self._pos = torch.cat([self._pos, position_ids], dim=1)  # logical positions (sliding windows)
+        if dense and tree is None and self.sliding_window is None:
+            self.mask = None  # built again from the host mirror when needed
+        elif self.mask is None:
+            self.mask = self._mask_cpu.to(dev, non_blocking=True).long()
+        else:
+            self.mask = torch.cat([self.mask, valid_dev], dim=1)
+        if self.sliding_window is not None:
+            self._pos = torch.cat([self._pos, position_ids], dim=1)  # logical positions of the columns
         if self.position_offset is not None:
             position_ids = position_ids + self.position_offset.unsqueeze(1)
-        kwargs = {"cache_position": torch.arange(S, S + L, device=dev)} if self._has_cache_position else {}
+        kwargs = {"cache_position": cache_position} if self._has_cache_position else {}
         if logits_to_keep and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        # Without padding or holes the 2-D mask says nothing causality does not: let the model take its
-        # fast (mask-free) attention path.
-        dense = self._dense and bool(valid.all())
         if tree is not None or (self.sliding_window is not None and not dense):
             mask = self._block_mask(S, L, parents, tree.depth if tree is not None else 0)
         else:
@@ -286,9 +297,12 @@ class CausalLM:
         tail = self._mask_cpu[:, self._start :]
         if keep.dtype == torch.bool:
             kept = tail & keep[:, : tail.shape[1]]
+        elif bool((keep >= tail.sum(-1)).all()):  # nothing rejected (plain AR, or every draft accepted)
+            self._start = self.length
+            return
         else:
             kept = tail & (tail.long().cumsum(-1) <= keep.view(-1, 1))
-        if torch.equal(kept, tail):  # nothing rejected (plain AR, or every draft accepted)
+        if torch.equal(kept, tail):
             self._start = self.length
             return
         used = kept.any(0).nonzero()
@@ -298,9 +312,10 @@ class CausalLM:
         if drop:
             self.cache.crop(-drop)
         self._mask_cpu = torch.cat([self._mask_cpu[:, : self._start], kept], dim=1)
-        self.mask = torch.cat(
-            [self.mask[:, : self._start], kept.to(self.mask.device, non_blocking=True).long()], dim=1
-        )
+        if self.mask is not None:
+            self.mask = torch.cat(
+                [self.mask[:, : self._start], kept.to(self.mask.device, non_blocking=True).long()], dim=1
+            )
         self._pos = self._pos[:, : self.length]
         self._start = self.length
         self._dense = bool(self._mask_cpu.all())
