@@ -43,54 +43,38 @@ class LookupProposer(Proposer):
             )
 
     def _matches(self, state, K, cap):
-        """Every usable match -> (score [B, M], first proposed index [B, M], continuation length [B, M]), where a
-        higher score is a longer n-gram, then a longer continuation (up to K), then a later start."""
-        tokens, valid, end = state.tokens, state.valid, state.lengths  # CPU
-        scores, starts, lengths = [], [], []
-        P = tokens.shape[1]
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if K <= 0 or P <= n:
-                continue
-            pattern = state.last_tokens(n)  # [B, n]
-            grams = tokens.unfold(1, n, 1)  # [B, P - n + 1, n], gram i covers [i, i + n)
-            ok = valid.unfold(1, n, 1).all(-1) & (grams == pattern.unsqueeze(1)).all(-1)
-            start = torch.arange(grams.shape[1])
-            available = torch.minimum(end.unsqueeze(1) - (start + n).unsqueeze(0), cap)  # continuation length
-            ok &= available > 0
-            scores.append(torch.where(ok, (n * (K + 1) + available) * P + start.unsqueeze(0), -1))
-            starts.append((start + n).expand_as(available))
-            lengths.append(available.clamp_min(0))
-        if not scores:
-            empty = torch.empty(state.batch_size, 0, dtype=torch.long)
-            return empty, empty, empty
-        return torch.cat(scores, 1), torch.cat(starts, 1), torch.cat(lengths, 1)
+        """Every usable match in one pass -> (score [B, P], first proposed index [B, P], continuation length
+        [B, P]) over the continuation starts ``s = 0..P-1``, where a higher score is a longer n-gram (up to
+        ``max_ngram``) ending right before ``s``, then a longer continuation (up to K), then a later start;
+        -1 where nothing usable matches."""
+        N = self.max_ngram
+        end = state.lengths  # CPU
+        P = int(end.max())  # nothing after the longest row's committed tokens can match
+        tokens = torch.nn.functional.pad(state.tokens[:, :P], (N, 0), value=-1)
+        valid = torch.nn.functional.pad(state.valid[:, :P], (N, 0), value=False)
+        idx = (end.unsqueeze(1) - N + torch.arange(N)).clamp_min(0)  # the last N committed tokens
+        pattern = torch.where(state.valid.gather(1, idx), state.tokens.gather(1, idx), -2)  # [B, N]
+        # grams[:, s] are the N tokens before s; the n-gram match length counts equal tokens backwards from s-1
+        same = (tokens.unfold(1, N, 1)[:, :P] == pattern.unsqueeze(1)) & valid.unfold(1, N, 1)[:, :P]
+        ngram = same.flip(-1).cumprod(-1).sum(-1)  # [B, P]
+        start = torch.arange(P)
+        available = torch.minimum(end.unsqueeze(1) - start, cap)  # continuation length
+        ok = (ngram >= self.min_ngram) & (available > 0)
+        score = torch.where(ok, (ngram * (K + 1) + available) * P + start, -1)
+        return score, start.expand(state.batch_size, P), available.clamp_min(0)
 
     def propose(self, state, max_tokens):
         if self.tree is not None:
             return self._propose_tree(state, max_tokens)
         K = min(self.num_drafts, max_tokens)
-        B = state.batch_size
-        cap = row_limits(state, K).unsqueeze(1)  # [B, 1] each row's own draft length cap
-        tokens, valid, end = state.tokens, state.valid, state.lengths  # CPU
-        best_start = torch.full((B,), -1, dtype=torch.long)
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if K <= 0 or tokens.shape[1] <= n:
-                break
-            pattern = state.last_tokens(n)  # [B, n]
-            grams = tokens.unfold(1, n, 1)  # [B, P, n], gram i covers [i, i + n)
-            ok = valid.unfold(1, n, 1).all(-1) & (grams == pattern.unsqueeze(1)).all(-1)
-            start = torch.arange(grams.shape[1])
-            available = torch.minimum(end.unsqueeze(1) - (start + n).unsqueeze(0), cap)  # continuation length
-            ok &= available > 0
-            # Longest continuation first, then the latest start: one argmax over a combined score.
-            score = torch.where(ok, available * grams.shape[1] + start.unsqueeze(0), -1).max(-1)
-            found = (score.values >= 0) & (best_start < 0)
-            best_start = torch.where(found, score.indices + n, best_start)  # index of the first proposed token
-        length = torch.where(best_start >= 0, torch.minimum(end - best_start, cap[:, 0]), 0)
-        length = torch.where(state.active, length, 0)
-        K = int(length.max()) if K > 0 else 0
-        idx = best_start.clamp_min(0).unsqueeze(1) + torch.arange(K)
-        drafts = tokens.gather(1, idx.clamp(max=tokens.shape[1] - 1))
+        if K <= 0:
+            return torch.empty(state.batch_size, 0, dtype=torch.long, device=state.device), None
+        score, _, available = self._matches(state, K, row_limits(state, K).unsqueeze(1))
+        best = score.max(-1)  # the longest n-gram, then the longest continuation, then the latest
+        length = torch.where((best.values >= 0) & state.active, available.gather(1, best.indices.unsqueeze(1))[:, 0], 0)
+        K = int(length.max())
+        idx = best.indices.unsqueeze(1) + torch.arange(K)  # the continuation starts at the best index
+        drafts = state.tokens.gather(1, idx.clamp(max=state.tokens.shape[1] - 1))
         drafts = torch.where(torch.arange(K) < length.unsqueeze(1), drafts, -1)
         return drafts.to(state.device), None
 
@@ -99,12 +83,12 @@ class LookupProposer(Proposer):
         width, depth = self.tree
         D = min(depth, max_tokens)
         B, tokens = state.batch_size, state.tokens
+        if D <= 0:
+            return torch.empty(B, 0, dtype=torch.long, device=state.device), None
         score, start, avail = self._matches(state, D, row_limits(state, D).unsqueeze(1))
         branch_start, branch_len = [], []
         for _ in range(width):  # best remaining match, then drop every match with the same first token
-            best = score.max(-1) if score.shape[1] else None
-            if best is None:
-                break
+            best = score.max(-1)
             found = (best.values >= 0) & state.active
             s = start.gather(1, best.indices.unsqueeze(1)).squeeze(1)
             branch_start.append(s)
