@@ -119,7 +119,7 @@ class State(ABC):
     @property
     def remaining(self) -> torch.Tensor:
         """LongTensor [B]: tokens each active row may still add (0 for finished rows)."""
-        return torch.where(self.active, self.max_new_tokens - self.num_new, 0)
+        return (self.max_new_tokens - self.num_new) * self.active
 
     @abstractmethod
     def no_drafts(self) -> torch.Tensor:

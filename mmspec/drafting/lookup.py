@@ -71,7 +71,8 @@ class LookupProposer(Proposer):
             return torch.empty(state.batch_size, 0, dtype=torch.long, device=state.device), None
         score, _, available = self._matches(state, K, row_limits(state, K).unsqueeze(1))
         best = score.max(-1)  # the longest n-gram, then the longest continuation, then the latest
-        length = torch.where((best.values >= 0) & state.active, available.gather(1, best.indices.unsqueeze(1))[:, 0], 0)
+        # (finished rows have no usable match: their cap is 0)
+        length = torch.where(best.values >= 0, available.gather(1, best.indices.unsqueeze(1))[:, 0], 0)
         K = int(length.max())
         idx = best.indices.unsqueeze(1) + torch.arange(K)  # the continuation starts at the best index
         drafts = state.tokens.gather(1, idx.clamp(max=state.tokens.shape[1] - 1))
