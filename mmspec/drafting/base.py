@@ -25,7 +25,7 @@ def row_limits(state, max_tokens: int) -> torch.Tensor:
     is ``remaining - 1``. Proposing up to ``min(max_tokens, remaining[b] - 1)`` drafts in row ``b`` gives it the
     window it would have alone, so a row decodes the same tokens alone as in any batch (0 for finished rows).
     """
-    return torch.minimum(state.remaining - 1, torch.as_tensor(max_tokens)).clamp_min(0)
+    return (state.remaining - 1).clamp_(0, max(max_tokens, 0))
 
 
 def pad_drafts(drafts: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:

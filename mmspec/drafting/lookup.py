@@ -6,14 +6,15 @@ ties: the most recent context when several can fill the whole window, else the l
 end; always taking the earliest, as transformers does, ignores recency. On held-out code with the zoo
 text model this choice needs fewer target forwards than either.)
 
-Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Vectorised over the batch with
-``unfold`` on the CPU copy of the committed tokens; rows without a match get a shorter (or empty) draft,
+Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Vectorised over the batch, in numpy
+on the CPU copy of the committed tokens; rows without a match get a shorter (or empty) draft,
 padded with -1 so the batch shares one window while each row verifies only its own drafts. A row's draft
 length cap is its own (``row_limits``), so its matches and drafts are those it would get alone.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..tree import DraftTree, parse_tree
@@ -43,25 +44,27 @@ class LookupProposer(Proposer):
             )
 
     def _matches(self, state, K, cap):
-        """Every usable match in one pass -> (score [B, P], first proposed index [B, P], continuation length
-        [B, P]) over the continuation starts ``s = 0..P-1``, where a higher score is a longer n-gram (up to
-        ``max_ngram``) ending right before ``s``, then a longer continuation (up to K), then a later start;
-        -1 where nothing usable matches."""
-        N = self.max_ngram
-        end = state.lengths  # CPU
+        """Every usable match in one pass -> numpy (score [B, P], continuation length [B, P]) over the continuation
+        starts ``s = 0..P-1``, where a higher score is a longer n-gram (up to ``max_ngram``) ending right before
+        ``s``, then a longer continuation (up to K, and ``cap[b]`` [B] in row b), then a later start; -1 where
+        nothing usable matches. Host-side integer work on the committed tokens, in numpy (a few microseconds)."""
+        N, B = self.max_ngram, state.batch_size
+        end = state.lengths.numpy()
         P = int(end.max())  # nothing after the longest row's committed tokens can match
-        tokens = torch.nn.functional.pad(state.tokens[:, :P], (N, 0), value=-1)
-        valid = torch.nn.functional.pad(state.valid[:, :P], (N, 0), value=False)
-        idx = (end.unsqueeze(1) - N + torch.arange(N)).clamp_min(0)  # the last N committed tokens
-        pattern = torch.where(state.valid.gather(1, idx), state.tokens.gather(1, idx), -2)  # [B, N]
-        # grams[:, s] are the N tokens before s; the n-gram match length counts equal tokens backwards from s-1
-        same = (tokens.unfold(1, N, 1)[:, :P] == pattern.unsqueeze(1)) & valid.unfold(1, N, 1)[:, :P]
-        ngram = same.flip(-1).cumprod(-1).sum(-1)  # [B, P]
-        start = torch.arange(P)
-        available = torch.minimum(end.unsqueeze(1) - start, cap)  # continuation length
+        tokens = np.full((B, N + P), -1, dtype=np.int64)  # N invalid columns in front: every start has N before it
+        valid = np.zeros((B, N + P), dtype=bool)
+        tokens[:, N:], valid[:, N:] = state.tokens[:, :P].numpy(), state.valid[:, :P].numpy()
+        rows, last = np.arange(B)[:, None], end[:, None] + np.arange(N)  # the last N committed tokens (padded index)
+        pattern = np.where(valid[rows, last], tokens[rows, last], -2)  # [B, N]
+        # the n-gram match length at s counts equal tokens backwards from s - 1
+        ngram, run = np.zeros((B, P), dtype=np.int64), np.ones((B, P), dtype=bool)
+        for k in range(1, N + 1):  # token s - k against the k-th last
+            run &= (tokens[:, N - k : N - k + P] == pattern[:, N - k, None]) & valid[:, N - k : N - k + P]
+            ngram += run
+        start = np.arange(P)
+        available = np.minimum(end[:, None] - start, cap[:, None])  # continuation length
         ok = (ngram >= self.min_ngram) & (available > 0)
-        score = torch.where(ok, (ngram * (K + 1) + available) * P + start, -1)
-        return score, start.expand(state.batch_size, P), available.clamp_min(0)
+        return np.where(ok, (ngram * (K + 1) + available) * P + start, -1), np.maximum(available, 0)
 
     def propose(self, state, max_tokens):
         if self.tree is not None:
@@ -69,15 +72,15 @@ class LookupProposer(Proposer):
         K = min(self.num_drafts, max_tokens)
         if K <= 0:
             return torch.empty(state.batch_size, 0, dtype=torch.long, device=state.device), None
-        score, _, available = self._matches(state, K, row_limits(state, K).unsqueeze(1))
-        best = score.max(-1)  # the longest n-gram, then the longest continuation, then the latest
+        score, available = self._matches(state, K, row_limits(state, K).numpy())
+        rows = np.arange(state.batch_size)
+        best = score.argmax(-1)  # the longest n-gram, then the longest continuation, then the latest
         # (finished rows have no usable match: their cap is 0)
-        length = torch.where(best.values >= 0, available.gather(1, best.indices.unsqueeze(1))[:, 0], 0)
+        length = np.where(score[rows, best] >= 0, available[rows, best], 0)
         K = int(length.max())
-        idx = best.indices.unsqueeze(1) + torch.arange(K)  # the continuation starts at the best index
-        drafts = state.tokens.gather(1, idx.clamp(max=state.tokens.shape[1] - 1))
-        drafts = torch.where(torch.arange(K) < length.unsqueeze(1), drafts, -1)
-        return drafts.to(state.device), None
+        idx = np.minimum(best[:, None] + np.arange(K), state.tokens.shape[1] - 1)  # the continuation
+        drafts = np.where(np.arange(K) < length[:, None], state.tokens.numpy()[rows[:, None], idx], -1)
+        return torch.from_numpy(drafts).to(state.device), None
 
     def _propose_tree(self, state, max_tokens):
         """Up to ``width`` continuations with different first tokens, each a branch of up to ``depth`` tokens."""
@@ -86,7 +89,8 @@ class LookupProposer(Proposer):
         B, tokens = state.batch_size, state.tokens
         if D <= 0:
             return torch.empty(B, 0, dtype=torch.long, device=state.device), None
-        score, start, avail = self._matches(state, D, row_limits(state, D).unsqueeze(1))
+        score, avail = map(torch.from_numpy, self._matches(state, D, row_limits(state, D).numpy()))
+        start = torch.arange(score.shape[1]).expand_as(score)
         branch_start, branch_len = [], []
         for _ in range(width):  # best remaining match, then drop every match with the same first token
             best = score.max(-1)
