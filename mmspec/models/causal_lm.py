@@ -134,6 +134,7 @@ class CausalLM:
                 "decoder-only causal LMs."
             )
         self.model = model
+        self._cache_keyword = cache_keyword(model)  # read once (torch.compile traces call_model)
         self.vocab_size = vocab_size_of(model)
         params = inspect.signature(model.forward).parameters
         self._has_logits_to_keep = "logits_to_keep" in params
@@ -221,7 +222,7 @@ class CausalLM:
     def call_model(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs):
         """One forward of the wrapped model -> (logits [B, L, V], cache). Families with quirks (separate
         image-token embeddings or heads, condition embeddings) override this and nothing else."""
-        kwargs[cache_keyword(self.model)] = past_key_values
+        kwargs[self._cache_keyword] = past_key_values
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, return_dict=True, **kwargs)
         return out.logits, output_cache(out)
