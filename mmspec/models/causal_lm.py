@@ -411,6 +411,8 @@ class CausalLM:
             positions_d = torch.cat([positions_d[:, :front], start.to(dev).unsqueeze(1) + depth], dim=1)
         model_positions = positions_d if self.position_offset is None else positions_d + self.position_offset[:, None]
         self.cache.write_columns = lens_d.unsqueeze(1) + rank_d
+        # eager: attend over the columns in use only (shapes may change); compiled: the whole, fixed capacity
+        self.cache.kv_length = need if self._compiled is None else None
         call = self._window_call if self._compiled is None else self._compiled
         logits = call(tokens, valid_d, order_d, positions_d, lens_d, ancestors, model_positions, logits_to_keep)
         self._last = (rank[:, front:], valid[:, front:])
@@ -427,8 +429,8 @@ class CausalLM:
         masks from the per-row lengths, then the model. Returns logits [B, W or n, V]."""
         from .static_cache import window_masks
 
-        full, sliding = window_masks(lens, self._pad_dev, order, valid, positions, self.cache.capacity, ancestors,
-                                     self.sliding_window)
+        full, sliding = window_masks(lens, self._pad_dev, order, valid, positions,
+                                     self.cache.kv_length or self.cache.capacity, ancestors, self.sliding_window)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._has_logits_to_keep else {}
         logits, _ = self.call_model(tokens, self._mask_argument(full, sliding), model_positions, self.cache, **kwargs)
         return logits

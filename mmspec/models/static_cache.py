@@ -35,14 +35,18 @@ class RowStaticLayer(StaticLayer):
     them and get their window from the mask.
     """
 
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, columns: torch.Tensor):
-        """key/value states [B, H, W, D], columns [B, W] -> the whole keys and values [B, H, capacity, D]."""
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, columns: torch.Tensor,
+              length: int | None = None):
+        """key/value states [B, H, W, D], columns [B, W] -> keys and values [B, H, length or capacity, D] (views of
+        the first ``length`` columns: what the block may see)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, H, W, D = key_states.shape
         self.keys.scatter_(2, columns[:, None, :, None].expand(B, H, W, D), key_states)
         self.values.scatter_(2, columns[:, None, :, None].expand(B, H, W, value_states.shape[-1]), value_states)
-        return self.keys, self.values
+        if length is None:
+            return self.keys, self.values
+        return self.keys[:, :, :length], self.values[:, :, :length]
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy columns ``src`` [B, M] to ``dst`` [B, M] in every row (a tree's accepted path to the row's next
@@ -63,15 +67,18 @@ class RowStaticLayer(StaticLayer):
 class RowStaticCache(Cache):
     """A transformers ``Cache`` of ``RowStaticLayer`` s. The adapter sets ``write_columns`` (LongTensor [B, W] on
     the device) before each forward; every layer's ``update`` scatters the block's keys and values there and
-    returns the full preallocated tensors (the mask hides the columns a row does not see)."""
+    returns the full preallocated tensors (the mask hides the columns a row does not see), or their first
+    ``kv_length`` columns when the adapter sets it (eager runs: attention over the used columns only; compiled runs
+    keep the full, fixed shape)."""
 
     def __init__(self, num_layers: int, capacity: int):
         super().__init__(layers=[RowStaticLayer(max_cache_len=capacity) for _ in range(num_layers)])
         self.capacity = capacity
         self.write_columns: torch.Tensor | None = None
+        self.kv_length: int | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self.layers[layer_idx].write(key_states, value_states, self.write_columns)
+        return self.layers[layer_idx].write(key_states, value_states, self.write_columns, self.kv_length)
 
     @property
     def is_compileable(self) -> bool:
