@@ -198,3 +198,20 @@ def test_sampled_static_is_lossless(method, kw):
     assert out.stats.step_compression > 1.2  # drafts were accepted: the rollback path ran
     p = chi2_pvalue(outcome_counts(out.sequences[:, PROMPT.shape[1]:], V), _exact(target))
     assert p > ALPHA, f"{method} {kw}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_language_models_static(family):
+    """VLMs (image features in the prefill, per-row position offsets after it; Qwen2-VL's 3-D rope) on the static
+    cache equal the model's own generate."""
+    from test_vlm_greedy import NEW, family_model, reference, text_draft
+
+    model, _ = family_model(family)
+    inputs, ref = reference(family, 3)
+    inputs = dict(inputs)
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    for method, kw in [("ar", {}), ("jacobi", {"window": 4}), ("draft", {"draft_model": text_draft(model), "window": 4}),
+                       ("jacobi", {"window": 7, "tree": (2, 2)})]:
+        out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, method=method, cache="static", **kw,
+                              **inputs)
+        assert torch.equal(out.sequences, ref), f"{family} {method}"
