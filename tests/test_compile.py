@@ -94,3 +94,42 @@ def test_compile_unavailable_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(RuntimeError, match="not supported"):
         mmspec.generate(model, torch.tensor([[3, 4, 5]]), max_new_tokens=2, compile=True)
+
+
+@pytest.mark.slow
+def test_traced_image_pipeline_equals_eager(traced):
+    """The guided image pipeline (cond and uncond rows, structural forcing) compiled: the same greedy tokens."""
+    from image_fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    prompts = ["a red square", "blue"]
+    ref = pipe(prompts, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="latent")
+    out = pipe(prompts, do_sample=False, decoding="jacobi", window=6, guidance_scale=2.5, output_type="latent",
+               compile=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.tokens, ref.tokens)
+    assert _frames() > 0
+
+
+@pytest.mark.slow
+def test_cli_text_compile_flag(traced, capsys):
+    from mmspec.cli import main
+
+    assert main(["text", "def add(a, b):", "--max-new-tokens", "8", "--compare", "--decoding", "lookup", "--compile",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to AR: True" in out
+    assert _frames() > 0
+
+
+@pytest.mark.slow
+def test_bench_text_cache_variants(traced, tmp_path):
+    import json
+
+    from mmspec.bench.text import main as bench_text
+
+    bench_text(["--tiny", "--batch", "1", "--cache-variants", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "text.json").read_text())["rows"]}
+    for name in ("ar", "lookup", "draft"):
+        for variant in ("static", "static+compile"):
+            row = rows[f"mmspec {name} [{variant}]"]
+            assert row["identical"] and row["vs_dynamic"] > 0
