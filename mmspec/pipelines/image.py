@@ -271,7 +271,8 @@ def _with_options(adapter, options: dict):
     """A family's adapter class with the cache options (``cache_options``) bound, or unchanged without them."""
     if not options:
         return adapter
-    if "cache" not in inspect.signature(adapter.__init__).parameters:
+    params = inspect.signature(adapter.__init__).parameters
+    if "cache" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"cache='static' / compile=True are not supported by {adapter.__name__} models yet (their "
                          "forward builds its own attention mask); use cache='dynamic', compile=False.")
     return functools.partial(adapter, **options)
