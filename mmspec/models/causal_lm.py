@@ -392,6 +392,8 @@ class CausalLM:
         need = int(self._lens.max()) + W
         if need > self.cache.capacity:
             self.cache = self.cache.grown(_round_up(max(need, 2 * self.cache.capacity), 64))
+        if self._compiled is None and tree is None and bool(valid.all()):
+            return self._dense_forward(tokens, need, logits_to_keep)
         rank, order = write_order(valid)  # [B, W] each, CPU
         start = self._lens - self._pad
         positions = (start.unsqueeze(1) + valid.long().cumsum(-1) - 1).clamp_min(0)
@@ -422,6 +424,34 @@ class CausalLM:
             logits = logits[:, -logits_to_keep:]
         elif front:
             logits = logits[:, front:]
+        return logits.to(dev)
+
+    def _dense_forward(self, tokens, need, logits_to_keep):
+        """Eager, a chain whose places are all real (plain AR, most steps at batch 1): the block goes to columns
+        ``lens .. lens + W - 1`` in order, and the mask is two comparisons (the general path's, without its
+        permutation and gathers)."""
+        B, W = tokens.shape
+        dev = tokens.device
+        lens = self._lens.to(dev, non_blocking=True)
+        block = torch.arange(W, device=dev)
+        columns = lens.unsqueeze(1) + block  # [B, W]
+        positions = columns - self._pad_dev.unsqueeze(1)
+        col = torch.arange(need, device=dev)
+        key_pos = col - self._pad_dev.unsqueeze(1)  # [B, need]; < 0 at left padding
+        full = (key_pos.unsqueeze(1) >= 0) & (col <= columns.unsqueeze(2))  # [B, W, need]
+        sliding = None
+        if self.sliding_window is not None:
+            sliding = full & ((positions.unsqueeze(2) - key_pos.unsqueeze(1)) < self.sliding_window)
+        self.cache.write_columns, self.cache.kv_length = columns, need
+        if self.position_offset is not None:
+            positions = positions + self.position_offset.unsqueeze(1)
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._has_logits_to_keep else {}
+        logits, _ = self.call_model(tokens, self._mask_argument(full, sliding), positions, self.cache, **kwargs)
+        self._last = (torch.arange(W).expand(B, W), torch.ones(B, W, dtype=torch.bool))
+        self._lens = self._lens + W
+        self._blocks += 1
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         return logits.to(dev)
 
     def _window_call(self, tokens, valid, order, positions, lens, ancestors, model_positions, logits_to_keep):
