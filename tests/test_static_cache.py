@@ -215,3 +215,15 @@ def test_vision_language_models_static(family):
         out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, method=method, cache="static", **kw,
                               **inputs)
         assert torch.equal(out.sequences, ref), f"{family} {method}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_one_static_equals_dynamic(arch):
+    """Batch 1 without padding: single-token forwards (AR, the draft model's steps) run without a mask."""
+    model = tiny_causal_lm(arch, sharpen=3.0)
+    ids = torch.randint(2, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+    ref = mmspec.generate(model, ids, max_new_tokens=30, method="ar", eos_token_id=[])
+    for method, kw in [("ar", {}), ("draft", dict(window=4, draft_model=perturbed_copy(model, 0.3))),
+                       ("lookup", dict(window=5))]:
+        out = mmspec.generate(model, ids, max_new_tokens=30, method=method, eos_token_id=[], cache="static", **kw)
+        assert torch.equal(out.sequences, ref.sequences), f"{arch} {method}"

@@ -375,6 +375,7 @@ class CausalLM:
         self.cache = RowStaticCache.from_cache(self.cache, _round_up(T + reserve, 64))
         self._pad, self._lens = pad, torch.full((B,), T, dtype=torch.long)
         self._pad_dev = pad.to(self.device)
+        self._unpadded = not bool(pad.any())
         self._ckpt, self._blocks, self._last = self._lens.clone(), 0, None
 
     def _static_forward(self, tokens, valid, logits_to_keep, tree):
@@ -446,7 +447,12 @@ class CausalLM:
         if self.position_offset is not None:
             positions = positions + self.position_offset.unsqueeze(1)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._has_logits_to_keep else {}
-        logits, _ = self.call_model(tokens, self._mask_argument(full, sliding), positions, self.cache, **kwargs)
+        # One query per row that sees every returned column (no padding, equal lengths): the mask says nothing, and
+        # SDPA runs faster without one (transformers skips it for a single query, as for the dynamic cache).
+        no_mask = (W == 1 and self._attn == "sdpa" and sliding is None and self._unpadded
+                   and int(self._lens.min()) + 1 == need)
+        mask = None if no_mask else self._mask_argument(full, sliding)
+        logits, _ = self.call_model(tokens, mask, positions, self.cache, **kwargs)
         self._last = (torch.arange(W).expand(B, W), torch.ones(B, W, dtype=torch.bool))
         self._lens = self._lens + W
         self._blocks += 1

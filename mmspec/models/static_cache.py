@@ -84,6 +84,11 @@ class RowStaticCache(Cache):
     def is_compileable(self) -> bool:
         return True
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """(key columns attention sees, offset 0), for transformers' own mask code (a single query without padding,
+        where the adapter passes no mask)."""
+        return (self.kv_length or self.capacity), 0
+
     @classmethod
     def from_cache(cls, cache, capacity: int) -> RowStaticCache:
         """A static cache holding what a ``DynamicCache`` (the prefill's) holds, at columns ``[0, T)``."""
