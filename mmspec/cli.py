@@ -127,6 +127,13 @@ def _add_tree_argument(p):
                    "(--window counts every node)")
 
 
+def _add_compile_arguments(p):
+    p.add_argument("--cache", choices=["dynamic", "static"], default=None,
+                   help="KV cache: dynamic (default) or static (preallocated, per-row lengths; default with --compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the window forwards (CUDA graphs on CUDA); the first run pays the compilation")
+
+
 def _image(argv):
     from .acceptance import available
     from .drafting.jacobi import INIT_STRATEGIES
@@ -156,6 +163,7 @@ def _image(argv):
                    help="coupled redraw of Jacobi drafts (lossless)")
     p.add_argument("--window", type=int, default=16, help="tokens verified per forward (anchor included)")
     _add_tree_argument(p)
+    _add_compile_arguments(p)
     p.add_argument("--acceptance", choices=available(), default="exact",
                    help="acceptance criterion (exact is lossless; the others relax it)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
@@ -188,7 +196,7 @@ def _image(argv):
 
     pipe, draft = load_image_pipeline(device=args.device, with_draft=method_spec(args.decoding).needs_draft)
     common = dict(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
-                  num_images_per_prompt=args.num_images, output_type="pt")
+                  num_images_per_prompt=args.num_images, output_type="pt", cache=args.cache, compile=args.compile)
     kw = dict(window=args.window, acceptance=args.acceptance)
     if args.tree is not None:
         kw.update(tree=tuple(args.tree))
@@ -240,6 +248,7 @@ def _text(argv):
                    help="decoding method (draft: the bundled draft model; --decoding is an alias)")
     p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
     _add_tree_argument(p)
+    _add_compile_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -278,7 +287,8 @@ def _text(argv):
         if args.tree is not None and method != "ar":
             kw["tree"] = tuple(args.tree)
         return generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
-                        method=method, generator=torch.Generator().manual_seed(args.seed), **sampling, **kw)
+                        method=method, generator=torch.Generator().manual_seed(args.seed), cache=args.cache,
+                        compile=args.compile, **sampling, **kw)
 
     if args.compare:
         out, ar = _compare(args, run, args.decoding)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_decoding, check_generator, check_int
+from .compile import cache_options
 from .decoding import DecodeState, GenerationStats, decode
 from .drafting import available_methods, make_proposer, method_spec
 from .drafting.lookahead import lookahead_config
@@ -98,6 +99,8 @@ def generate(
     kernels: str = "auto",
     tree=None,
     dynamic_tree: bool = False,
+    cache: str | None = None,
+    compile: bool = False,
     **model_kwargs,
 ) -> GenerateOutput:
     """Generate with speculative decoding; greedy output equals ``model.generate(do_sample=False)``.
@@ -144,6 +147,12 @@ def generate(
             number of tokens per target forward, the tree's nodes included.
         dynamic_tree: with ``method="draft"`` and ``tree``, spread the draft's extra candidates over all levels by
             its cumulative probability (EAGLE-2 style) instead of the first ``depth`` levels.
+        cache: the target's (and draft's) KV cache: ``"dynamic"`` (a growing transformers ``DynamicCache``; the
+            default without ``compile``) or ``"static"`` (preallocated for the run, per-row lengths, rollback by
+            moving them: ``mmspec.models.static_cache``; the default with ``compile``). Same tokens either way.
+        compile: run the target's and the draft model's window forwards through ``torch.compile`` on the static
+            cache (one compiled shape per window size; CUDA graphs on CUDA), see ``mmspec.compile``. The first call
+            pays the compilation.
         **model_kwargs: the processor's other outputs (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
             ...), passed to the target's prefill forward only, and to the draft's prefill when the draft is a
             vision-language model too (it must then share the processor); a text-only draft sees the prompt
@@ -172,8 +181,9 @@ def generate(
     if draft_confidence is not None and not 0.0 <= draft_confidence <= 1.0:
         raise ValueError(f"`draft_confidence` must be in [0, 1] or None, got {draft_confidence!r}.")
     _check_model_kwargs(model, model_kwargs)
-
-    target = adapter_for(model)
+    # the static cache reserves the run's budget after the prompt: new tokens, plus a window of drafts beyond them
+    options = cache_options(cache, compile, reserve=max_new_tokens + 2 * (choice.window or 64) + 2)
+    target = adapter_for(model, **options)
     V = target.vocab_size
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError("`input_ids` must be an integer torch.Tensor of shape [B, T].")
@@ -215,7 +225,7 @@ def generate(
                 f"`draft_model` has a vocabulary of {vocab_size_of(draft_model)} logits but the target has {V}; "
                 "draft and target must share the tokenizer."
             )
-        draft = adapter_for(draft_model)
+        draft = adapter_for(draft_model, **options)
     # A VLM drafter sees the same processor outputs as the target (same placeholder layout); a text-only drafter
     # sees the prompt ids alone, image placeholders as ordinary tokens.
     draft_kwargs = model_kwargs if draft_model is not None and is_vision_language_model(draft_model) else {}

@@ -118,6 +118,21 @@ class FamilyContract:
         assert out.stats.target_forwards <= ar.stats.target_forwards
         self.check_speculative(pipe, case, out, ar)
 
+    def test_static_cache_equals_dynamic(self, pipe):
+        """``cache="static"`` gives the dynamic cache's greedy tokens, or, for adapters whose model builds its own
+        attention mask (no 4-D mask over a static cache), is refused with a clear error."""
+        import inspect
+
+        kw = dict(self.conditions(pipe), do_sample=False, guidance_scale=self.guidance_scale, output_type="latent",
+                  decoding="jacobi", window=6, init="vertical", cache="static")
+        params = inspect.signature(pipe.family.adapter.__init__).parameters
+        if "cache" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            with pytest.raises(ValueError, match="not supported"):
+                pipe(**kw)
+            return
+        out = pipe(**kw, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out.tokens, self.ar(pipe).tokens)
+
     def test_sampling_is_reproducible_per_image(self, pipe):
         kw = dict(self.conditions(pipe), guidance_scale=self.guidance_scale, output_type="latent")
         B = len(self.ar(pipe).tokens)

@@ -377,6 +377,18 @@ def zoo(args, device, clock):
                           for r in rows]
     except Exception as err:
         result["text_error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
+    if device.type == "cuda" and not clock.over():
+        # the static KV cache and compile=True (CUDA graphs, one per window size) against the dynamic eager rows
+        try:
+            rows = text.run(target, draft, text_prompts(tok, 1, plen).to(device), max_new_tokens=new, repeats=3,
+                            cache_variants=True)
+            result["text_static_compiled"] = [
+                {k: r.get(k) for k in ("method", "batch", "identical", "target_forwards", "median_s", "vs_raw",
+                                       "vs_dynamic")} for r in rows
+                if r["method"].endswith("]") or r["method"] in ("raw forward loop", "mmspec ar", "mmspec lookup",
+                                                                 "mmspec draft")]
+        except Exception as err:
+            result["text_static_compiled_error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
     return result
 
 

@@ -72,8 +72,11 @@ def assisted_generate(target, draft, input_ids, num_drafts, **kwargs):
             setattr(config, k, v)
 
 
-def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, window_lookup=8, corpus_ids=None):
-    """Time every method on ``input_ids`` [B, T]; returns a list of result rows."""
+def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, window_lookup=8, corpus_ids=None,
+        cache_variants=False):
+    """Time every method on ``input_ids`` [B, T]; returns a list of result rows. ``cache_variants`` adds AR, lookup
+    and draft on the static KV cache, eager and compiled (``cache="static"``, ``compile=True``; compiled in the
+    warm-up)."""
     B = input_ids.shape[0]
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=[], pad_token_id=0)
     hf_common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -110,6 +113,14 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
             ("transformers prompt lookup", "peer", lambda: (target.generate(
                 input_ids, prompt_lookup_num_tokens=window_lookup - 1, **hf_common), None)),
         ]
+    if cache_variants:
+        chains = {"ar": dict(method="ar"), "lookup": dict(method="lookup", window=window_lookup),
+                  "draft": dict(method="draft", draft_model=draft, window=window_draft)}
+        for name, kw in chains.items():
+            cases += [(f"mmspec {name} [static]", "mmspec",
+                       lambda kw=kw: _mm(target, input_ids, cache="static", **kw, **common)),
+                      (f"mmspec {name} [static+compile]", "mmspec",
+                       lambda kw=kw: _mm(target, input_ids, compile=True, **kw, **common))]
     # Round-robin over methods inside each repeat, so load changes on a shared machine hit every method alike.
     for _, _, fn in cases:
         fn()  # warm-up
@@ -143,6 +154,8 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
     for r in rows:
         r["vs_raw"] = by["raw forward loop"] / r["median_s"]
         r["vs_mmspec_ar"] = by["mmspec ar"] / r["median_s"]
+        if r["method"].endswith("]"):  # a cache variant: against the same method on the dynamic cache, eager
+            r["vs_dynamic"] = by[r["method"].rsplit(" [", 1)[0]] / r["median_s"]
     if "transformers assisted" in by:
         rows[[r["method"] for r in rows].index("mmspec draft")]["vs_peer"] = by["transformers assisted"] / by["mmspec draft"]
         rows[[r["method"] for r in rows].index("mmspec lookup")]["vs_peer"] = (
@@ -161,6 +174,7 @@ COLUMNS = [
     ("tree_nodes", "tree nodes/step", ".1f"), ("median_s", "median s", ".3f"), ("vs_raw", "speed vs raw loop", ".2f"),
     ("vs_mmspec_ar", "speed vs mmspec ar", ".2f"), ("vs_peer", "speed vs transformers peer", ".2f"),
     ("draft_cost", "draft fwd cost", ".2f"), ("skip", "skipped layers", ""),
+    ("vs_dynamic", "speed vs dynamic eager", ".2f"),
 ]
 
 
@@ -176,6 +190,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="outputs/bench", help="folder for text.json and text.md")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--cache-variants", action="store_true",
+                   help="also AR, lookup and draft on the static KV cache, eager and torch.compile'd")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +215,8 @@ def main(argv=None):
         args.new, args.repeats, args.prompt_len = 8, 1, 8
     rows = []
     for b in args.batch:
-        rows += run(target, draft, make_prompts(b), max_new_tokens=args.new, repeats=args.repeats)
+        rows += run(target, draft, make_prompts(b), max_new_tokens=args.new, repeats=args.repeats,
+                    cache_variants=args.cache_variants)
     md = (f"# mmspec bench text ({args.models} weights)\n\n`mmspec bench text {' '.join(argv or sys.argv[1:])}`\n\n"
           f"{markdown_table(rows, COLUMNS)}\n\nEnvironment: {environment()}\n")
     js, mdp = write_report(args.out, "text", {"args": vars(args), "env": environment(), "rows": rows}, md)

@@ -13,6 +13,10 @@ Two cases need an explicit 4-D attention mask instead of the 2-D one, built here
   *positions*, not cache columns, once holes exist. The cache then keeps every column (a plain
   ``DynamicCache``, no sliding layers that would drop what a row still sees), and each layer kind gets its mask.
 Linear-attention / recurrent layers keep a state that a hole cannot undo: those models are refused.
+
+``CausalLM(model, cache="static")`` keeps the keys and values in a preallocated cache with per-row lengths
+instead (``mmspec.models.static_cache``): fixed shapes per window size, rollback by moving lengths, no holes;
+``compile=True`` runs its window forward through ``torch.compile`` (``mmspec.compile``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import torch
 
 from .compat import cache_keyword, output_cache
 
-__all__ = ["CausalLM", "RollbackError", "input_device", "vocab_size_of"]
+__all__ = ["CACHE_KINDS", "CausalLM", "RollbackError", "input_device", "vocab_size_of"]
+
+#: the KV caches an adapter can keep
+CACHE_KINDS = ("dynamic", "static")
 
 
 class RollbackError(TypeError):
@@ -105,9 +112,19 @@ class CausalLM:
 
     ``valid`` masks are CPU bool tensors (they come from host-side bookkeeping), so cropping the cache needs
     no device sync.
+
+    Args:
+        model: a transformers causal LM.
+        cache: ``"dynamic"`` (a transformers ``DynamicCache`` with holes, cropped on rollback) or ``"static"``
+            (preallocated with per-row lengths, ``mmspec.models.static_cache``; needs attention that takes a 4-D
+            mask: ``"sdpa"`` or ``"eager"``).
+        compile: run the window forward through ``torch.compile`` (static cache only; CUDA graphs on CUDA, one
+            per window size, see ``mmspec.compile``).
+        reserve: new columns the static cache reserves after the prompt (generate passes its budget); a run that
+            needs more grows the cache (a copy, and one recompile when compiled).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, cache: str = "dynamic", compile: bool = False, reserve: int | None = None):
         config = getattr(model, "config", None)
         if config is None:
             raise TypeError(f"`model` must be a transformers causal LM, got {type(model).__name__}.")
@@ -117,6 +134,7 @@ class CausalLM:
                 "decoder-only causal LMs."
             )
         self.model = model
+        self._cache_keyword = cache_keyword(model)  # read once (torch.compile traces call_model)
         self.vocab_size = vocab_size_of(model)
         params = inspect.signature(model.forward).parameters
         self._has_logits_to_keep = "logits_to_keep" in params
@@ -132,6 +150,21 @@ class CausalLM:
         self._dense = False
         #: LongTensor [B] added to decode positions (set by adapters whose models number positions otherwise)
         self.position_offset = None
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"`cache` must be one of {list(CACHE_KINDS)}, got {cache!r}.")
+        if compile and cache != "static":
+            raise ValueError("`compile=True` needs the static KV cache (cache='static'): a growing cache changes "
+                             "shapes every step, which would recompile every step.")
+        self.static = cache == "static"
+        self.reserve = reserve
+        self._lens = None  # static cache: LongTensor [B] (CPU) used columns per row, left padding included
+        self._compiled = None
+        if self.static:
+            self._check_4d_mask("the static KV cache")
+        if compile:
+            from ..compile import compile_window
+
+            self._compiled = compile_window(self._window_call, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -142,11 +175,15 @@ class CausalLM:
 
     @property
     def length(self) -> int:
-        """Cache length (valid tokens plus holes)."""
+        """Cache length (valid tokens plus holes; static cache: the longest row's used columns)."""
+        if self.static and self._lens is not None:
+            return int(self._lens.max())
         return 0 if self._mask_cpu is None else self._mask_cpu.shape[1]
 
     def num_valid(self) -> torch.Tensor:
         """LongTensor [B] (CPU): valid tokens per row in the cache."""
+        if self.static:
+            return self._lens - self._pad
         return self._mask_cpu.sum(-1)
 
     @torch.no_grad()
@@ -178,18 +215,22 @@ class CausalLM:
                 f"the model cached {seq_len} positions for a prompt of {mask.shape[1]}; models that expand the "
                 "prompt inside forward need their own adapter."
             )
+        if self.static:
+            self._start_static()
         return logits[:, -1].to(self.device)
 
     def call_model(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs):
         """One forward of the wrapped model -> (logits [B, L, V], cache). Families with quirks (separate
         image-token embeddings or heads, condition embeddings) override this and nothing else."""
-        kwargs[cache_keyword(self.model)] = past_key_values
+        kwargs[self._cache_keyword] = past_key_values
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, return_dict=True, **kwargs)
         return out.logits, output_cache(out)
 
     def checkpoint(self) -> None:
         """Mark the cache length; ``rollback`` then keeps a per-row number of tokens added since."""
+        if self.static:
+            self._ckpt, self._blocks = self._lens.clone(), 0
         self._start = self.length
 
     @torch.no_grad()
@@ -207,6 +248,8 @@ class CausalLM:
         Returns:
             logits [B, L, V] (``[B, n, V]`` with ``logits_to_keep=n``).
         """
+        if self.static:
+            return self._static_forward(tokens, valid, logits_to_keep, tree)
         B, L = tokens.shape
         dev = tokens.device
         S = self.length
@@ -252,16 +295,18 @@ class CausalLM:
             logits = logits[:, -logits_to_keep:]
         return logits.to(dev)  # no-op unless the model is sharded over devices (logits on the last one)
 
+    def _check_4d_mask(self, what: str) -> None:
+        if self._attn not in (None, "sdpa", "eager"):
+            raise RollbackError(
+                f"{what} needs a 4-D attention mask, which attention implementation {self._attn!r} does not take; "
+                "load the model with attn_implementation='sdpa' or 'eager'."
+            )
+
     def _block_mask(self, S: int, L: int, parents, depth: int):
         """The 4-D mask [B, 1, L, S + L] of a block appended at cache column S: the valid cache columns, then the
         block's own causal (chain) or ancestor (tree) structure; sliding layers also cut keys more than the window
         behind the query's position. A dict per layer kind for models that take one."""
-        if self._attn not in (None, "sdpa", "eager"):
-            raise RollbackError(
-                f"token trees and sliding windows with holes need a 4-D attention mask, which attention "
-                f"implementation {self._attn!r} does not take; load the model with attn_implementation='sdpa' "
-                "or 'eager'."
-            )
+        self._check_4d_mask("token trees and sliding windows with holes")
         dev = self.mask.device
         key_valid = self.mask.bool()  # [B, S + L]
         B = key_valid.shape[0]
@@ -279,11 +324,19 @@ class CausalLM:
             q_pos = self._pos[:, S:]
             near = (q_pos.unsqueeze(2) - self._pos.unsqueeze(1)) < self.sliding_window
             masks["sliding_attention"] = allowed & near
+        return self._mask_argument(masks["full_attention"], masks.get("sliding_attention"))
+
+    def _mask_argument(self, full: torch.Tensor, sliding: torch.Tensor | None):
+        """Boolean masks [B, L, S] -> the model's ``attention_mask``: [B, 1, L, S] (additive floats for eager
+        attention), or a dict per layer kind for models that take one."""
+        masks = {"full_attention": full, "sliding_attention": sliding}
         dtype = getattr(self.model, "dtype", torch.float32)
         for kind, m in masks.items():
+            if m is None:
+                continue
             m = m.unsqueeze(1)
             if self._attn == "eager":
-                m = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill(~m, torch.finfo(dtype).min)
+                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
             masks[kind] = m
         if self._mask_kinds is not None:
             return {kind: masks[kind] for kind in self._mask_kinds}
@@ -294,6 +347,8 @@ class CausalLM:
         block columns where ``keep[b, j]`` is True (BoolTensor [B, L], a tree's accepted path); drop the rest.
         ``keep`` is on the CPU.
         """
+        if self.static:
+            return self._static_rollback(keep)
         tail = self._mask_cpu[:, self._start :]
         if keep.dtype == torch.bool:
             kept = tail & keep[:, : tail.shape[1]]
@@ -319,3 +374,138 @@ class CausalLM:
         self._pos = self._pos[:, : self.length]
         self._start = self.length
         self._dense = bool(self._mask_cpu.all())
+
+    # -- the static cache (mmspec.models.static_cache) -----------------------------------------------------------------
+
+    def _start_static(self) -> None:
+        """Move the prefill's cache into a static one; the prompt mask must be left padding."""
+        from .static_cache import RowStaticCache
+
+        mask = self._mask_cpu
+        B, T = mask.shape
+        pad = (~mask).sum(-1)
+        if not torch.equal(mask, torch.arange(T).expand(B, T) >= pad.unsqueeze(1)):
+            raise ValueError("the static KV cache needs left-padded prompts (0s then 1s in every attention_mask row).")
+        reserve = 256 if self.reserve is None else int(self.reserve)
+        self.cache = RowStaticCache.from_cache(self.cache, _round_up(T + reserve, 64))
+        self._pad, self._lens = pad, torch.full((B,), T, dtype=torch.long)
+        self._pad_dev = pad.to(self.device)
+        self._unpadded = not bool(pad.any())
+        self._ckpt, self._blocks, self._last = self._lens.clone(), 0, None
+
+    def _static_forward(self, tokens, valid, logits_to_keep, tree):
+        from ..compile import bucket
+        from .static_cache import write_order
+
+        B, L = tokens.shape
+        dev = tokens.device
+        valid = valid.to(torch.bool)
+        W = bucket(L) if self._compiled is not None else L  # compiled: a few fixed shapes, padded at the front
+        front = W - L
+        if front:
+            tokens = torch.cat([tokens.new_zeros(B, front), tokens], dim=1)
+            valid = torch.cat([torch.zeros(B, front, dtype=torch.bool), valid], dim=1)
+        need = int(self._lens.max()) + W
+        if need > self.cache.capacity:
+            self.cache = self.cache.grown(_round_up(max(need, 2 * self.cache.capacity), 64))
+        if self._compiled is None and tree is None and bool(valid.all()):
+            return self._dense_forward(tokens, need, logits_to_keep)
+        rank, order = write_order(valid)  # [B, W] each, CPU
+        start = self._lens - self._pad
+        positions = (start.unsqueeze(1) + valid.long().cumsum(-1) - 1).clamp_min(0)
+        # one host -> device copy of the step's bookkeeping
+        packed = torch.cat([self._lens.unsqueeze(1), rank, order, valid.long(), positions], dim=1).to(dev, non_blocking=True)
+        lens_d, rank_d, order_d, valid_d, positions_d = packed.split([1, W, W, W, W], dim=1)
+        lens_d, valid_d = lens_d.squeeze(1), valid_d.bool()
+        ancestors = None
+        if tree is not None:
+            from ..tree import block_ancestors, block_depth, block_parents
+
+            parents = block_parents(tree.parents.to(dev))  # [B, L]
+            anc = block_ancestors(parents, tree.depth)
+            depth = block_depth(parents, tree.depth)
+            ancestors = torch.zeros(B, W, W, dtype=torch.bool, device=dev)
+            ancestors[:, front:, front:] = anc
+            positions_d = torch.cat([positions_d[:, :front], start.to(dev).unsqueeze(1) + depth], dim=1)
+        model_positions = positions_d if self.position_offset is None else positions_d + self.position_offset[:, None]
+        self.cache.write_columns = lens_d.unsqueeze(1) + rank_d
+        # eager: attend over the columns in use only (shapes may change); compiled: the whole, fixed capacity
+        self.cache.kv_length = need if self._compiled is None else None
+        call = self._window_call if self._compiled is None else self._compiled
+        logits = call(tokens, valid_d, order_d, positions_d, lens_d, ancestors, model_positions, logits_to_keep)
+        self._last = (rank[:, front:], valid[:, front:])
+        self._lens = self._lens + valid.sum(-1)
+        self._blocks += 1
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        elif front:
+            logits = logits[:, front:]
+        return logits.to(dev)
+
+    def _dense_forward(self, tokens, need, logits_to_keep):
+        """Eager, a chain whose places are all real (plain AR, most steps at batch 1): the block goes to columns
+        ``lens .. lens + W - 1`` in order, and the mask is two comparisons (the general path's, without its
+        permutation and gathers)."""
+        B, W = tokens.shape
+        dev = tokens.device
+        lens = self._lens.to(dev, non_blocking=True)
+        block = torch.arange(W, device=dev)
+        columns = lens.unsqueeze(1) + block  # [B, W]
+        positions = columns - self._pad_dev.unsqueeze(1)
+        col = torch.arange(need, device=dev)
+        key_pos = col - self._pad_dev.unsqueeze(1)  # [B, need]; < 0 at left padding
+        full = (key_pos.unsqueeze(1) >= 0) & (col <= columns.unsqueeze(2))  # [B, W, need]
+        sliding = None
+        if self.sliding_window is not None:
+            sliding = full & ((positions.unsqueeze(2) - key_pos.unsqueeze(1)) < self.sliding_window)
+        self.cache.write_columns, self.cache.kv_length = columns, need
+        if self.position_offset is not None:
+            positions = positions + self.position_offset.unsqueeze(1)
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._has_logits_to_keep else {}
+        # One query per row that sees every returned column (no padding, equal lengths): the mask says nothing, and
+        # SDPA runs faster without one (transformers skips it for a single query, as for the dynamic cache).
+        no_mask = (W == 1 and self._attn == "sdpa" and sliding is None and self._unpadded
+                   and int(self._lens.min()) + 1 == need)
+        mask = None if no_mask else self._mask_argument(full, sliding)
+        logits, _ = self.call_model(tokens, mask, positions, self.cache, **kwargs)
+        self._last = (torch.arange(W).expand(B, W), torch.ones(B, W, dtype=torch.bool))
+        self._lens = self._lens + W
+        self._blocks += 1
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return logits.to(dev)
+
+    def _window_call(self, tokens, valid, order, positions, lens, ancestors, model_positions, logits_to_keep):
+        """The window forward over the static cache, in tensors of fixed shapes (what ``torch.compile`` traces):
+        masks from the per-row lengths, then the model. Returns logits [B, W or n, V]."""
+        from .static_cache import window_masks
+
+        full, sliding = window_masks(lens, self._pad_dev, order, valid, positions,
+                                     self.cache.kv_length or self.cache.capacity, ancestors, self.sliding_window)
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._has_logits_to_keep else {}
+        logits, _ = self.call_model(tokens, self._mask_argument(full, sliding), model_positions, self.cache, **kwargs)
+        return logits
+
+    def _static_rollback(self, keep: torch.Tensor) -> None:
+        appended = self._lens - self._ckpt
+        if keep.dtype != torch.bool:
+            self._lens = self._ckpt + torch.minimum(keep.view(-1), appended)
+            return
+        if self._blocks != 1:
+            raise RuntimeError("a column mask `keep` (a tree's path) rolls back exactly one forward since checkpoint.")
+        rank, valid = self._last  # [B, L]
+        kept = valid & keep[:, : valid.shape[1]]
+        n = kept.sum(-1)
+        L = rank.shape[1]
+        offsets = torch.arange(L).expand_as(rank)
+        src = torch.where(kept, rank, L).sort(dim=1).values  # the kept places' columns, in block order
+        src = torch.where(offsets < n.unsqueeze(1), src, offsets)
+        if not torch.equal(src, offsets):  # the path is not the block's first valid places: compact it
+            dev = self.cache.write_columns.device
+            base = self._ckpt.unsqueeze(1)
+            self.cache.move((base + src).to(dev), (base + offsets).to(dev))
+        self._lens = self._ckpt + n
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

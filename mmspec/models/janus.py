@@ -67,10 +67,10 @@ class JanusLM(CausalLM):
     ``vocab_size`` is the VQ codebook size: token ``k`` of a block is image code ``k``.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, **options):
         if not _is_janus(model):
             raise TypeError(f"JanusLM drives a transformers JanusForConditionalGeneration, got {type(model).__name__}.")
-        super().__init__(model)
+        super().__init__(model, **options)  # options: the cache (``CausalLM``)
         self.vocab_size = int(model.model.generation_head.vision_head.out_features)
         # ``call_model`` below slices hidden states itself; the Llama backbone (transformers 5) takes no
         # ``cache_position`` (positions come from ``position_ids``).

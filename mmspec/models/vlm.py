@@ -35,14 +35,15 @@ def is_vision_language_model(model) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def adapter_for(model):
+def adapter_for(model, **options):
     """The decoding adapter for a transformers model: ``VisionLM`` for VLMs, ``CausalLM`` otherwise.
 
-    Objects that already are adapters (they have ``prefill``) are returned unchanged.
+    ``options`` (``cache``, ``compile``, ``reserve``) go to the adapter (see ``CausalLM``). Objects that already are
+    adapters (they have ``prefill``) are returned unchanged.
     """
     if hasattr(model, "prefill") and hasattr(model, "rollback"):
         return model
-    return VisionLM(model) if is_vision_language_model(model) else CausalLM(model)
+    return VisionLM(model, **options) if is_vision_language_model(model) else CausalLM(model, **options)
 
 
 class VisionLM(CausalLM):
@@ -90,6 +91,8 @@ class VisionLM(CausalLM):
         self._pos = (mask.cumsum(-1) - 1).clamp_min(0)
         self._mask_cpu = attention_mask.detach().to("cpu", torch.bool)
         self._dense = bool(self._mask_cpu.all())
+        if self.static:
+            self._start_static()
         return out.logits[:, -1]
 
     def _prepare_prefill(self, input_ids, mask, model_kwargs) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Union
 
@@ -12,6 +14,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..checks import check_choice, check_decoding, check_generator, check_int, resolve_method
+from ..compile import cache_options
 from ..decoding import DecodeState, GenerationStats, decode
 from ..drafting import available_methods, make_proposer
 from ..models.causal_lm import input_device
@@ -119,6 +122,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         kernels: str = "auto",
         method: Optional[str] = None,
         skip: Optional[List[int]] = None,
+        cache: Optional[str] = None,
+        compile: bool = False,
     ):
         """Generate images.
 
@@ -153,6 +158,10 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                 (``mmspec.drafting.available_methods()``); ``decoding=`` is accepted as its alias.
             skip: for ``method="self"``: decoder layers the model skips to draft for itself (guided like the
                 target); None calibrates them on these prompts (``mmspec.drafting.layer_skip``).
+            cache: the KV cache, as in ``mmspec.generate``: "dynamic" (default) or "static" (preallocated, per-row
+                lengths; the default with ``compile``).
+            compile: the target's and draft model's window forwards through ``torch.compile`` (CUDA graphs on
+                CUDA); see ``mmspec.compile``.
 
         Returns:
             ``SpeculativeImagePipelineOutput`` with ``images``, ``tokens`` [B, h * w] and ``stats``.
@@ -188,7 +197,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             family, inputs, family_for, guidance_scale=guidance_scale, choice=choice, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, method=method,
             draft_model=draft_model, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", skip=skip, tree=tree)
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="images", skip=skip, tree=tree,
+            cache=cache, compile=compile)
         T = state.prompt_length
         codes = layout.to_grid(state.tokens[:, T:T + layout.num_tokens])
         if output_type == "latent":
@@ -207,7 +217,7 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
 
     def _decode(self, family, inputs, draft_family_for, *, guidance_scale, choice, do_sample, temperature, top_k,
                 top_p, generator, method, draft_model, init, coupled, callback_on_step_end, kernels="auto",
-                unit="images", skip=None, tree=None):
+                unit="images", skip=None, tree=None, cache=None, compile=False):
         """The shared body of the image and video pipelines: guided target, criterion, proposer, the decode loop
         with a progress bar. ``inputs`` come from ``family.prefill_inputs``; ``choice`` from ``_check``;
         ``draft_family_for`` recognises the draft model's family. Returns ``(state, stats, layout, criterion)``."""
@@ -217,7 +227,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
         check_generator(generator, input_ids.shape[0], unit)
 
         layout = family.layout()
-        target = GuidedLM(self.model, layout, guidance_scale, adapter=family.adapter)
+        options = cache_options(cache, compile, reserve=layout.num_tokens + 2 * choice.window + 2)
+        target = GuidedLM(self.model, layout, guidance_scale, adapter=_with_options(family.adapter, options))
         criterion = choice.criterion
         criterion.prepare(codebook=family.codebook().to(device), image_token_offset=layout.image_token_offset,
                           vocab_size=target.vocab_size)
@@ -226,7 +237,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
             draft_family = draft_family_for(draft_model, tokenizer=self.tokenizer, vq=self.vq)
             if draft_family.layout() != layout:
                 raise ValueError(f"`draft_model` must share the target's {unit[:-1]} layout and vocabulary.")
-            drafter = GuidedLM(draft_model, layout, guidance_scale, adapter=draft_family.adapter)
+            drafter = GuidedLM(draft_model, layout, guidance_scale,
+                               adapter=_with_options(draft_family.adapter, options))
             if drafter.vocab_size != target.vocab_size:
                 raise ValueError("`draft_model` must have the target's vocabulary size.")
         proposer, window = make_proposer(
@@ -253,3 +265,14 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                               callback=on_step, kernels=kernels)
         bar.close()
         return state, stats, layout, criterion
+
+
+def _with_options(adapter, options: dict):
+    """A family's adapter class with the cache options (``cache_options``) bound, or unchanged without them."""
+    if not options:
+        return adapter
+    params = inspect.signature(adapter.__init__).parameters
+    if "cache" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"cache='static' / compile=True are not supported by {adapter.__name__} models yet (their "
+                         "forward builds its own attention mask); use cache='dynamic', compile=False.")
+    return functools.partial(adapter, **options)

@@ -129,6 +129,8 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
         coupled: bool = False,
         kernels: str = "auto",
         method: Optional[str] = None,
+        cache: Optional[str] = None,
+        compile: bool = False,
     ):
         """Generate videos.
 
@@ -154,6 +156,8 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
             kernels: verification backend, ``"auto"`` (fused Triton kernels on CUDA), ``"triton"`` or ``"torch"``.
             method: the decoding method (default "jacobi"), as in ``mmspec.generate``: "jacobi" (the model drafts
                 for itself), "draft" (``draft_model`` proposes), "lookup" or "ar"; ``decoding=`` is its alias.
+            cache, compile: the KV cache ("dynamic" or "static") and ``torch.compile`` of the window forwards, as in
+                ``mmspec.generate``.
 
         Returns:
             ``SpeculativeVideoPipelineOutput`` with ``frames``, ``tokens`` [B, F, h * w] and ``stats``.
@@ -177,7 +181,8 @@ class SpeculativeVideoPipeline(SpeculativeImagePipeline):
             family, family.prefill_inputs(prompts, negatives), video_family_for, guidance_scale=guidance_scale,
             choice=choice, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, method=method, draft_model=draft_model, init=init, coupled=coupled,
-            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos", tree=tree)
+            callback_on_step_end=callback_on_step_end, kernels=kernels, unit="videos", tree=tree, cache=cache,
+            compile=compile)
         B = state.batch_size
         T = state.prompt_length
         codes = layout.to_frames(state.tokens[:, T:T + layout.num_tokens])  # [B, F, h * w]
