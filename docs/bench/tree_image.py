@@ -43,6 +43,12 @@ configs["draft6"] = dict(decoding="draft", window=6, draft_model=draft)
 configs["c64-h"] = dict(decoding="jacobi", window=64, init="horizontal", coupled=True)
 configs["c64-h-tree(3,3)"] = dict(decoding="jacobi", window=64, init="horizontal", coupled=True, tree=(3, 3))
 configs["c64-h-tree(2,5)"] = dict(decoding="jacobi", window=64, init="horizontal", coupled=True, tree=(2, 5))
+for w, d in ((4, 1), (6, 1), (8, 1), (4, 2), (3, 3), (2, 2)):
+    configs[f"c32-h-tree({w},{d})"] = dict(decoding="jacobi", window=32, init="horizontal", coupled=True, tree=(w, d))
+for w in (24, 32, 36):  # Jacobi (tree) + the draft model's chain as a sibling branch
+    configs[f"jd{w}-h"] = dict(decoding="jacobi-draft", window=w, init="horizontal", coupled=True, draft_model=draft)
+    configs[f"jd{w}-h-tree(3,2)"] = dict(decoding="jacobi-draft", window=w, init="horizontal", coupled=True,
+                                          draft_model=draft, tree=(3, 2))
 configs["c48-h-tree(3,2)"] = dict(decoding="jacobi", window=48, init="horizontal", coupled=True, tree=(3, 2))
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 for name in sel:
