@@ -23,8 +23,11 @@ TREE_CASES = [
     ("lookup", dict(window=10, tree=(3, 3))),
     ("draft", dict(window=16, tree=(2, 3))),
     ("draft", dict(window=9, tree=(3, 2), dynamic_tree=True)),
+    ("jacobi-draft", dict(window=10)),
+    ("jacobi-draft", dict(window=14, tree=(2, 2), init="repeat", coupled=True)),
 ]
-CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6)}
+CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6), "jacobi-draft": dict(window=6)}
+DRAFTED = ("draft", "jacobi-draft")
 
 
 def _ids(case):
@@ -36,7 +39,7 @@ def _ids(case):
 @pytest.mark.parametrize("method,kw", TREE_CASES, ids=[_ids(c) for c in TREE_CASES])
 def test_greedy_tree_equals_plain_greedy(arch, method, kw):
     model = tiny_causal_lm(arch, sharpen=3.0)
-    extra = dict(draft_model=perturbed_copy(model, 0.3)) if method == "draft" else {}
+    extra = dict(draft_model=perturbed_copy(model, 0.3)) if method in DRAFTED else {}
     ids, mask = ragged_prompts(5, 96, seed=2)
     ref = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=20, method="ar", eos_token_id=1)
     out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=20, method=method, eos_token_id=1,
@@ -45,7 +48,7 @@ def test_greedy_tree_equals_plain_greedy(arch, method, kw):
     chain = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=20, method=method, eos_token_id=1,
                             **CHAINS[method], **extra)
     assert torch.equal(out.sequences, chain.sequences)
-    if method == "draft" or kw.get("init") is None and method == "jacobi":  # lookup needs repeats; repeat init
+    if method in DRAFTED or kw.get("init") is None and method == "jacobi":  # lookup needs repeats; repeat init
         assert out.stats.tree_nodes > 0                                     # may accept whole windows
     for b in (0, 3):  # each row equals that prompt decoded alone
         keep = mask[b].bool()
@@ -117,6 +120,8 @@ SAMPLED = [
     ("jacobi", dict(window=7, tree=(2, 2), init="repeat", coupled=True)),
     ("draft", dict(window=7, tree=(2, 2))),
     ("draft", dict(window=5, tree=(2, 2), dynamic_tree=True)),
+    ("jacobi-draft", dict(window=7)),
+    ("jacobi-draft", dict(window=11, tree=(2, 2), init="repeat", coupled=True)),
 ]
 
 
@@ -126,7 +131,7 @@ SAMPLED = [
 def test_sampled_tree_is_lossless(pair, method, kw, warp, monkeypatch):
     target, draft = pair
     spy = _Spy(monkeypatch)
-    extra = dict(draft_model=draft) if method == "draft" else {}
+    extra = dict(draft_model=draft) if method in DRAFTED else {}
     out = mmspec.generate(target, PROMPT.expand(N, -1), max_new_tokens=NEW, method=method, do_sample=True,
                           generator=torch.Generator().manual_seed(99), eos_token_id=[], **kw, **warp, **extra)
     assert max(spy.depths) >= 2 and max(spy.widths) >= 1, "no tree of depth 2 with siblings was verified"
