@@ -25,8 +25,10 @@ TREE_CASES = [
     ("draft", dict(window=9, tree=(3, 2), dynamic_tree=True)),
     ("jacobi-draft", dict(window=10)),
     ("jacobi-draft", dict(window=14, tree=(2, 2), init="repeat", coupled=True)),
+    ("lookahead", dict(lookahead=(9, 3, 4), tree=(3, 2))),
 ]
-CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6), "jacobi-draft": dict(window=6)}
+CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6), "jacobi-draft": dict(window=6),
+          "lookahead": dict(lookahead=(9, 3, 4))}
 DRAFTED = ("draft", "jacobi-draft")
 
 
@@ -122,6 +124,7 @@ SAMPLED = [
     ("draft", dict(window=5, tree=(2, 2), dynamic_tree=True)),
     ("jacobi-draft", dict(window=7)),
     ("jacobi-draft", dict(window=11, tree=(2, 2), init="repeat", coupled=True)),
+    ("lookahead", dict(lookahead=(6, 2, 4), tree=(3, 1))),
 ]
 
 
@@ -211,6 +214,20 @@ def test_tree_with_guided_image_pipeline_equals_ar():
         assert out.stats.tree_nodes > 0
 
 
+def test_closest_rows_follow_the_committed_path():
+    """After a step, each depth continues from the node that agrees longest with the committed tokens: the chain on
+    ties, the accepted branch's own subtree when the path left the chain."""
+    from mmspec.tree import closest_rows
+
+    # anchor; chain 0:(12) -> 1:(13); branch 2:(20) -> 3:(21)
+    tree = DraftTree(torch.tensor([[12, 13, 20, 21]] * 3), torch.tensor([[-1, 0, -1, 2]] * 3), None,
+                     torch.ones(3, 4, dtype=torch.bool), depth=2, width=2)
+    committed = torch.tensor([[20, 21, 5], [12, 7, -1], [20, 9, -1]])
+    assert closest_rows(tree, committed, 3).tolist() == [[0, 3, 4], [0, 1, 2], [0, 3, 4]]
+    off = DraftTree(tree.tokens[:1], tree.parents[:1], None, torch.tensor([[True, True, False, False]]), 2, 2)
+    assert closest_rows(off, committed[:1], 3).tolist() == [[0, 1, 2]]  # unused nodes are never chosen
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,match", [
     (dict(method="jacobi", tree=(0, 2)), "width >= 1"),
@@ -219,6 +236,8 @@ def test_tree_with_guided_image_pipeline_equals_ar():
     (dict(method="jacobi", window=10, tree=(3, 2)), "window of at least 13"),
     (dict(method="lookup", window=4, tree=(2, 2)), "window >= 5"),
     (dict(method="ar", tree=(2, 2)), "needs drafts"),
+    (dict(method="lookahead", lookahead=(7, 4, 7), tree=(3, 3)), "leaves 1 for the chain"),
+    (dict(method="jacobi-draft", window=2, draft_model=tiny_causal_lm("llama")), "window >= 3"),
 ])
 def test_bad_tree_arguments(kw, match):
     model = tiny_causal_lm("llama")

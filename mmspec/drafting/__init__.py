@@ -35,7 +35,7 @@ def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=
 
 
 #: methods whose drafts can branch (``tree=(width, depth)``)
-TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft")
+TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead")
 
 #: draft tokens of the draft model's branch in method "jacobi-draft" (its chain stops earlier with
 #: ``draft_confidence``)
@@ -70,10 +70,11 @@ def _self(window, model=None, prompt=None, skip=None, adaptive=False, draft_conf
 
 
 @register_method("lookahead", default_window=DEFAULT_LOOKAHEAD[0] + 1)
-def _lookahead(window, lookahead=None):
-    """Lookahead decoding: Jacobi trajectories fill an n-gram pool whose matches are verified."""
+def _lookahead(window, lookahead=None, tree=None):
+    """Lookahead decoding: Jacobi trajectories fill an n-gram pool whose matches are verified (several as sibling
+    branches with ``tree=(width, depth)``)."""
     config, _ = lookahead_config(lookahead, window)
-    return LookaheadProposer(*config)
+    return LookaheadProposer(*config, tree=tree)
 
 
 @register_method("ar", default_window=1, fixed_window=1)
