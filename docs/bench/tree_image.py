@@ -52,6 +52,8 @@ for w in (24, 32, 36):  # Jacobi (tree) + the draft model's chain as a sibling b
                                           draft_model=draft, tree=(3, 2))
 configs["jd48-h-tree(3,2)"] = dict(decoding="jacobi-draft", window=48, init="horizontal", coupled=True,
                                    draft_model=draft, tree=(3, 2))
+configs["jd64-h-tree(3,2)"] = dict(decoding="jacobi-draft", window=64, init="horizontal", coupled=True,
+                                   draft_model=draft, tree=(3, 2))
 configs["jd40-h-tree(4,2)"] = dict(decoding="jacobi-draft", window=40, init="horizontal", coupled=True,
                                    draft_model=draft, tree=(4, 2))
 configs["c48-h-tree(3,2)"] = dict(decoding="jacobi", window=48, init="horizontal", coupled=True, tree=(3, 2))
