@@ -1,6 +1,6 @@
 """Tokens per target forward of draft / lookup / Jacobi chains and token trees on the bundled text pair (the
-BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line snippets of json.decoder and
-textwrap, greedy, 64 new tokens each, batch 1."""
+BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line snippets of
+json.decoder and textwrap, greedy, 64 new tokens each, batch 1."""
 
 import inspect
 import sys
