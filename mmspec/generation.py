@@ -10,7 +10,7 @@ import torch
 from .checks import check_decoding, check_generator, check_int
 from .compile import cache_options
 from .decoding import DecodeState, GenerationStats, decode
-from .drafting import available_methods, make_proposer, method_spec
+from .drafting import TREE_METHODS, available_methods, make_proposer, method_spec
 from .drafting.lookahead import lookahead_config
 from .models.causal_lm import vocab_size_of
 from .models.vlm import adapter_for, is_vision_language_model
@@ -170,8 +170,8 @@ def generate(
     elif lookahead is not None:
         raise ValueError(f"`lookahead` is only used with method='lookahead', not method={method!r}.")
     tree = parse_tree(tree)
-    if tree is not None and method not in ("jacobi", "draft", "lookup"):
-        raise ValueError(f"`tree` needs drafts to branch: use it with method='jacobi', 'draft' or 'lookup', not "
+    if tree is not None and method not in TREE_METHODS:
+        raise ValueError(f"`tree` needs drafts to branch: use it with method in {TREE_METHODS}, not "
                          f"method={method!r}.")
     if skip is not None and method != "self":
         raise ValueError(f"`skip` is only used with method='self', not method={method!r}.")

@@ -19,7 +19,7 @@ import torch
 from .sampling import sample_from_weights as sample_weights
 
 __all__ = ["DraftTree", "block_parents", "block_depth", "block_ancestors", "block_paths", "sibling_rank",
-           "parse_tree", "tree_size", "with_alternatives"]
+           "parse_tree", "tree_size", "with_alternatives", "closest_rows"]
 
 
 @dataclass
@@ -125,6 +125,29 @@ def block_paths(tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
     out = block_tokens.new_zeros(B, L, tree.depth + 1)
     out.scatter_(2, slot, block_tokens.unsqueeze(1).expand(B, L, L))
     return out[:, :, : tree.depth], depth
+
+
+def closest_rows(tree: DraftTree, committed: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per depth, the block position whose drafts agree longest with what was committed: the rows to continue from.
+
+    After verifying ``tree``, ``committed`` [B, M] holds the accepted path then the correction (or bonus) token, -1
+    padded (``TreeVerifyResult.tokens``). For each depth ``e < num_rows`` this picks the block position of depth ``e``
+    (0 = the anchor) whose path from the anchor matches the longest prefix of ``committed``, the lowest index on
+    ties (so the chain, nodes ``0..K-1``, wins unless a branch matches better). Its row predicts depth ``e + 1``
+    given the best-conditioned context the forward computed: the accepted branch's own subtree when the path left
+    the chain, and the node equal to the correction when there is one. Returns LongTensor [B, num_rows] (block
+    positions; every depth below ``num_rows`` must hold a valid node in every row, as a chain's do)."""
+    toks, depth = block_paths(tree)  # [B, L, D], [B, L]
+    B, L, D = toks.shape
+    M = min(D, committed.shape[1])
+    eq = toks[:, :, :M] == committed[:, None, :M].to(toks.device)
+    in_path = torch.arange(M, device=toks.device) < depth.unsqueeze(-1)  # [B, L, M]
+    match = (eq & in_path).long().cumprod(-1).sum(-1)  # [B, L] agreeing prefix length
+    valid = torch.cat([torch.ones(B, 1, dtype=torch.bool), tree.valid], 1).to(toks.device)
+    key = torch.where(valid, match * (L + 1) + (L - torch.arange(L, device=toks.device)), -1)
+    best = torch.full((B, max(num_rows, int(depth.max()) + 1)), -1, dtype=torch.long, device=toks.device)
+    best.scatter_reduce_(1, depth, key, reduce="amax")
+    return L - best[:, :num_rows] % (L + 1)
 
 
 def tree_size(width: int, depth: int) -> int:

@@ -46,7 +46,7 @@ def test_draft_vocab_mismatch(model):
 
 
 def test_draft_model_without_draft_method(model):
-    with pytest.raises(ValueError, match="only used with method='draft'"):
+    with pytest.raises(ValueError, match="only used with method in \\['draft', 'jacobi-draft'\\]"):
         mmspec.generate(model, IDS, max_new_tokens=4, method="jacobi", draft_model=model)
 
 

@@ -67,9 +67,10 @@ def test_one_list_of_methods():
     from mmspec.pipelines.continuous import DECODINGS as CONTINUOUS
     from mmspec.pipelines.image import DECODINGS as IMAGE
 
-    assert list(METHODS) == list(IMAGE) == available_methods() == ["jacobi", "draft", "lookup", "self", "lookahead", "ar"]
+    assert list(METHODS) == list(IMAGE) == available_methods() == ["jacobi", "draft", "jacobi-draft", "lookup", "self",
+                                                                   "lookahead", "ar"]
     assert list(CONTINUOUS) == available_methods("continuous") == ["ar", "draft"]
-    assert DEFAULT_WINDOW == {"jacobi": 16, "draft": 6, "lookup": 11, "self": 6, "lookahead": 8, "ar": 1}
+    assert DEFAULT_WINDOW == {"jacobi": 16, "draft": 6, "jacobi-draft": 24, "lookup": 11, "self": 6, "lookahead": 8, "ar": 1}
     proposer, window = make_proposer("ar", 9, init="random")  # options other methods use are ignored
     assert isinstance(proposer, NoDraft) and window == 1
     proposer, window = make_proposer("lookup", None, max_ngram=2, init="random")

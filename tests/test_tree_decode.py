@@ -23,8 +23,13 @@ TREE_CASES = [
     ("lookup", dict(window=10, tree=(3, 3))),
     ("draft", dict(window=16, tree=(2, 3))),
     ("draft", dict(window=9, tree=(3, 2), dynamic_tree=True)),
+    ("jacobi-draft", dict(window=10)),
+    ("jacobi-draft", dict(window=14, tree=(2, 2), init="repeat", coupled=True)),
+    ("lookahead", dict(lookahead=(9, 3, 4), tree=(3, 2))),
 ]
-CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6)}
+CHAINS = {"jacobi": dict(window=10), "lookup": dict(window=10), "draft": dict(window=6), "jacobi-draft": dict(window=6),
+          "lookahead": dict(lookahead=(9, 3, 4))}
+DRAFTED = ("draft", "jacobi-draft")
 
 
 def _ids(case):
@@ -36,7 +41,7 @@ def _ids(case):
 @pytest.mark.parametrize("method,kw", TREE_CASES, ids=[_ids(c) for c in TREE_CASES])
 def test_greedy_tree_equals_plain_greedy(arch, method, kw):
     model = tiny_causal_lm(arch, sharpen=3.0)
-    extra = dict(draft_model=perturbed_copy(model, 0.3)) if method == "draft" else {}
+    extra = dict(draft_model=perturbed_copy(model, 0.3)) if method in DRAFTED else {}
     ids, mask = ragged_prompts(5, 96, seed=2)
     ref = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=20, method="ar", eos_token_id=1)
     out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=20, method=method, eos_token_id=1,
@@ -45,7 +50,7 @@ def test_greedy_tree_equals_plain_greedy(arch, method, kw):
     chain = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=20, method=method, eos_token_id=1,
                             **CHAINS[method], **extra)
     assert torch.equal(out.sequences, chain.sequences)
-    if method == "draft" or kw.get("init") is None and method == "jacobi":  # lookup needs repeats; repeat init
+    if method in DRAFTED or kw.get("init") is None and method == "jacobi":  # lookup needs repeats; repeat init
         assert out.stats.tree_nodes > 0                                     # may accept whole windows
     for b in (0, 3):  # each row equals that prompt decoded alone
         keep = mask[b].bool()
@@ -117,6 +122,9 @@ SAMPLED = [
     ("jacobi", dict(window=7, tree=(2, 2), init="repeat", coupled=True)),
     ("draft", dict(window=7, tree=(2, 2))),
     ("draft", dict(window=5, tree=(2, 2), dynamic_tree=True)),
+    ("jacobi-draft", dict(window=7)),
+    ("jacobi-draft", dict(window=11, tree=(2, 2), init="repeat", coupled=True)),
+    ("lookahead", dict(lookahead=(6, 2, 4), tree=(3, 1))),
 ]
 
 
@@ -126,7 +134,7 @@ SAMPLED = [
 def test_sampled_tree_is_lossless(pair, method, kw, warp, monkeypatch):
     target, draft = pair
     spy = _Spy(monkeypatch)
-    extra = dict(draft_model=draft) if method == "draft" else {}
+    extra = dict(draft_model=draft) if method in DRAFTED else {}
     out = mmspec.generate(target, PROMPT.expand(N, -1), max_new_tokens=NEW, method=method, do_sample=True,
                           generator=torch.Generator().manual_seed(99), eos_token_id=[], **kw, **warp, **extra)
     assert max(spy.depths) >= 2 and max(spy.widths) >= 1, "no tree of depth 2 with siblings was verified"
@@ -206,6 +214,20 @@ def test_tree_with_guided_image_pipeline_equals_ar():
         assert out.stats.tree_nodes > 0
 
 
+def test_closest_rows_follow_the_committed_path():
+    """After a step, each depth continues from the node that agrees longest with the committed tokens: the chain on
+    ties, the accepted branch's own subtree when the path left the chain."""
+    from mmspec.tree import closest_rows
+
+    # anchor; chain 0:(12) -> 1:(13); branch 2:(20) -> 3:(21)
+    tree = DraftTree(torch.tensor([[12, 13, 20, 21]] * 3), torch.tensor([[-1, 0, -1, 2]] * 3), None,
+                     torch.ones(3, 4, dtype=torch.bool), depth=2, width=2)
+    committed = torch.tensor([[20, 21, 5], [12, 7, -1], [20, 9, -1]])
+    assert closest_rows(tree, committed, 3).tolist() == [[0, 3, 4], [0, 1, 2], [0, 3, 4]]
+    off = DraftTree(tree.tokens[:1], tree.parents[:1], None, torch.tensor([[True, True, False, False]]), 2, 2)
+    assert closest_rows(off, committed[:1], 3).tolist() == [[0, 1, 2]]  # unused nodes are never chosen
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,match", [
     (dict(method="jacobi", tree=(0, 2)), "width >= 1"),
@@ -214,6 +236,8 @@ def test_tree_with_guided_image_pipeline_equals_ar():
     (dict(method="jacobi", window=10, tree=(3, 2)), "window of at least 13"),
     (dict(method="lookup", window=4, tree=(2, 2)), "window >= 5"),
     (dict(method="ar", tree=(2, 2)), "needs drafts"),
+    (dict(method="lookahead", lookahead=(7, 4, 7), tree=(3, 3)), "leaves 1 for the chain"),
+    (dict(method="jacobi-draft", window=2, draft_model=tiny_causal_lm("llama")), "window >= 3"),
 ])
 def test_bad_tree_arguments(kw, match):
     model = tiny_causal_lm("llama")

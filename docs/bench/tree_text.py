@@ -1,8 +1,9 @@
 """Tokens per target forward of draft / lookup / Jacobi chains and token trees on the bundled text pair (the
-BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py. Prompts: 8 six-line snippets of json.decoder and
-textwrap, greedy, 64 new tokens each, batch 1."""
+BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line snippets of
+json.decoder and textwrap, greedy, 64 new tokens each, batch 1."""
 
 import inspect
+import sys
 
 import torch
 
@@ -29,6 +30,7 @@ def run(**kw):
     return toks / fw, out.stats.tree_nodes_per_step
 
 
+sel = sys.argv[1].split(";") if len(sys.argv) > 1 else None
 for name, kw in [("draft chain w6 (depth 5)", dict(method="draft", draft_model=draft, window=6)),
                  ("draft tree(3,2) w16 (depth 5)", dict(method="draft", draft_model=draft, window=16, tree=(3, 2))),
                  ("draft tree(2,3) w15 (depth 5)", dict(method="draft", draft_model=draft, window=15, tree=(2, 3))),
@@ -39,6 +41,15 @@ for name, kw in [("draft chain w6 (depth 5)", dict(method="draft", draft_model=d
                  ("lookup tree(3,7) w22", dict(method="lookup", window=22, tree=(3, 7))),
                  ("jacobi w8", dict(method="jacobi", window=8)),
                  ("jacobi tree(3,2) w20", dict(method="jacobi", window=20, tree=(3, 2))),
-                 ("lookahead", dict(method="lookahead"))]:
+                 ("lookahead", dict(method="lookahead")),
+                 ("lookahead tree(2,3)", dict(method="lookahead", tree=(2, 3))),
+                 ("lookahead (13,4,7) tree(3,3)", dict(method="lookahead", lookahead=(13, 4, 7), tree=(3, 3))),
+                 ("lookahead (13,4,7)", dict(method="lookahead", lookahead=(13, 4, 7))),
+                 ("lookahead (16,4,10) tree(4,3)", dict(method="lookahead", lookahead=(16, 4, 10), tree=(4, 3))),
+                 ("lookahead (16,4,10)", dict(method="lookahead", lookahead=(16, 4, 10))),
+                 ("lookahead (10,4,7) tree(3,3)", dict(method="lookahead", lookahead=(10, 4, 7), tree=(3, 3))),
+                 ("lookahead (10,4,7)", dict(method="lookahead", lookahead=(10, 4, 7)))]:
+    if sel is not None and name not in sel:
+        continue
     c, n = run(**kw)
     print(f"{name:40s} step compression {c:.2f}  tree nodes/step {n:.1f}", flush=True)

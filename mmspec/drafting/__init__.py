@@ -8,14 +8,16 @@ continuous tokens ``"draft"`` and ``"ar"``. A new method is a ``Proposer`` subcl
 
 from .base import MethodSpec, NoDraft, Proposer, available_methods, make_proposer, method_spec, register_method
 from .continuous import ContinuousDraftProposer, GaussianDrafts
+from .hybrid import JacobiDraftProposer
 from .jacobi import INIT_STRATEGIES, JacobiProposer, register_init
 from .layer_skip import calibrate_skip, layer_skip_model
 from .lookahead import DEFAULT_LOOKAHEAD, LookaheadProposer, lookahead_config
 from .lookup import LookupProposer
 from .model import DraftModelProposer
 
-__all__ = ["ContinuousDraftProposer", "DraftModelProposer", "GaussianDrafts", "INIT_STRATEGIES", "JacobiProposer",
-           "LookaheadProposer", "LookupProposer", "MethodSpec", "NoDraft", "Proposer", "available_methods",
+__all__ = ["ContinuousDraftProposer", "DraftModelProposer", "GaussianDrafts", "INIT_STRATEGIES", "JacobiDraftProposer",
+           "JacobiProposer",
+           "LookaheadProposer", "LookupProposer", "MethodSpec", "NoDraft", "Proposer", "TREE_METHODS", "available_methods",
            "calibrate_skip", "layer_skip_model", "make_proposer", "method_spec", "register_init", "register_method"]
 
 
@@ -30,6 +32,26 @@ def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=
     return DraftModelProposer(draft, max(start, 1) if window > 1 else 0, adaptive=adaptive, max_drafts=window - 1,
                               confidence=draft_confidence, prefill_kwargs=prefill_kwargs, tree=tree,
                               dynamic_tree=dynamic_tree)
+
+
+#: methods whose drafts can branch (``tree=(width, depth)``)
+TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead")
+
+#: draft tokens of the draft model's branch in method "jacobi-draft" (its chain stops earlier with
+#: ``draft_confidence``)
+JACOBI_DRAFT_DEPTH = 4
+
+
+@register_method("jacobi-draft", default_window=24, needs_draft=True)
+def _jacobi_draft(window, draft, init="random", coupled=False, layout=None, tree=None, draft_confidence=None,
+                  prefill_kwargs=None):
+    """Jacobi (chain or tree) plus the draft model's chain as a sibling branch under the anchor, one forward."""
+    depth = min(JACOBI_DRAFT_DEPTH, (window - 1) // 2)
+    if depth < 1:
+        raise ValueError(f"method='jacobi-draft' needs window >= 3 (Jacobi drafts and a draft branch), got {window}.")
+    jacobi = JacobiProposer(window - depth, init=init, coupled=coupled, layout=layout, tree=tree)
+    return JacobiDraftProposer(jacobi, DraftModelProposer(draft, depth, confidence=draft_confidence,
+                                                          prefill_kwargs=prefill_kwargs))
 
 
 @register_method("lookup", default_window=11)
@@ -48,10 +70,11 @@ def _self(window, model=None, prompt=None, skip=None, adaptive=False, draft_conf
 
 
 @register_method("lookahead", default_window=DEFAULT_LOOKAHEAD[0] + 1)
-def _lookahead(window, lookahead=None):
-    """Lookahead decoding: Jacobi trajectories fill an n-gram pool whose matches are verified."""
+def _lookahead(window, lookahead=None, tree=None):
+    """Lookahead decoding: Jacobi trajectories fill an n-gram pool whose matches are verified (several as sibling
+    branches with ``tree=(width, depth)``)."""
     config, _ = lookahead_config(lookahead, window)
-    return LookaheadProposer(*config)
+    return LookaheadProposer(*config, tree=tree)
 
 
 @register_method("ar", default_window=1, fixed_window=1)

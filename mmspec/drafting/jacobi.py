@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..sampling import onehot, sample_from_weights, uniform
-from ..tree import parse_tree, tree_size, with_alternatives
+from ..tree import DraftTree, closest_rows, parse_tree, tree_size, with_alternatives
 from ..verify import _row, speculative_redraw
 from .base import Proposer, pad_drafts, row_limits
 
@@ -182,6 +182,7 @@ class JacobiProposer(Proposer):
         self.rows = None
         self.count = torch.zeros(B, dtype=torch.long, device=dev)
         self.horizon = None
+        self._tree = None
         self._anchor = state.last_tokens(1).to(dev)[:, 0]
 
     def propose(self, state, max_tokens):
@@ -218,10 +219,16 @@ class JacobiProposer(Proposer):
         if self.rows is None:
             return drafts, q
         width, depth = self.tree
-        return with_alternatives(drafts, q, self.rows, ~fill, width, depth, state.greedy, state.generator)
+        self._tree = with_alternatives(drafts, q, self.rows, ~fill, width, depth, state.greedy, state.generator)
+        return self._tree
 
     def update(self, state, result, target_rows, num_accepted):
-        if self.tree is not None:  # the chain's rows come first in the block; alternatives' rows are not needed
+        tree = getattr(self, "_tree", None)
+        self._tree = None
+        if isinstance(tree, DraftTree):  # per depth, the row of the node that agrees longest with what was committed
+            index = closest_rows(tree, result.tokens, self._proposed_len + 1)
+            target_rows = target_rows.gather(1, index.unsqueeze(-1).expand(-1, -1, target_rows.shape[-1]))
+        elif self.tree is not None:  # a chain step (no alternatives this time): its rows come first in the block
             target_rows = target_rows[:, : self._proposed_len + 1]
         B, K1, V = target_rows.shape
         K = K1 - 1

@@ -11,7 +11,8 @@ Here the lookahead branch and the verification branch share the loop's single bl
 per step, no custom attention mask yet): the block is ``[anchor, candidate (N-1 tokens), Jacobi slots]``.
 The Jacobi slots are the previous iteration's predictions at those positions (they are also verified, so
 a converged tail is accepted too); slots without one continue the candidate through the pool, else repeat.
-Once token trees land, ``rank_candidates`` already returns several continuations for sibling branches.
+With ``tree=(width, depth)`` the pool's next ``width - 1`` candidates (first ``depth`` tokens each) join the block as
+sibling branches, merged into a trie with the chain (shared prefixes are one node), out of the same window.
 
 The pool also takes every n-gram of the committed text (prompt and accepted tokens), which are exact.
 All drafts are deterministic given the past (one-hot ``q``), so the exact criterion stays exact.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..tree import DraftTree, closest_rows, parse_tree
 from .base import Proposer
 
 __all__ = ["LookaheadProposer", "NGramPool", "lookahead_config", "rank_candidates", "DEFAULT_LOOKAHEAD"]
@@ -90,11 +92,23 @@ class LookaheadProposer(Proposer):
         ngram: n-gram length N (candidates are ``N - 1`` tokens after the current one).
         pool: continuations kept per first token.
         committed_weight: score of an n-gram of the committed text relative to a lookahead n-gram (1.0).
+        tree: ``(width, depth)``: besides the best candidate (which the Jacobi slots continue), the next
+            ``width - 1`` candidates, cut to ``depth`` tokens, are verified as sibling branches; their nodes come
+            out of ``window`` (the Jacobi slots shrink by ``(width - 1) * depth``). None: one candidate.
     """
 
-    def __init__(self, window: int, ngram: int, pool: int, committed_weight: float = 1.0):
+    def __init__(self, window: int, ngram: int, pool: int, committed_weight: float = 1.0, tree=None):
         (self.window, self.ngram, self.pool_size), _ = lookahead_config((window, ngram, pool), None)
         self.committed_weight = committed_weight
+        self.tree = parse_tree(tree)
+        self.chain = window
+        if self.tree is not None:
+            width, depth = self.tree
+            self.chain = window - (width - 1) * depth
+            if self.chain < max(depth, 1):
+                raise ValueError(f"tree={tree!r} takes {(width - 1) * depth} of the lookahead window's {window} "
+                                 f"slots and leaves {self.chain} for the chain; use a lookahead window >= "
+                                 f"{(width - 1) * depth + depth}.")
 
     def start(self, state):
         B = state.batch_size
@@ -119,7 +133,7 @@ class LookaheadProposer(Proposer):
             self._seen[b] = end
 
     def propose(self, state, max_tokens):
-        K = min(self.window, max_tokens)
+        K = min(self.chain, max_tokens)
         B = state.batch_size
         before, anchors = state.last_tokens(2).T.tolist()
         drafts = torch.zeros(B, K, dtype=torch.long)
@@ -146,9 +160,50 @@ class LookaheadProposer(Proposer):
         self._start = state.lengths - 1  # position of the anchor in ``state.tokens``
         self._block = torch.cat([torch.tensor(anchors).unsqueeze(1), drafts], dim=1)
         self._active = state.active.clone()
+        self._tree = None
+        if self.tree is not None and K > 0:
+            self._tree = self._branches(state, drafts, anchors, before, min(self.tree[1], K))
+            if self._tree is not None:
+                return self._tree
         return drafts.to(state.device), None
 
+    def _branches(self, state, drafts, anchors, before, depth):
+        """The chain ``drafts`` [B, K] plus the pool's next candidates as branches, merged into a trie (a node per
+        distinct (parent, token)) -> a ``DraftTree`` (the chain first), or None when no row has another candidate."""
+        B, K = drafts.shape
+        width = self.tree[0]
+        rows = []
+        for b in range(B):
+            chain = drafts[b].tolist()
+            tokens, parents = list(chain), list(range(-1, K - 1))
+            child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+            if bool(state.active[b]):
+                for cand in rank_candidates(self.pools[b], anchors[b], width, before[b])[1:]:
+                    node = -1
+                    for t in cand[:depth]:
+                        if (node, t) not in child:
+                            child[(node, t)] = len(tokens)
+                            tokens.append(t), parents.append(node)
+                        node = child[(node, t)]
+            rows.append((tokens, parents))
+        N = max(len(t) for t, _ in rows)
+        if N == K:
+            return None
+        tokens = torch.zeros(B, N, dtype=torch.long)
+        parents = torch.full((B, N), -1, dtype=torch.long)
+        valid = torch.zeros(B, N, dtype=torch.bool)
+        for b, (t, p) in enumerate(rows):
+            tokens[b, : len(t)], parents[b, : len(p)], valid[b, : len(t)] = torch.tensor(t), torch.tensor(p), True
+        dev = state.device
+        return DraftTree(tokens.to(dev), parents.to(dev), None, valid, depth=K, width=width)
+
     def update(self, state, result, target_rows, num_accepted):
+        guess_rows = target_rows
+        if self._tree is not None:  # the chain's rows feed the pool; the Jacobi slots continue the accepted branch
+            K = self._block.shape[1] - 1
+            index = closest_rows(self._tree, result.tokens, K + 1)
+            guess_rows = target_rows.gather(1, index.unsqueeze(-1).expand(-1, -1, target_rows.shape[-1]))
+            target_rows = target_rows[:, : K + 1]
         B, K1, _ = target_rows.shape
         K = K1 - 1
         out = target_rows.argmax(-1).cpu()  # [B, K+1]: the model's next token after each block position
@@ -157,7 +212,8 @@ class LookaheadProposer(Proposer):
         # Jacobi: slots after the new anchor take the predictions made at their positions this step.
         src = num_accepted.unsqueeze(1) + 1 + torch.arange(self.window)
         self.count = (src <= K).sum(-1)
-        self.guess = out.gather(1, src.clamp(max=K)) if K > 0 else torch.zeros(B, self.window, dtype=torch.long)
+        guess = guess_rows.argmax(-1).cpu() if guess_rows is not target_rows else out
+        self.guess = guess.gather(1, src.clamp(max=K)) if K > 0 else torch.zeros(B, self.window, dtype=torch.long)
 
     def _add_lookahead(self, state, out):
         """Diagonal n-grams of the 2-D window: for the output after block position p, the tokens at p - d

@@ -159,14 +159,16 @@ class DraftModelProposer(Proposer):
         path = getattr(result, "path", None)
         on_chain = num_accepted if path is None else ((path >= 0) & (path < K)).sum(-1).cpu()
         # The draft cache holds the pending block and drafts x_1..x_{K-1} (a row's slots after its own drafts hold
-        # placeholders, never accepted); keep the accepted ones. What the target committed beyond them (the last
-        # accepted token when it is x_K or a tree's other candidate, then the correction / bonus token) is fed
-        # next step.
-        self.lm.rollback(self._fed_pending + on_chain.clamp(max=K - 1))
-        last_new = num_accepted > on_chain.clamp(max=K - 1)
-        last = result.tokens.gather(1, (num_accepted.to(result.tokens.device) - 1).clamp_min(0).unsqueeze(1))[:, 0]
-        self._pending = torch.stack([last, result.next_token], dim=1)
-        self._pending_valid = torch.stack([last_new, torch.ones(B, dtype=torch.bool)], dim=1)
+        # placeholders, never accepted); keep the accepted ones. What the target committed beyond them (x_K, or
+        # every path token after the path left the chain, then the correction / bonus token) is fed next step,
+        # right-aligned.
+        kept = on_chain.clamp(max=K - 1)
+        self.lm.rollback(self._fed_pending + kept)
+        count = num_accepted + 1 - kept  # [B] >= 1
+        P = int(count.max())
+        src = num_accepted.unsqueeze(1) + 1 - P + torch.arange(P)  # emitted index of each pending column
+        self._pending = result.tokens.gather(1, src.clamp_min(0).to(result.tokens.device)).clamp_min(0)
+        self._pending_valid = src >= kept.unsqueeze(1)
         if self.adaptive:  # per row: a row's schedule depends on its own acceptances only
             full = num_accepted >= self._limit
             k = torch.where(full, (self._k + 2).clamp(max=self.max_drafts), (self._k - 1).clamp(min=1))

@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput
 from ..checks import check_choice, check_decoding, check_generator, check_int, resolve_method
 from ..compile import cache_options
 from ..decoding import DecodeState, GenerationStats, decode
-from ..drafting import available_methods, make_proposer
+from ..drafting import TREE_METHODS, available_methods, make_proposer
 from ..models.causal_lm import input_device
 from ..models.families import family_for
 from ..models.image_tokens import GuidedLM
@@ -172,8 +172,8 @@ class SpeculativeImagePipeline(TerminalProgressMixin, DiffusionPipeline):
                                      do_sample=do_sample)
         if skip is not None and method != "self":
             raise ValueError(f"`skip` is only used with method='self', not {method!r}.")
-        if parse_tree(tree) is not None and method not in ("jacobi", "draft", "lookup"):
-            raise ValueError(f"`tree` needs drafts to branch: use it with method 'jacobi', 'draft' or 'lookup', "
+        if parse_tree(tree) is not None and method not in TREE_METHODS:
+            raise ValueError(f"`tree` needs drafts to branch: use it with a method in {TREE_METHODS}, "
                              f"not {method!r}.")
         family = self.family
         prompts = _as_list(prompt, "prompt")
