@@ -1,6 +1,7 @@
 """Zoo training machinery: resumable checkpoints, loss curves, object-weighted losses (tiny, step-limited runs)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,6 +62,38 @@ def test_vq_run_resumes_from_checkpoint(tmp_path):
         f"{n}_{t}" for n in ("one_object", "two_object") for t in ("original", "reconstruction")}
     with pytest.raises(ValueError, match="another recipe"):
         vq.train(tmp_path / "c", minutes=60, max_steps=5, recipe=_tiny_vq(object_weight=1.0), threads=1, ckpt=ck)
+
+
+def test_vq_denoise_stream_targets_the_noise_free_render():
+    from mmspec.zoo.data import image_to_tensor
+    from mmspec.zoo.recipes.vq import _Stream
+
+    for denoise in (True, False):
+        b = _Stream(_tiny_vq(denoise=denoise, scene_fraction=0.75)).batch(4)  # 3 scenes, 1 natural crop
+        assert b.shape == (4, 7, 64, 64)
+        x, scenes = scene_batch(0, 3, 0, 3, clean=True)
+        assert torch.equal(b[:3, :3], x)  # the input is the noisy image either way
+        want = torch.stack([image_to_tensor(s.clean) for s in scenes]) if denoise else x
+        assert torch.equal(b[:3, 3:6], want)
+        assert torch.equal(b[3, 3:6], b[3, :3])  # natural crops are reconstructed as they are
+    assert float((b[:3, 6] > 1).float().mean()) > 0  # the object weights ride along
+
+
+def test_vq_init_from_a_saved_tokenizer(tmp_path):
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import vq
+
+    vq.train(tmp_path / "a", minutes=60, max_steps=1, recipe=_tiny_vq(), threads=1)
+    start = hub.load_vq(tmp_path / "a")
+    m = vq.train(tmp_path / "b", minutes=60, max_steps=1, recipe=_tiny_vq(lr=1e-12, warmup_steps=1), threads=1,
+                 init_from=tmp_path / "a")
+    assert m["init_from"] == "a" and m["steps"] == 1
+    after = hub.load_vq(tmp_path / "b")
+    # a vanishing learning rate keeps the encoder; the codebook moves only by its EMA update
+    torch.testing.assert_close(after.encoder.conv_in.weight, start.encoder.conv_in.weight, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="architecture"):
+        vq.train(tmp_path / "c", minutes=60, max_steps=1, recipe=replace(_tiny_vq(), num_codes=32), threads=1,
+                 init_from=tmp_path / "a")
 
 
 def test_t2i_object_weighted_batch_and_loss():
