@@ -132,3 +132,20 @@ def test_t2i_cli_checkpoint_resume(tmp_path):
     assert again["steps"] == 2 and again["images_seen"] == 2 * 32
     saved = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert saved["steps"] == 2 and (tmp_path / "d" / "loss_curve.png").is_file()
+
+
+def test_t2i_init_from_a_saved_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes import t2i
+
+    t2i.train(tmp_path / "a", role="draft", minutes=60, max_steps=1, threads=1)
+    m = t2i.train(tmp_path / "b", role="draft", minutes=60, max_steps=1, threads=1, init_from=tmp_path / "a", lr=1e-12)
+    assert m["init_from"] == "a" and m["recipe"]["lr"] == 1e-12
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-3, rtol=0, msg=name)  # a vanishing lr keeps the weights
+    fresh = t2i.train(tmp_path / "c", role="draft", minutes=60, max_steps=1, threads=1, seed=1)
+    assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "c").lm_head.weight, a.lm_head.weight)
+    with pytest.raises(ValueError, match="not a target model"):
+        t2i.train(tmp_path / "d", role="target", minutes=60, max_steps=1, threads=1, init_from=tmp_path / "a")

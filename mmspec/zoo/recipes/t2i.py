@@ -12,7 +12,7 @@ VQ in the same step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,17 +163,31 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64) -> dict[str, fl
 
 def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: int = 0, max_steps: int | None = None,
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
-          ckpt_every_s: float = 300.0) -> dict[str, Any]:
+          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None) -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
-    resumed from when it exists (same role and recipe; its time counts against ``minutes``)."""
-    r = PRESETS[role]
+    resumed from when it exists (same role and recipe; its time counts against ``minutes``).
+
+    ``init_from``: a saved model folder of the same role and vocabulary size to start from (fresh
+    optimiser and schedule; a checkpoint, when present, still wins). ``lr``: peak learning rate instead
+    of the preset's (a warm start wants a smaller one)."""
+    r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path)
     codebook_size = int(hub.codebook(vq).shape[0])
     tokenizer = build_tokenizer()
     model = build_model(r, len(tokenizer), codebook_size)
+    if init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        start = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "image_layout", "boi_token_id")
+        if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
+            raise ValueError(f"init_from={str(init_from)!r} is not a {role} model over this vocabulary")
+        model.load_state_dict(start.state_dict())
+        print(f"[t2i-{role}] initialised from {init_from}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
@@ -220,7 +234,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
                      "gen": gen.get_state(), "step": step, "seen": seen, "elapsed": train_seconds, "ema": ema,
                      "history": history})
     metrics = {"role": role, "steps": step, "images_seen": seen, "train_seconds": round(train_seconds, 1),
-               "params": n_params, "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed}
+               "params": n_params, "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed,
+               "init_from": None if init_from is None else Path(init_from).name}
     metrics.update(evaluate(model, tokenizer, vq, r.eval_n))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +290,8 @@ def main(argv=None):
     ap.add_argument("--vq", default=None, help="VQ tokenizer folder (default: the bundled one)")
     ap.add_argument("--ckpt", default=None, help="training-state file (saved every --ckpt-every s, resumed if present)")
     ap.add_argument("--ckpt-every", type=float, default=300.0)
+    ap.add_argument("--init-from", default=None, help="start from this saved model folder (same role)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
@@ -286,7 +303,7 @@ def main(argv=None):
         print(res, flush=True)
         return res
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vq, args.ckpt,
-                 args.ckpt_every)
+                 args.ckpt_every, args.init_from, args.lr)
 
 
 if __name__ == "__main__":
