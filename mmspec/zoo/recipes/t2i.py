@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import hub
-from ..data import SCENE_VOCAB
+from ..data import SCENE_VOCAB, image_to_tensor
 from .common import (
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
@@ -59,6 +59,10 @@ class T2IRecipe:
     #: object's centre (the caption is about the objects, which cover ~10% of the codes); 0: none
     object_weight: float = 2.0
     object_halo: float = 1.3
+    #: learn the codes of each scene's noise-free render (``Scene.clean``) instead of the noisy image's: about
+    #: 60% of the bundled tokenizer's codes change between two draws of the sensor noise, which a token model
+    #: cannot predict from the caption; textures, shading, colour jitter and illumination stay
+    noise_free: bool = False
     eval_n: int = 256
 
 
@@ -99,11 +103,14 @@ def build_model(r: T2IRecipe, n_text: int, codebook_size: int):
 
 def make_batch(tokenizer, vq, model_config, start: int, n: int, seed: int, max_objects: int,
                caption_dropout: float, gen: torch.Generator | None, object_weight: float | None = None,
-               object_halo: float = 1.3):
+               object_halo: float = 1.3, noise_free: bool = False):
     """Sequences [n, L] (right padded), loss mask [n, L] (True where the next token is a target) and the
     captions; with ``object_weight`` also per-token loss weights [n, L] (1, or ``1 + object_weight`` on
-    the codes near an object; see :func:`mmspec.zoo.recipes.vq.object_weights`)."""
-    images, scenes = scene_batch(start, n, seed, max_objects)
+    the codes near an object; see :func:`mmspec.zoo.recipes.vq.object_weights`). ``noise_free``: the codes
+    are those of the scenes' renders without sensor noise."""
+    images, scenes = scene_batch(start, n, seed, max_objects, clean=noise_free)
+    if noise_free:
+        images = torch.stack([image_to_tensor(s.clean) for s in scenes])
     with torch.no_grad():
         codes = hub.encode_images(vq, images)  # [n, 256]
     layout = model_config.image_layout
@@ -140,13 +147,14 @@ def _loss(model, ids, target, weights=None):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64) -> dict[str, float]:
-    """Held-out loss and mean per-token entropy (nats) of the image-code predictions (conditional)."""
+def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64, noise_free: bool = False) -> dict[str, float]:
+    """Held-out loss and mean per-token entropy (nats) of the image-code predictions (conditional), on the
+    codes of the noisy scenes or (``noise_free``) of their noise-free renders."""
     model.eval()
     losses, entropies = [], []
     for start in range(0, n, batch_size):
         ids, target, _ = make_batch(tokenizer, vq, model.config, start, min(batch_size, n - start),
-                                    HELDOUT_SCENE_SEED, 2, 0.0, None)
+                                    HELDOUT_SCENE_SEED, 2, 0.0, None, noise_free=noise_free)
         logits = model(input_ids=ids, attention_mask=(ids != 0) | target).logits[:, :-1].float()
         tgt = target[:, 1:]
         losses.append(F.cross_entropy(logits[tgt], ids[:, 1:][tgt], reduction="sum"))
@@ -163,15 +171,19 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64) -> dict[str, fl
 
 def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: int = 0, max_steps: int | None = None,
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
-          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None) -> dict[str, Any]:
+          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
+          noise_free: bool | None = None) -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
     resumed from when it exists (same role and recipe; its time counts against ``minutes``).
 
     ``init_from``: a saved model folder of the same role and vocabulary size to start from (fresh
     optimiser and schedule; a checkpoint, when present, still wins). ``lr``: peak learning rate instead
-    of the preset's (a warm start wants a smaller one)."""
+    of the preset's (a warm start wants a smaller one). ``noise_free``: override the preset's
+    :attr:`T2IRecipe.noise_free`."""
     r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
+    if noise_free is not None:
+        r = replace(r, noise_free=noise_free)
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path)
@@ -209,7 +221,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
         for g in opt.param_groups:
             g["lr"] = lr
         ids, target, _, weights = make_batch(tokenizer, vq, model.config, seen, r.batch_size, TRAIN_SCENE_SEED + seed,
-                                             r.max_objects, r.caption_dropout, gen, r.object_weight, r.object_halo)
+                                             r.max_objects, r.caption_dropout, gen, r.object_weight, r.object_halo,
+                                             r.noise_free)
         seen += r.batch_size
         loss = _loss(model, ids, target, weights if r.object_weight else None)
         opt.zero_grad(set_to_none=True)
@@ -236,7 +249,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     metrics = {"role": role, "steps": step, "images_seen": seen, "train_seconds": round(train_seconds, 1),
                "params": n_params, "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed,
                "init_from": None if init_from is None else Path(init_from).name}
-    metrics.update(evaluate(model, tokenizer, vq, r.eval_n))
+    metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_loss_curve(history, out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)")
@@ -292,6 +305,8 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=float, default=300.0)
     ap.add_argument("--init-from", default=None, help="start from this saved model folder (same role)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
+                    help="learn the codes of the noise-free renders (default: the preset's)")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
@@ -303,7 +318,7 @@ def main(argv=None):
         print(res, flush=True)
         return res
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vq, args.ckpt,
-                 args.ckpt_every, args.init_from, args.lr)
+                 args.ckpt_every, args.init_from, args.lr, args.noise_free)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,9 @@ class VQRecipe:
     kmeans_iters: int = 20
     # loss
     edge_weight: float = 0.5
-    #: reconstruct the scene's render without sensor noise (``Scene.clean``) from the noisy image, so
-    #: the codes carry the scene, not the noise (natural crops are reconstructed as they are)
-    denoise: bool = True
+    #: reconstruct the scene's render without sensor noise (``Scene.clean``) from the noisy image (natural
+    #: crops are reconstructed as they are). Tried (cards/vq.md): it does *not* make the codes noise-invariant
+    denoise: bool = False
     #: extra weight of the pixels within ``object_halo`` radii of a scene object's centre (0: none)
     object_weight: float = 4.0
     object_halo: float = 1.3
@@ -330,7 +330,8 @@ def classifier_accuracy(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, 
 
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2,
-          ckpt: str | Path | None = None, ckpt_every_s: float = 300.0, init_from: str | Path | None = None) -> dict[str, Any]:
+          ckpt: str | Path | None = None, ckpt_every_s: float = 300.0, init_from: str | Path | None = None,
+          denoise: bool | None = None) -> dict[str, Any]:
     """Train the tokenizer for ``minutes`` of wall clock (or ``max_steps``), save it in fp16 to
     ``out`` and return the metrics (also written to ``out/metrics.json``), with a loss curve
     ``out/loss_curve.png``.
@@ -341,8 +342,11 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
 
     ``init_from``: a saved tokenizer folder (same architecture) to start from instead of random
     weights; its codebook is the initial one (no autoencoder phase, no k-means), with equal hit rates,
-    so dead-code restarts move the codes the new objective leaves unused."""
+    so dead-code restarts move the codes the new objective leaves unused. ``denoise``: override
+    :attr:`VQRecipe.denoise`."""
     r = recipe or VQRecipe()
+    if denoise is not None:
+        r = replace(r, denoise=denoise)
     if eval_n is not None:
         r.eval_n = eval_n
     setup_threads(threads)
