@@ -61,8 +61,9 @@ class T2IRecipe:
     object_halo: float = 1.3
     #: learn the codes of each scene's noise-free render (``Scene.clean``) instead of the noisy image's: about
     #: 60% of the bundled tokenizer's codes change between two draws of the sensor noise, which a token model
-    #: cannot predict from the caption; textures, shading, colour jitter and illumination stay
-    noise_free: bool = False
+    #: cannot predict from the caption; textures, shading, colour jitter and illumination stay (the shipped
+    #: pair; ``--no-noise-free`` gives the noisy-image codes of the first pairs)
+    noise_free: bool = True
     eval_n: int = 256
 
 
