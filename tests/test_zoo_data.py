@@ -52,6 +52,21 @@ def test_scene_deterministic_and_seed_dependent():
     assert len(images) == 20
 
 
+def test_scene_clean_render_is_the_same_scene_without_noise():
+    for seed in range(6):
+        plain, both = make_scene(seed), make_scene(seed, clean=True)
+        assert plain.clean is None
+        assert both.image.tobytes() == plain.image.tobytes() and both.caption == plain.caption
+        assert both.clean.shape == both.image.shape and both.clean.dtype == np.uint8
+        # the difference is the sensor noise: zero-mean, with the scene's drawn standard deviation
+        diff = both.image.astype(np.float32) - both.clean.astype(np.float32)
+        sigma = math.hypot(both.attributes["noise_sigma"], both.attributes["chroma_noise_sigma"])
+        assert abs(float(diff.mean())) < 1.0
+        assert 0.8 * sigma < float(diff.std()) < 1.2 * sigma
+        # and the clean render has far fewer distinct values in flat regions than the noisy one
+        assert mean_patch_std(both.clean, reduce="median") < mean_patch_std(both.image, reduce="median")
+
+
 def test_scene_shapes_and_dtypes():
     for size in (64, 32):
         s = make_scene(7, size=size)

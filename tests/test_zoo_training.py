@@ -1,6 +1,7 @@
 """Zoo training machinery: resumable checkpoints, loss curves, object-weighted losses (tiny, step-limited runs)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -63,6 +64,41 @@ def test_vq_run_resumes_from_checkpoint(tmp_path):
         vq.train(tmp_path / "c", minutes=60, max_steps=5, recipe=_tiny_vq(object_weight=1.0), threads=1, ckpt=ck)
 
 
+def test_vq_denoise_stream_targets_the_noise_free_render():
+    from mmspec.zoo.data import image_to_tensor
+    from mmspec.zoo.recipes.vq import _Stream
+
+    for denoise in (True, False):
+        b = _Stream(_tiny_vq(denoise=denoise, scene_fraction=0.75)).batch(4)  # 3 scenes, 1 natural crop
+        assert b.shape == (4, 7, 64, 64)
+        x, scenes = scene_batch(0, 3, 0, 3, clean=True)
+        assert torch.equal(b[:3, :3], x)  # the input is the noisy image either way
+        want = torch.stack([image_to_tensor(s.clean) for s in scenes]) if denoise else x
+        assert torch.equal(b[:3, 3:6], want)
+        assert torch.equal(b[3, 3:6], b[3, :3])  # natural crops are reconstructed as they are
+    assert float((b[:3, 6] > 1).float().mean()) > 0  # the object weights ride along
+
+
+def test_vq_init_from_a_saved_tokenizer(tmp_path):
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import vq
+
+    vq.train(tmp_path / "a", minutes=60, max_steps=1, recipe=_tiny_vq(), threads=1, seed=1)  # another initialisation
+    start = hub.load_vq(tmp_path / "a")
+    m = vq.train(tmp_path / "b", minutes=60, max_steps=1, recipe=_tiny_vq(lr=1e-12, warmup_steps=1), threads=1,
+                 init_from=tmp_path / "a")
+    assert m["init_from"] == "a" and m["steps"] == 1
+    after = hub.load_vq(tmp_path / "b")
+    # a vanishing learning rate keeps the encoder; the codebook moves only by its EMA update
+    torch.testing.assert_close(after.encoder.conv_in.weight, start.encoder.conv_in.weight, atol=1e-3, rtol=0)
+    vq.train(tmp_path / "n", minutes=60, max_steps=1, recipe=_tiny_vq(lr=1e-12, warmup_steps=1), threads=1)
+    fresh = hub.load_vq(tmp_path / "n")  # the same run without init_from
+    assert not torch.allclose(fresh.encoder.conv_in.weight, start.encoder.conv_in.weight, atol=1e-3)
+    with pytest.raises(ValueError, match="architecture"):
+        vq.train(tmp_path / "c", minutes=60, max_steps=1, recipe=replace(_tiny_vq(), num_codes=32), threads=1,
+                 init_from=tmp_path / "a")
+
+
 def test_t2i_object_weighted_batch_and_loss():
     from mmspec.zoo import hub
     from mmspec.zoo.recipes import t2i
@@ -99,3 +135,41 @@ def test_t2i_cli_checkpoint_resume(tmp_path):
     assert again["steps"] == 2 and again["images_seen"] == 2 * 32
     saved = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert saved["steps"] == 2 and (tmp_path / "d" / "loss_curve.png").is_file()
+
+
+def test_t2i_init_from_a_saved_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes import t2i
+
+    t2i.train(tmp_path / "a", role="draft", minutes=60, max_steps=1, threads=1, seed=1)  # another initialisation
+    m = t2i.train(tmp_path / "b", role="draft", minutes=60, max_steps=1, threads=1, init_from=tmp_path / "a", lr=1e-12)
+    assert m["init_from"] == "a" and m["recipe"]["lr"] == 1e-12
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-3, rtol=0, msg=name)  # a vanishing lr keeps the weights
+    t2i.train(tmp_path / "c", role="draft", minutes=60, max_steps=1, threads=1)  # b without init_from
+    assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "c").lm_head.weight, a.lm_head.weight)
+    with pytest.raises(ValueError, match="not a target model"):
+        t2i.train(tmp_path / "d", role="target", minutes=60, max_steps=1, threads=1, init_from=tmp_path / "a")
+
+
+def test_t2i_noise_free_batch_codes_the_clean_render():
+    from mmspec.zoo import hub
+    from mmspec.zoo.data import image_to_tensor
+    from mmspec.zoo.recipes import t2i
+
+    tok = t2i.build_tokenizer()
+    vqm = hub.load_vq()
+    cfg = t2i.build_model(t2i.PRESETS["draft"], len(tok), 1024).config
+    noisy, target, caps = t2i.make_batch(tok, vqm, cfg, 0, 2, 0, 2, 0.0, None)
+    clean, target2, caps2 = t2i.make_batch(tok, vqm, cfg, 0, 2, 0, 2, 0.0, None, noise_free=True)
+    assert caps == caps2 and torch.equal(target, target2)
+    _, scenes = scene_batch(0, 2, 0, 2, clean=True)
+    codes = hub.encode_images(vqm, torch.stack([image_to_tensor(s.clean) for s in scenes]))
+    offset = cfg.image_layout["image_token_offset"]
+    for i in range(2):
+        span = clean[i][target[i]][:-1] - offset  # the 256 codes (EOI last)
+        assert torch.equal(span, codes[i])
+    # the sensor noise changes many codes of the same scene
+    assert 0.2 < float((noisy[target] != clean[target]).float().mean()) < 0.95

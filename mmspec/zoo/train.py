@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--ckpt", default=None, help="vq/t2i: training-state file, saved every --ckpt-every seconds; "
                     "an existing one is resumed (same recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
-    ap.add_argument("--init-from", default=None, help="text_*/c2i: continue training from this earlier run's folder")
+    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i: continue training from this earlier run's folder")
+    ap.add_argument("--denoise", action="store_true", default=None,
+                    help="vq: reconstruct the scenes' noise-free renders (see cards/vq.md)")
+    ap.add_argument("--lr", type=float, default=None, help="t2i_*: peak learning rate (default: the recipe's)")
+    ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
+                    help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
     args = ap.parse_args(argv)
     module_name, role, default_minutes, _ = MODELS[args.model]
     minutes = default_minutes if args.minutes is None else args.minutes
@@ -74,11 +79,13 @@ def main(argv: list[str] | None = None):
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
-        return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, **common)
+        return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
+                            denoise=args.denoise, **common)
     if module_name == "classifier":
         return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
     if module_name == "t2i":
-        return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, **common)
+        return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
+                            lr=args.lr, noise_free=args.noise_free, **common)
     if module_name == "text_lm":
         return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, **common)
     return recipe.train(out, vq_path=args.vq, init_from=args.init_from, **common)

@@ -31,11 +31,14 @@ class Scene:
             name, ...}``. Each object dict has the caption-level keys ``shape``, ``colour``,
             ``size``, ``position`` plus render details (``center`` (x, y) in pixels, ``radius``,
             ``rotation`` in degrees, ``shading``). Object 0 is drawn on top.
+        clean: the same render without the per-pixel sensor noise (``np.uint8``, same shape), when
+            asked for (``make_scene(..., clean=True)``), else None.
     """
 
     image: np.ndarray
     caption: str
     attributes: dict[str, Any] = field(default_factory=dict)
+    clean: np.ndarray | None = None
 
     @property
     def labels(self) -> dict[str, int]:

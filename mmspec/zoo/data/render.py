@@ -244,8 +244,12 @@ def _choose_object_colour(rng: np.random.Generator, bg_tones: list[np.ndarray]) 
     return allowed[int(rng.integers(len(allowed)))]
 
 
-def _finish(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """Colour cast + per-pixel sensor noise, then quantise to uint8. ``img``: [..., H, W, 3]."""
+def _finish(rng: np.random.Generator, img: np.ndarray, clean: bool = False):
+    """Colour cast + per-pixel sensor noise, then quantise to uint8. ``img``: [..., H, W, 3].
+
+    Returns the noisy uint8 image and the noise parameters; with ``clean=True`` also the same image
+    with the colour cast but without the sensor noise (uint8, same shape). The random stream is
+    consumed identically either way."""
     gain = 1.0 + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
     sigma_l = float(rng.uniform(3.0, 9.0))
     sigma_c = float(rng.uniform(1.0, 3.0))
@@ -253,4 +257,8 @@ def _finish(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, dict
     noise = rng.standard_normal(shape[:-1] + (1,), dtype=np.float32) * sigma_l
     noise = noise + rng.standard_normal(shape, dtype=np.float32) * sigma_c
     out = img * gain + noise
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8), {"noise_sigma": sigma_l, "chroma_noise_sigma": sigma_c}
+    params = {"noise_sigma": sigma_l, "chroma_noise_sigma": sigma_c}
+    noisy = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if not clean:
+        return noisy, params
+    return noisy, params, np.clip(np.rint(img * gain), 0, 255).astype(np.uint8)

@@ -23,7 +23,7 @@ from .render import (
 from .vocab import _SIZE_RADIUS, POSITIONS, SHAPES, SIZES
 
 
-def make_scene(seed: int, size: int = 64, max_objects: int = 2) -> Scene:
+def make_scene(seed: int, size: int = 64, max_objects: int = 2, clean: bool = False) -> Scene:
     """Render one procedural scene, fully determined by ``seed``.
 
     Args:
@@ -31,9 +31,11 @@ def make_scene(seed: int, size: int = 64, max_objects: int = 2) -> Scene:
         size: image side in pixels (64 is the zoo's resolution; shapes scale with it).
         max_objects: 1..9; the scene has ``1..max_objects`` objects (uniform), each in a
             distinct cell of the 3x3 grid.
+        clean: also keep the render without sensor noise in ``Scene.clean`` (the noisy ``image``
+            is the same either way).
 
     Returns:
-        :class:`Scene` with ``image`` ``np.uint8 [size, size, 3]``.
+        :class:`Scene` with ``image`` ``np.uint8 [size, size, 3]`` (and ``clean``, same shape, or None).
     """
     if not 1 <= max_objects <= len(POSITIONS):
         raise ValueError(f"max_objects must be in 1..{len(POSITIONS)}, got {max_objects}")
@@ -94,7 +96,7 @@ def make_scene(seed: int, size: int = 64, max_objects: int = 2) -> Scene:
         a = alpha[..., None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + col * a
 
-    image, noise_params = _finish(rng, img)
+    image, noise_params, *rest = _finish(rng, img, clean)
     attributes = {
         "objects": objects,
         "background": bg_kind,
@@ -102,7 +104,7 @@ def make_scene(seed: int, size: int = 64, max_objects: int = 2) -> Scene:
         "background_params": bg_params,
         **noise_params,
     }
-    return Scene(image=image, caption=make_caption(attributes), attributes=attributes)
+    return Scene(image=image, caption=make_caption(attributes), attributes=attributes, clean=rest[0] if clean else None)
 
 
 def scene_seed(seed: int, index: int) -> int:

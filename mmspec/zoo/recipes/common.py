@@ -74,9 +74,10 @@ def cosine_lr(base: float, progress: float, step: int, warmup_steps: int, floor:
     return base * w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def scene_batch(start: int, n: int, seed: int, max_objects: int) -> tuple[torch.Tensor, list[Any]]:
-    """Scenes ``start .. start+n-1`` of stream ``seed``: images ``[n, 3, 64, 64]`` and the scenes."""
-    scenes = [make_scene(scene_seed(seed, i), 64, max_objects) for i in range(start, start + n)]
+def scene_batch(start: int, n: int, seed: int, max_objects: int, clean: bool = False) -> tuple[torch.Tensor, list[Any]]:
+    """Scenes ``start .. start+n-1`` of stream ``seed``: images ``[n, 3, 64, 64]`` and the scenes
+    (``clean``: each scene also keeps its noise-free render, ``Scene.clean``)."""
+    scenes = [make_scene(scene_seed(seed, i), 64, max_objects, clean=clean) for i in range(start, start + n)]
     return torch.stack([image_to_tensor(s.image) for s in scenes]), scenes
 
 

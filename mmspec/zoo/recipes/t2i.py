@@ -12,7 +12,7 @@ VQ in the same step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import hub
-from ..data import SCENE_VOCAB
+from ..data import SCENE_VOCAB, image_to_tensor
 from .common import (
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
@@ -59,6 +59,11 @@ class T2IRecipe:
     #: object's centre (the caption is about the objects, which cover ~10% of the codes); 0: none
     object_weight: float = 2.0
     object_halo: float = 1.3
+    #: learn the codes of each scene's noise-free render (``Scene.clean``) instead of the noisy image's: about
+    #: 60% of the bundled tokenizer's codes change between two draws of the sensor noise, which a token model
+    #: cannot predict from the caption; textures, shading, colour jitter and illumination stay (the shipped
+    #: pair; ``--no-noise-free`` gives the noisy-image codes of the first pairs)
+    noise_free: bool = True
     eval_n: int = 256
 
 
@@ -99,11 +104,14 @@ def build_model(r: T2IRecipe, n_text: int, codebook_size: int):
 
 def make_batch(tokenizer, vq, model_config, start: int, n: int, seed: int, max_objects: int,
                caption_dropout: float, gen: torch.Generator | None, object_weight: float | None = None,
-               object_halo: float = 1.3):
+               object_halo: float = 1.3, noise_free: bool = False):
     """Sequences [n, L] (right padded), loss mask [n, L] (True where the next token is a target) and the
     captions; with ``object_weight`` also per-token loss weights [n, L] (1, or ``1 + object_weight`` on
-    the codes near an object; see :func:`mmspec.zoo.recipes.vq.object_weights`)."""
-    images, scenes = scene_batch(start, n, seed, max_objects)
+    the codes near an object; see :func:`mmspec.zoo.recipes.vq.object_weights`). ``noise_free``: the codes
+    are those of the scenes' renders without sensor noise."""
+    images, scenes = scene_batch(start, n, seed, max_objects, clean=noise_free)
+    if noise_free:
+        images = torch.stack([image_to_tensor(s.clean) for s in scenes])
     with torch.no_grad():
         codes = hub.encode_images(vq, images)  # [n, 256]
     layout = model_config.image_layout
@@ -140,13 +148,14 @@ def _loss(model, ids, target, weights=None):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64) -> dict[str, float]:
-    """Held-out loss and mean per-token entropy (nats) of the image-code predictions (conditional)."""
+def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64, noise_free: bool = False) -> dict[str, float]:
+    """Held-out loss and mean per-token entropy (nats) of the image-code predictions (conditional), on the
+    codes of the noisy scenes or (``noise_free``) of their noise-free renders."""
     model.eval()
     losses, entropies = [], []
     for start in range(0, n, batch_size):
         ids, target, _ = make_batch(tokenizer, vq, model.config, start, min(batch_size, n - start),
-                                    HELDOUT_SCENE_SEED, 2, 0.0, None)
+                                    HELDOUT_SCENE_SEED, 2, 0.0, None, noise_free=noise_free)
         logits = model(input_ids=ids, attention_mask=(ids != 0) | target).logits[:, :-1].float()
         tgt = target[:, 1:]
         losses.append(F.cross_entropy(logits[tgt], ids[:, 1:][tgt], reduction="sum"))
@@ -163,17 +172,35 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64) -> dict[str, fl
 
 def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: int = 0, max_steps: int | None = None,
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
-          ckpt_every_s: float = 300.0) -> dict[str, Any]:
+          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
+          noise_free: bool | None = None) -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
-    resumed from when it exists (same role and recipe; its time counts against ``minutes``)."""
-    r = PRESETS[role]
+    resumed from when it exists (same role and recipe; its time counts against ``minutes``).
+
+    ``init_from``: a saved model folder of the same role and vocabulary size to start from (fresh
+    optimiser and schedule; a checkpoint, when present, still wins). ``lr``: peak learning rate instead
+    of the preset's (a warm start wants a smaller one). ``noise_free``: override the preset's
+    :attr:`T2IRecipe.noise_free`."""
+    r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
+    if noise_free is not None:
+        r = replace(r, noise_free=noise_free)
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path)
     codebook_size = int(hub.codebook(vq).shape[0])
     tokenizer = build_tokenizer()
     model = build_model(r, len(tokenizer), codebook_size)
+    if init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        start = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "image_layout", "boi_token_id")
+        if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
+            raise ValueError(f"init_from={str(init_from)!r} is not a {role} model over this vocabulary")
+        model.load_state_dict(start.state_dict())
+        print(f"[t2i-{role}] initialised from {init_from}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
@@ -195,7 +222,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
         for g in opt.param_groups:
             g["lr"] = lr
         ids, target, _, weights = make_batch(tokenizer, vq, model.config, seen, r.batch_size, TRAIN_SCENE_SEED + seed,
-                                             r.max_objects, r.caption_dropout, gen, r.object_weight, r.object_halo)
+                                             r.max_objects, r.caption_dropout, gen, r.object_weight, r.object_halo,
+                                             r.noise_free)
         seen += r.batch_size
         loss = _loss(model, ids, target, weights if r.object_weight else None)
         opt.zero_grad(set_to_none=True)
@@ -220,8 +248,9 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
                      "gen": gen.get_state(), "step": step, "seen": seen, "elapsed": train_seconds, "ema": ema,
                      "history": history})
     metrics = {"role": role, "steps": step, "images_seen": seen, "train_seconds": round(train_seconds, 1),
-               "params": n_params, "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed}
-    metrics.update(evaluate(model, tokenizer, vq, r.eval_n))
+               "params": n_params, "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed,
+               "init_from": None if init_from is None else Path(init_from).name}
+    metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot_loss_curve(history, out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)")
@@ -275,6 +304,10 @@ def main(argv=None):
     ap.add_argument("--vq", default=None, help="VQ tokenizer folder (default: the bundled one)")
     ap.add_argument("--ckpt", default=None, help="training-state file (saved every --ckpt-every s, resumed if present)")
     ap.add_argument("--ckpt-every", type=float, default=300.0)
+    ap.add_argument("--init-from", default=None, help="start from this saved model folder (same role)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
+                    help="learn the codes of the noise-free renders (default: the preset's)")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
@@ -286,7 +319,7 @@ def main(argv=None):
         print(res, flush=True)
         return res
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vq, args.ckpt,
-                 args.ckpt_every)
+                 args.ckpt_every, args.init_from, args.lr, args.noise_free)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from diffusers import VQModel
 from tqdm.auto import tqdm
 
 from .. import hub
-from ..data import LABEL_NAMES
+from ..data import LABEL_NAMES, image_to_tensor
 from .common import (
     HELDOUT_CROP_SEED,
     HELDOUT_SCENE_SEED,
@@ -94,6 +94,9 @@ class VQRecipe:
     kmeans_iters: int = 20
     # loss
     edge_weight: float = 0.5
+    #: reconstruct the scene's render without sensor noise (``Scene.clean``) from the noisy image (natural
+    #: crops are reconstructed as they are). Tried (cards/vq.md): it does *not* make the codes noise-invariant
+    denoise: bool = False
     #: extra weight of the pixels within ``object_halo`` radii of a scene object's centre (0: none)
     object_weight: float = 4.0
     object_halo: float = 1.3
@@ -197,17 +200,19 @@ class _Stream:
         self.i_crop = 0
 
     def batch(self, n: int) -> torch.Tensor:
-        """``n`` images ``[n, 3, 64, 64]`` with their loss weights as a 4th channel: ``[n, 4, 64, 64]``."""
+        """``n`` inputs ``[n, 3, 64, 64]``, their reconstruction targets (3 channels: the noise-free
+        render with ``denoise``, else the input) and loss weights (1 channel): ``[n, 7, 64, 64]``."""
         ns = int(round(n * self.r.scene_fraction))
         nc = n - ns
         parts = []
         if ns:
-            x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects)
-            parts.append(torch.cat([x, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
+            x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects, clean=self.r.denoise)
+            y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if self.r.denoise else x
+            parts.append(torch.cat([x, y, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
             self.i_scene += ns
         if nc:
             x = crop_batch(self.i_crop, nc, TRAIN_CROP_SEED)
-            parts.append(torch.cat([x, torch.ones_like(x[:, :1])], 1))
+            parts.append(torch.cat([x, x, torch.ones_like(x[:, :1])], 1))
             self.i_crop += nc
         return torch.cat(parts)
 
@@ -270,17 +275,20 @@ def evaluate(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, Any]:
     out: dict[str, Any] = {}
     all_tokens = []
     for name in ("scenes", "crops"):
-        psnrs, l1s, tokens, stable, obj_err = [], [], [], [], []
+        psnrs, l1s, tokens, stable, obj_err, psnr_clean = [], [], [], [], [], []
         for s in range(0, n, batch_size):
             m = min(batch_size, n - s)
             if name == "scenes":
-                x, scenes = scene_batch(s, m, HELDOUT_SCENE_SEED, 2)
+                x, scenes = scene_batch(s, m, HELDOUT_SCENE_SEED, 2, clean=True)
+                clean = torch.stack([image_to_tensor(sc.clean) for sc in scenes])
             else:
                 x, scenes = crop_batch(s, m, HELDOUT_CROP_SEED), []
+                clean = x
             t = hub.encode_images(vq, x)
             y = hub.decode_tokens(vq, t)
             t2 = hub.encode_images(vq, y)
             psnrs.append(psnr(y, x))
+            psnr_clean.append(psnr(y, clean))
             l1s.append((y - x).abs().flatten(1).mean(1))
             tokens.append(t)
             stable.append((t2 == t).float().mean(1))
@@ -292,6 +300,7 @@ def evaluate(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, Any]:
             "n_images": n,
             "psnr_db_mean": float(p.mean()),
             "psnr_db_p05": float(p.quantile(0.05)),
+            **({"psnr_db_mean_vs_noise_free": float(torch.cat(psnr_clean).mean())} if name == "scenes" else {}),
             "l1_mean": float(torch.cat(l1s).mean()),
             "reencode_token_agreement": float(torch.cat(stable).mean()),
             **({"object_colour_abs_err_uint8": float(np.mean(obj_err))} if obj_err else {}),
@@ -321,15 +330,23 @@ def classifier_accuracy(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, 
 
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2,
-          ckpt: str | Path | None = None, ckpt_every_s: float = 300.0) -> dict[str, Any]:
+          ckpt: str | Path | None = None, ckpt_every_s: float = 300.0, init_from: str | Path | None = None,
+          denoise: bool | None = None) -> dict[str, Any]:
     """Train the tokenizer for ``minutes`` of wall clock (or ``max_steps``), save it in fp16 to
     ``out`` and return the metrics (also written to ``out/metrics.json``), with a loss curve
     ``out/loss_curve.png``.
 
     ``ckpt``: a file that holds the full training state every ``ckpt_every_s`` seconds; if it
     exists when the run starts, the run resumes from it (same recipe; its time counts against
-    ``minutes``), so a long run can be stopped and continued."""
+    ``minutes``), so a long run can be stopped and continued.
+
+    ``init_from``: a saved tokenizer folder (same architecture) to start from instead of random
+    weights; its codebook is the initial one (no autoencoder phase, no k-means), with equal hit rates,
+    so dead-code restarts move the codes the new objective leaves unused. ``denoise``: override
+    :attr:`VQRecipe.denoise`."""
     r = recipe or VQRecipe()
+    if denoise is not None:
+        r = replace(r, denoise=denoise)
     if eval_n is not None:
         r.eval_n = eval_n
     setup_threads(threads)
@@ -344,6 +361,15 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     opt = torch.optim.Adam(params, lr=r.lr, betas=(0.9, 0.99))
     stream = _Stream(r)
     step, quantizing, restarts, images_seen, elapsed = 0, False, 0, 0, 0.0
+    if init_from is not None:
+        start = hub.load_vq(init_from)
+        if tuple(start.config.block_out_channels) != tuple(vq.config.block_out_channels) or start.config.num_vq_embeddings != r.num_codes:
+            raise ValueError(f"init_from={str(init_from)!r} has another architecture than the recipe")
+        vq.load_state_dict(start.state_dict())
+        tokens_per_step = r.batch_size * (r.crop // 4) ** 2
+        codebook.reset(weight.detach().clone(), torch.full((r.num_codes,), tokens_per_step / r.num_codes))
+        quantizing = True
+        print(f"[vq] initialised from {init_from}", flush=True)
     ema: dict[str, float] = {}
     history: list[dict[str, float]] = []
     checkpoint = Checkpoint(ckpt, ckpt_every_s)
@@ -392,7 +418,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         images_seen += x.shape[0]
         if not full:
             x = _random_crops(x, r.crop, gen)
-        x, wmap = x[:, :3], x[:, 3:]
+        x, target, wmap = x[:, :3], x[:, 3:6], x[:, 6:]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(r.lr, prog, step, r.warmup_steps)
 
@@ -409,9 +435,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             zq = z
         y = vq.decoder(vq.post_quant_conv(zq))
         wn = wmap / wmap.mean()
-        l1 = (wn * (y - x).abs()).mean()
-        l2 = (wn * (y - x) ** 2).mean()
-        edge = _edge_l1(y, x)
+        l1 = (wn * (y - target).abs()).mean()
+        l2 = (wn * (y - target) ** 2).mean()
+        edge = _edge_l1(y, target)
         loss = l1 + l2 + r.edge_weight * edge + r.beta * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -463,6 +489,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         "train_seconds": round(train_seconds, 1),
         "final_train_losses_ema": {kk: round(v, 5) for kk, v in ema.items()},
         "dead_code_restarts": restarts,
+        "init_from": None if init_from is None else Path(init_from).name,
         "heldout": evaluate(shipped, r.eval_n),
         "recipe": asdict(r),
     }
