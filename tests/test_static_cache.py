@@ -168,6 +168,8 @@ def test_bad_cache_arguments():
     with pytest.raises(ValueError, match="left-padded"):
         lm = CausalLM(model, cache="static")
         lm.prefill(torch.tensor([[3, 4, 5]]), torch.tensor([[1, 0, 1]]))
+    with pytest.raises(RollbackError, match="not cropped"):  # transformers' crop would break per-row lengths
+        RowStaticCache(1, 8).layers[0].crop(1)
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(RollbackError, match="4-D attention mask"):
         CausalLM(model, cache="static")

@@ -61,7 +61,11 @@ class RowStaticLayer(StaticLayer):
         return self.max_cache_len if self.is_initialized else 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a RowStaticCache is rolled back by its adapter's per-row lengths, not cropped.")
+        """Refused on purpose: rejected columns are overwritten, the adapter moves its per-row lengths instead."""
+        from .causal_lm import RollbackError
+
+        raise RollbackError("a RowStaticCache is rolled back by its adapter's per-row lengths, not cropped; "
+                            "use CausalLM.rollback.")
 
 
 class RowStaticCache(Cache):
