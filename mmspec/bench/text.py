@@ -88,6 +88,11 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
         ("mmspec draft", "mmspec", lambda: _mm(target, input_ids, method="draft", draft_model=draft,
                                                window=window_draft, **common)),
         ("mmspec lookup", "mmspec", lambda: _mm(target, input_ids, method="lookup", window=window_lookup, **common)),
+        # transformers' matching rule (first occurrence of the last 2-gram): the same drafts as its prompt lookup,
+        # so the two rows differ only in the loop around the forwards
+        ("mmspec lookup (transformers' rule)", "mmspec", lambda: _mm(
+            target, input_ids, method="lookup", window=window_lookup, max_ngram=2, lookup_match="earliest",
+            **common)),
         ("mmspec jacobi", "mmspec", lambda: _mm(target, input_ids, method="jacobi", window=8, **common)),
         # token trees at the chain's depth: the draft's next-best candidates over its first 2 levels (3-ary), and
         # up to 3 n-gram continuations as sibling branches
@@ -158,8 +163,8 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
             r["vs_dynamic"] = by[r["method"].rsplit(" [", 1)[0]] / r["median_s"]
     if "transformers assisted" in by:
         rows[[r["method"] for r in rows].index("mmspec draft")]["vs_peer"] = by["transformers assisted"] / by["mmspec draft"]
-        rows[[r["method"] for r in rows].index("mmspec lookup")]["vs_peer"] = (
-            by["transformers prompt lookup"] / by["mmspec lookup"])
+        for name in ("mmspec lookup", "mmspec lookup (transformers' rule)"):
+            rows[[r["method"] for r in rows].index(name)]["vs_peer"] = by["transformers prompt lookup"] / by[name]
     return rows
 
 

@@ -55,8 +55,8 @@ def _jacobi_draft(window, draft, init="random", coupled=False, layout=None, tree
 
 
 @register_method("lookup", default_window=11)
-def _lookup(window, max_ngram=3, tree=None):
-    return LookupProposer(window - 1, max_ngram=max_ngram, tree=tree)
+def _lookup(window, max_ngram=3, tree=None, lookup_match="longest"):
+    return LookupProposer(window - 1, max_ngram=max_ngram, tree=tree, match=lookup_match)
 
 
 @register_method("self", default_window=6)
