@@ -57,6 +57,18 @@ configs["jd64-h-tree(3,2)"] = dict(decoding="jacobi-draft", window=64, init="hor
 configs["jd40-h-tree(4,2)"] = dict(decoding="jacobi-draft", window=40, init="horizontal", coupled=True,
                                    draft_model=draft, tree=(4, 2))
 configs["c48-h-tree(3,2)"] = dict(decoding="jacobi", window=48, init="horizontal", coupled=True, tree=(3, 2))
+# Layer-skip self-drafting (issue 16): the target minus some layers drafts (calibrated, or a given skip set), alone
+# and as the draft branch of jacobi-draft (the layer-skip view passed as the draft model).
+from mmspec.drafting.layer_skip import layer_skip_model  # noqa: E402
+
+for w in (4, 6, 8):
+    configs[f"self{w}"] = dict(decoding="self", window=w)
+for skip in ((3,), (2, 3), (1, 2), (1, 2, 3)):
+    name = "".join(map(str, skip))
+    configs[f"self6-skip{name}"] = dict(decoding="self", window=6, skip=list(skip))
+    configs[f"selfjd48-skip{name}-h-tree(3,2)"] = dict(
+        decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2),
+        draft_model=layer_skip_model(pipe.model, list(skip)))
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 for name in sel:
     kw = configs[name]
