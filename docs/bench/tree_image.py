@@ -8,6 +8,7 @@ import time
 
 import torch
 
+import mmspec.drafting
 from mmspec.zoo.data import make_scene, scene_seed
 from mmspec.zoo.models import load_image_pipeline
 from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
@@ -69,9 +70,14 @@ for skip in ((3,), (2, 3), (1, 2), (1, 2, 3)):
     configs[f"selfjd48-skip{name}-h-tree(3,2)"] = dict(
         decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2),
         draft_model=layer_skip_model(pipe.model, list(skip)))
+# jacobi-draft with W candidates for the draft branch's first token (mmspec.drafting.JACOBI_DRAFT_WIDTH)
+for dw in (2, 3):
+    configs[f"jd48-h-tree(3,2)-dw{dw}"] = dict(configs["jd48-h-tree(3,2)"], _draft_width=dw)
+    configs[f"jd32-h-tree(3,2)-dw{dw}"] = dict(configs["jd32-h-tree(3,2)"], _draft_width=dw)
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 for name in sel:
-    kw = configs[name]
+    kw = dict(configs[name])
+    mmspec.drafting.JACOBI_DRAFT_WIDTH = kw.pop("_draft_width", 1)
     t, toks, fw, per = time.time(), 0, 0, []
     for i, p in enumerate(prompts):
         out = pipe(p, guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(i), **kw)

@@ -39,6 +39,10 @@ METHODS = {
     "coupled + tree(4,2) (horizontal, w64)": dict(decoding="jacobi", window=64, init="horizontal", coupled=True,
                                                    tree=(4, 2)),
     "draft tree(3,2) (w20)": dict(decoding="draft", window=20, tree=(3, 2)),
+    # the Jacobi tree plus the draft model's chain as one more branch (mmspec.drafting.hybrid), and layer skipping
+    "jacobi-draft + tree(3,2) (horizontal, w48)": dict(decoding="jacobi-draft", window=48, init="horizontal",
+                                                       coupled=True, tree=(3, 2)),
+    "self (layer-skip, skips the last layer, w6)": dict(decoding="self", window=6, skip=[3]),
 }
 
 
@@ -100,7 +104,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
     rows = []
     for name, spec in specs.items():
         kw = dict(spec)
-        if kw.get("decoding") == "draft":
+        if kw.get("decoding") in ("draft", "jacobi-draft"):
             kw["draft_model"] = draft
         if "acceptance" in kw:
             kw["acceptance"] = _criterion(kw["acceptance"])

@@ -38,8 +38,10 @@ def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=
 TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead")
 
 #: draft tokens of the draft model's branch in method "jacobi-draft" (its chain stops earlier with
-#: ``draft_confidence``)
+#: ``draft_confidence``), and its candidates for the first token (draws without replacement from the draft's row;
+#: the others are leaves)
 JACOBI_DRAFT_DEPTH = 4
+JACOBI_DRAFT_WIDTH = 1
 
 
 @register_method("jacobi-draft", default_window=24, needs_draft=True)
@@ -49,9 +51,12 @@ def _jacobi_draft(window, draft, init="random", coupled=False, layout=None, tree
     depth = min(JACOBI_DRAFT_DEPTH, (window - 1) // 2)
     if depth < 1:
         raise ValueError(f"method='jacobi-draft' needs window >= 3 (Jacobi drafts and a draft branch), got {window}.")
-    jacobi = JacobiProposer(window - depth, init=init, coupled=coupled, layout=layout, tree=tree)
-    return JacobiDraftProposer(jacobi, DraftModelProposer(draft, depth, confidence=draft_confidence,
-                                                          prefill_kwargs=prefill_kwargs))
+    width = JACOBI_DRAFT_WIDTH
+    nodes = depth + width - 1
+    jacobi = JacobiProposer(window - nodes, init=init, coupled=coupled, layout=layout, tree=tree)
+    return JacobiDraftProposer(jacobi, DraftModelProposer(draft, nodes, confidence=draft_confidence,
+                                                          prefill_kwargs=prefill_kwargs,
+                                                          tree=(width, 1) if width > 1 else None))
 
 
 @register_method("lookup", default_window=11)
