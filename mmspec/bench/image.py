@@ -120,7 +120,8 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
         row = {"method": name, "lossless": out.lossless, "target_forwards": stats.target_forwards,
                "step_compression": stats.step_compression, "mean_accepted": stats.mean_accepted,
                "tree_nodes": stats.tree_nodes_per_step, "median_s": statistics.median(times), "times": times,
-               "accepted_histogram": stats.accepted_histogram,
+               "accepted_histogram": stats.accepted_histogram, "window": kw.get("window", 1),
+               "draft_forwards": stats.draft_forwards,
                "entropy": token_entropy(pipe, prompts, out.tokens, guidance)}
         if clf is not None:
             images = out.images * 2 - 1
