@@ -74,10 +74,18 @@ for skip in ((3,), (2, 3), (1, 2), (1, 2, 3)):
 for dw in (2, 3):
     configs[f"jd48-h-tree(3,2)-dw{dw}"] = dict(configs["jd48-h-tree(3,2)"], _draft_width=dw)
     configs[f"jd32-h-tree(3,2)-dw{dw}"] = dict(configs["jd32-h-tree(3,2)"], _draft_width=dw)
+# the layer-skip branch (skips layer 3) with a longer chain (mmspec.drafting.JACOBI_DRAFT_DEPTH) and a wider window
+view3 = configs["selfjd48-skip3-h-tree(3,2)"]["draft_model"]
+for w in (48, 64):
+    for dd in (4, 6, 8):
+        configs[f"selfjd{w}-skip3-h-tree(3,2)-dd{dd}"] = dict(
+            decoding="jacobi-draft", window=w, init="horizontal", coupled=True, tree=(3, 2), draft_model=view3,
+            _draft_depth=dd)
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 for name in sel:
     kw = dict(configs[name])
     mmspec.drafting.JACOBI_DRAFT_WIDTH = kw.pop("_draft_width", 1)
+    mmspec.drafting.JACOBI_DRAFT_DEPTH = kw.pop("_draft_depth", 4)
     t, toks, fw, per = time.time(), 0, 0, []
     for i, p in enumerate(prompts):
         out = pipe(p, guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(i), **kw)

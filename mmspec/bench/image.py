@@ -42,6 +42,7 @@ METHODS = {
     # the Jacobi tree plus the draft model's chain as one more branch (mmspec.drafting.hybrid), and layer skipping
     "jacobi-draft + tree(3,2) (horizontal, w48)": dict(decoding="jacobi-draft", window=48, init="horizontal",
                                                        coupled=True, tree=(3, 2)),
+    "self (layer-skip, calibrated, w6)": dict(decoding="self", window=6),
     "self (layer-skip, skips the last layer, w6)": dict(decoding="self", window=6, skip=[3]),
 }
 
