@@ -1,0 +1,35 @@
+"""The adapter's host-side mask mirror (a growing numpy buffer) stays equal to the plain concatenation of every
+block's kept validity, through growth past its capacity and rollbacks that drop columns, and in step with the KV
+cache's length."""
+
+import torch
+
+from mmspec.models.causal_lm import CausalLM
+
+from lm_fixtures import tiny_causal_lm
+
+
+def test_mask_mirror_grows_and_rolls_back():
+    model = tiny_causal_lm("llama", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 96, (3, 5), generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    lm = CausalLM(model)
+    lm.prefill(ids, mask)
+    reference = mask.bool()
+    capacity = lm._mbuf.shape[1]
+    for step in range(40):  # 40 blocks of 4 columns: far past the first buffer
+        block = torch.randint(2, 96, (3, 4), generator=gen)
+        valid = torch.rand(3, 4, generator=gen) < 0.8
+        valid[:, 0] = True
+        lm.checkpoint()
+        lm.forward(block, valid)
+        keep = torch.randint(0, 5, (3,), generator=gen)  # valid tokens kept per row
+        lm.rollback(keep)
+        kept = valid & (valid.long().cumsum(-1) <= keep.view(-1, 1))
+        reference = torch.cat([reference, kept], 1)
+        reference = reference[:, : int(reference.any(0).nonzero()[-1]) + 1]  # trailing all-hole columns dropped
+        assert torch.equal(lm._mask_cpu, reference), step
+        assert lm.length == reference.shape[1] == lm.cache.get_seq_length()
+        assert torch.equal(lm.num_valid(), reference.sum(-1))
+    assert lm._mbuf.shape[1] > capacity  # it grew
