@@ -27,11 +27,10 @@ def _jacobi(window, init="random", coupled=False, layout=None, tree=None):
 
 
 @register_method("draft", default_window=6, needs_draft=True)
-def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None, tree=None, dynamic_tree=False):
+def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None, tree=None):
     start = min(5, window - 1) if adaptive else window - 1
     return DraftModelProposer(draft, max(start, 1) if window > 1 else 0, adaptive=adaptive, max_drafts=window - 1,
-                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs, tree=tree,
-                              dynamic_tree=dynamic_tree)
+                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs, tree=tree)
 
 
 #: methods whose drafts can branch (``tree=(width, depth)``)
