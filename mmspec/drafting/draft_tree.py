@@ -19,6 +19,10 @@ kept only when its ``q`` is high is no longer a draw from ``q``), so the score o
 drawn: the parent's path probability times the child's expected draft probability given the earlier siblings,
 ``sum_x q_j(x) q(x)``. Nothing ranked above a node then depends on its token, and recursive rejection sampling stays
 exact (ALGORITHMS section 8; the enumeration tests in tests/test_draft_tree.py decide).
+
+The draft's own chain (the first child of the anchor, its first child, ...) ranks above every other node, so the tree
+always holds the chain to its full depth: a greedy tree accepts at least what the chain alone would (on the bundled
+text pair this gains at large budgets and costs ~1% at a budget of 15).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import torch
 
 from ..sampling import sample_from_weights
 
-__all__ = ["children", "child_scores", "best_first", "node_paths"]
+__all__ = ["CHAIN", "children", "child_scores", "best_first", "node_paths"]
+
+#: added to the rank score of the draft's chain (scores are probabilities <= 1 otherwise)
+CHAIN = 1.0
 
 
 def children(rows: torch.Tensor, width: int, greedy: bool, generator=None, draws=None, probs_fn=None):
@@ -73,13 +80,17 @@ def child_scores(parent_path: torch.Tensor, parent_score: torch.Tensor, p: torch
     """Path probabilities and rank scores of children.
 
     Args:
-        parent_path, parent_score: [B, R] the parents' path probabilities and rank scores.
+        parent_path, parent_score: [B, R] the parents' path probabilities and rank scores (the anchor: 1 and
+            ``CHAIN + 1``).
         p, e: [B, R, W] from ``children``.
     Returns:
         (path [B, R, W], score [B, R, W]): ``path = parent_path * p``; ``score = parent_path * e``, cut so that it
-        never exceeds the parent's score nor an earlier sibling's.
+        never exceeds the parent's score nor an earlier sibling's, plus ``CHAIN`` for the first child of a node on
+        the draft's chain (the anchor's first child, its first child, ...): the chain ranks above every other node.
     """
     score = (parent_path.unsqueeze(-1) * e).cummin(-1).values
+    first = torch.arange(score.shape[-1], device=score.device) == 0
+    score = torch.where(first & (parent_score.unsqueeze(-1) > CHAIN), score + CHAIN, score)
     return parent_path.unsqueeze(-1) * p, torch.minimum(score, parent_score.unsqueeze(-1))
 
 

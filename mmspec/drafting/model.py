@@ -16,7 +16,7 @@ from ..models.causal_lm import CausalLM
 from ..sampling import sample_from_weights
 from ..tree import DraftTree, parse_tree
 from .base import Proposer, row_limits
-from .draft_tree import best_first, child_scores, children, node_paths
+from .draft_tree import CHAIN, best_first, child_scores, children, node_paths
 
 __all__ = ["DraftModelProposer"]
 
@@ -133,18 +133,20 @@ class DraftModelProposer(Proposer):
 
     def _propose_tree(self, state, logits, budget):
         """The EAGLE-2-style tree (``mmspec.drafting.draft_tree``) from the draft's row after the pending block,
-        ``logits`` [B, V]; ``budget`` [B] (CPU) nodes per row. Returns a ``DraftTree``."""
+        ``logits`` [B, V]; ``budget`` [B] (CPU) each row's draft limit (``row_limits``), which caps its depth.
+        Returns a ``DraftTree`` of at most ``max_drafts`` nodes per row."""
         width, depth = self.tree
         B, dev, pipe, greedy = state.batch_size, state.device, state.pipeline, state.greedy
         active = self._active
-        levels_b = budget.clamp(max=depth) * active  # [B] CPU: each row's own depth
+        levels_b = budget.clamp(max=depth) * active  # [B] CPU: each row's own depth (its remaining tokens - 1)
+        budget = torch.where(levels_b > 0, self.max_drafts, 0)  # nodes: the window's, whatever the depth
         levels = int(levels_b.max())
         if pipe.processors:
             logits = pipe.process(logits.unsqueeze(1), state.tokens, state.lengths)[:, 0]
         one = torch.ones(B, 1, dtype=torch.float64, device=dev)
         tok, q, p, e, ok = children(logits.unsqueeze(1), width, greedy, state.generator, (levels_b > 0).long(),
                                     pipe.probs)
-        path, score = child_scores(one, one, p, e)
+        path, score = child_scores(one, one + CHAIN, p, e)
         # every node of the step, in creation order: level 1 (W nodes), then W * W per further level
         tokens, parents, paths, scores = [tok.flatten(1)], [torch.full((B, width), -1, device=dev)], \
             [path.flatten(1)], [score.flatten(1)]
@@ -174,7 +176,7 @@ class DraftModelProposer(Proposer):
         # keep the ``budget`` best nodes of the whole tree, best first (parents before children)
         node_level = torch.cat([torch.full((t.shape[1],), i + 1) for i, t in enumerate(tokens)])
         within = torch.cat(usable, 1) & (node_level.unsqueeze(0) <= levels_b.unsqueeze(1)).to(dev)
-        keep, valid = best_first(torch.cat(scores, 1), within, budget * active)
+        keep, valid = best_first(torch.cat(scores, 1), within, budget)
         all_parents = torch.cat(parents, 1)
         position = torch.full_like(all_parents, -1).scatter_(1, keep, torch.arange(keep.shape[1], device=dev)
                                                              .expand_as(keep).contiguous())
