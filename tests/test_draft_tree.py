@@ -7,6 +7,7 @@ T=0.7 with top-k are the ``draft`` cases of tests/test_tree_decode.py (``TREE_CA
 
 import pytest
 import torch
+from test_tree_decode import ALPHA, NEW, PROMPT, N, V, _exact, _pvalue, _Spy
 
 import mmspec
 import mmspec.drafting.draft_tree as draft_tree
@@ -18,7 +19,6 @@ from mmspec.sampling import LogitsPipeline
 from mmspec.tree import DraftTree
 
 from lm_fixtures import perturbed_copy, ragged_prompts, tiny_causal_lm
-from test_tree_decode import ALPHA, N, NEW, PROMPT, V, _exact, _pvalue, _Spy
 
 
 def _recording(prop):

@@ -110,7 +110,7 @@ class DraftModelProposer(Proposer):
         self.draft_forwards += 1
         if self.tree is not None:
             return self._propose_tree(state, logits, limit)
-        drafts, probs, rows = [], [], []
+        drafts, probs = [], []
         while True:
             i = len(drafts)
             token, q, conf = self._draft_rows(state, logits, drafts, (i < limit).long())
