@@ -1,6 +1,7 @@
 """Tokens per target forward of draft / lookup / Jacobi chains and token trees on the bundled text pair (the
-BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line snippets of
-json.decoder and textwrap, greedy, 64 new tokens each, batch 1."""
+BENCHMARKS.md tree table). Usage: PYTHONPATH=. python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line
+snippets of json.decoder and textwrap, greedy, 64 new tokens each, batch 1. Prints tokens per target forward (step
+compression), tree nodes per step (of the last prompt), draft forwards per step and wall clock per token."""
 
 import inspect
 import sys
@@ -36,12 +37,13 @@ def run(**kw):
 
 sel = sys.argv[1].split(";") if len(sys.argv) > 1 else None
 for name, kw in [("draft chain w6 (depth 5)", dict(method="draft", draft_model=draft, window=6)),
-                 ("draft tree(2,5) w11", dict(method="draft", draft_model=draft, window=11, tree=(2, 5))),
-                 ("draft tree(3,5) w11", dict(method="draft", draft_model=draft, window=11, tree=(3, 5))),
+                 ("draft tree(3,5) w8", dict(method="draft", draft_model=draft, window=8, tree=(3, 5))),
                  ("draft tree(3,5) w16", dict(method="draft", draft_model=draft, window=16, tree=(3, 5))),
                  ("draft tree(4,5) w16", dict(method="draft", draft_model=draft, window=16, tree=(4, 5))),
                  ("draft tree(4,5) w24", dict(method="draft", draft_model=draft, window=24, tree=(4, 5))),
-                 ("draft tree(3,5) w8", dict(method="draft", draft_model=draft, window=8, tree=(3, 5))),
+                 ("draft tree(6,5) w32", dict(method="draft", draft_model=draft, window=32, tree=(6, 5))),
+                 ("draft tree(6,5) w40", dict(method="draft", draft_model=draft, window=40, tree=(6, 5))),
+                 ("draft tree(8,5) w64", dict(method="draft", draft_model=draft, window=64, tree=(8, 5))),
                  ("lookup chain w8", dict(method="lookup", window=8)),
                  ("lookup tree(3,7) w22", dict(method="lookup", window=22, tree=(3, 7))),
                  ("jacobi w8", dict(method="jacobi", window=8)),
