@@ -171,3 +171,19 @@ def test_bad_draft_tree_arguments(kw, match):
     model = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match=match):
         mmspec.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4, method="draft", draft_model=model, **kw)
+
+
+def test_batch_one_caches_keep_no_holes():
+    """At batch 1 the accepted path is moved to the front of each tree block (``CausalLM.rollback`` with a column
+    mask), so neither the target's nor the draft's cache keeps holes: their columns are the committed tokens."""
+    target = tiny_causal_lm("llama", sharpen=3.0)
+    draft = perturbed_copy(target, 0.6)
+    ids = torch.tensor([[5, 9, 11, 4, 7]])
+    prop = DraftModelProposer(draft, 9, tree=(3, 4))
+    lm = CausalLM(target)
+    state = DecodeState(ids, torch.ones_like(ids), 30, 96, LogitsPipeline(), None, ids.device)
+    holes = []
+    decode(lm, prop, state, window=10,
+           callback=lambda step, s: holes.append((int((~lm._mask_cpu).sum()), int((~prop.lm._mask_cpu).sum()))))
+    assert holes and all(h == (0, 0) for h in holes), holes
+    assert lm.length == int(state.lengths[0]) - 1  # every committed token but the last (the next anchor)

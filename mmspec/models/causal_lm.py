@@ -8,7 +8,8 @@ cropped from the transformers cache (``Cache.crop(-n)``, transformers 5.x).
 
 Two cases need an explicit 4-D attention mask instead of the 2-D one, built here from the same bookkeeping:
 * token trees (``forward(..., tree=...)``): each node attends to the committed prefix and its own ancestors
-  only, at the position of its depth; after verification the off-path nodes become holes like any rejection;
+  only, at the position of its depth; after verification the accepted path is moved to the front of the block's
+  columns and the rest cropped or left as holes like any rejection (``rollback`` with a column mask);
 * sliding-window layers (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): the window must count
   *positions*, not cache columns, once holes exist. The cache then keeps every column (a plain
   ``DynamicCache``, no sliding layers that would drop what a row still sees), and each layer kind gets its mask.
@@ -344,8 +345,8 @@ class CausalLM:
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Keep, in row b, the first ``keep[b]`` valid tokens added since ``checkpoint`` (LongTensor [B]), or the
-        block columns where ``keep[b, j]`` is True (BoolTensor [B, L], a tree's accepted path); drop the rest.
-        ``keep`` is on the CPU.
+        block columns where ``keep[b, j]`` is True (BoolTensor [B, L], a tree's accepted path: moved to the front
+        of the block's columns, as if fed alone); drop the rest. ``keep`` is on the CPU.
         """
         if self.static:
             return self._static_rollback(keep)
@@ -360,6 +361,8 @@ class CausalLM:
         if torch.equal(kept, tail):
             self._start = self.length
             return
+        if keep.dtype == torch.bool:
+            kept = self._compact(kept)
         used = kept.any(0).nonzero()
         new_tail = int(used[-1]) + 1 if len(used) else 0
         drop = tail.shape[1] - new_tail
@@ -374,6 +377,29 @@ class CausalLM:
         self._pos = self._pos[:, : self.length]
         self._start = self.length
         self._dense = bool(self._mask_cpu.all())
+
+    def _compact(self, kept: torch.Tensor) -> torch.Tensor:
+        """Move each row's kept columns since the checkpoint (BoolTensor [B, T], CPU; a tree's accepted path) to the
+        front of that span, in order, so they take the columns the path alone would have (no holes behind them);
+        returns the new kept mask (a prefix per row)."""
+        B, T = kept.shape
+        order = torch.where(kept, 0, 1).mul(T).add(torch.arange(T)).argsort(-1)  # [B, T] kept columns first
+        count = kept.sum(-1)
+        m = int(count.max())
+        src = order[:, :m]
+        if torch.equal(src, torch.arange(m).expand(B, m)):
+            return kept
+        start = self._start
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", True) or layer.keys is None:
+                continue
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [B, H, S, D]
+                idx = (start + src).to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+                t[:, :, start : start + m] = t.gather(2, idx)
+        if self.sliding_window is not None:  # the columns' logical positions move with them
+            self._pos[:, start : start + m] = self._pos.gather(1, (start + src).to(self._pos.device))
+        return torch.arange(T) < count.unsqueeze(1)
 
     # -- the static cache (mmspec.models.static_cache) -----------------------------------------------------------------
 
