@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -139,7 +140,7 @@ class State(ABC):
     def kept(self, result, active: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
         """What the target keeps of this step's block (``rollback``'s argument): LongTensor [B] counts for a chain
         (the anchor and the accepted drafts), or BoolTensor [B, K+1] block columns (a tree's accepted path)."""
-        return torch.where(active, num_accepted + 1, 0)
+        return torch.from_numpy(np.where(active.numpy(), num_accepted.numpy() + 1, 0))
 
     @abstractmethod
     def commit(self, result) -> torch.Tensor:
@@ -175,6 +176,9 @@ class DecodeState(State):
         self.valid[:, :T] = attention_mask.cpu().bool()
         self.num_new = torch.zeros(B, dtype=torch.long)
         self.active = torch.full((B,), max_new_tokens > 0, dtype=torch.bool)
+        self._tokens_np, self._valid_np = self.tokens.numpy(), self.valid.numpy()  # shared memory
+        eos = None if eos_token_ids is None else eos_token_ids.cpu().numpy().ravel()
+        self._eos = eos if eos is not None and eos.size else None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -231,48 +235,53 @@ class DecodeState(State):
         self._path = None
         if getattr(result, "path", None) is not None:  # a tree: the path's node mask rides on the same copy
             L = result.tokens.shape[1]
-            packed = torch.cat([result.tokens, result.accepted.long()], dim=1).cpu()
-            emitted, self._path = packed[:, :L], packed[:, L:].bool()
+            packed = torch.cat([result.tokens, result.accepted.long()], dim=1).cpu().numpy()
+            emitted, self._path = packed[:, :L], torch.from_numpy(packed[:, L:] != 0)
         elif getattr(result, "invalid", None) is None:
-            emitted = result.tokens.cpu()  # [B, K+1], -1 padded: the one device -> host sync of the step
+            emitted = result.tokens.cpu().numpy()  # [B, K+1], -1 padded: the one device -> host sync of the step
         else:  # the tokens and each row's validity code in that one copy
-            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu()
-            check_rows(emitted[:, -1], self.active)
+            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu().numpy()
+            if emitted[:, -1].any():
+                check_rows(torch.from_numpy(emitted[:, -1]), self.active)
             emitted = emitted[:, :-1]
         emitted_count = (emitted >= 0).sum(-1)
         self.append(emitted, emitted_count)
         self.anchor = result.next_token
-        return emitted_count - 1
+        return torch.from_numpy(emitted_count - 1)
 
     def kept(self, result, active, num_accepted):
         if self._path is None:
             return super().kept(result, active, num_accepted)
         return torch.cat([active.unsqueeze(1), self._path & active.unsqueeze(1)], dim=1)
 
-    def append(self, emitted: torch.Tensor, emitted_count: torch.Tensor | None = None) -> torch.Tensor:
-        """Append emitted tokens [B, L] (-1 padded, CPU; ``emitted_count`` [B] of them per row if known) to the
-        active rows.
+    def append(self, emitted, emitted_count=None) -> torch.Tensor:
+        """Append emitted tokens [B, L] (-1 padded, CPU tensor or numpy array; ``emitted_count`` [B] of them per
+        row if known) to the active rows.
 
         Truncates at the first EOS (kept) and at ``max_new_tokens``; updates ``active``.
         Returns the number of tokens committed per row, LongTensor [B].
+
+        Host bookkeeping runs in numpy on views that share memory with ``tokens``, ``valid``, ``num_new`` and
+        ``active`` (a numpy op on a few values costs a fraction of a torch op's dispatch).
         """
+        emitted = np.asarray(emitted)
         B, L = emitted.shape
-        count = torch.minimum((emitted >= 0).sum(-1) if emitted_count is None else emitted_count, self.remaining)
-        pos = torch.arange(L)
-        eos = self.eos_token_ids
-        if eos is not None and eos.numel():
-            is_eos = torch.isin(emitted, eos) & (pos < count.unsqueeze(1))
+        num_new, active = self.num_new.numpy(), self.active.numpy()
+        count = (emitted >= 0).sum(-1) if emitted_count is None else np.asarray(emitted_count)
+        count = np.minimum(count, (self.max_new_tokens - num_new) * active)
+        pos = np.arange(L)
+        if self._eos is not None:
+            is_eos = np.isin(emitted, self._eos) & (pos < count[:, None])
             hit_eos = is_eos.any(-1)
-            count = torch.where(hit_eos, is_eos.int().argmax(-1) + 1, count)  # the first EOS ends the row
-            self.active &= ~hit_eos
-        take = pos < count.unsqueeze(1)
-        rows, cols = take.nonzero(as_tuple=True)
-        dest = self.lengths[rows] + cols
-        self.tokens[rows, dest] = emitted[rows, cols]
-        self.valid[rows, dest] = True
-        self.num_new += count
-        self.active &= self.num_new < self.max_new_tokens
-        return count
+            count = np.where(hit_eos, is_eos.argmax(-1) + 1, count)  # the first EOS ends the row
+            active &= ~hit_eos
+        rows, cols = np.nonzero(pos < count[:, None])
+        dest = self.prompt_length + num_new[rows] + cols
+        self._tokens_np[rows, dest] = emitted[rows, cols]
+        self._valid_np[rows, dest] = True
+        num_new += count  # in place: the torch tensors see it
+        active &= num_new < self.max_new_tokens
+        return torch.from_numpy(count)
 
 
 @torch.no_grad()
@@ -309,7 +318,7 @@ def decode(
     """
     t0 = time.perf_counter()
     stats = GenerationStats(accepted_histogram=[0] * window)
-    row_forwards = torch.zeros(state.batch_size, dtype=torch.long)
+    row_forwards = np.zeros(state.batch_size, dtype=np.int64)
     bar = tqdm(total=state.max_new_tokens, disable=not progress, desc="tokens", leave=False)
     verify_step = state.verifier(target, proposer, criterion, kernels)
 
@@ -324,9 +333,15 @@ def decode(
         if callback is not None:
             callback(0, state)
 
-    while bool(state.active.any()):
+    histogram = stats.accepted_histogram
+    while state.active.numpy().any():  # host bookkeeping in numpy (views of the state's CPU tensors)
         active = state.active.clone()
-        max_drafts = max(0, min(window - 1, int(state.remaining.max()) - 1)) if window > 1 else 0
+        active_np = active.numpy()
+        if window > 1:
+            remaining = int(((state.max_new_tokens - state.num_new.numpy()) * active_np).max())
+            max_drafts = max(0, min(window - 1, remaining - 1))
+        else:
+            max_drafts = 0
         proposal = proposer.propose(state, max_drafts)  # (drafts [B, K, ...], what they were drawn from) or a tree
         drafts, draft_q = proposal if isinstance(proposal, tuple) else (proposal, None)
         block, valid = state.block(drafts)
@@ -337,12 +352,12 @@ def decode(
         else:
             out = target.forward(block, valid)  # [B, K+1, ...]
         stats.target_forwards += 1
-        row_forwards += active
+        row_forwards += active_np
         result, rows = verify_step(drafts, draft_q, out)
         before = int(state.num_new.max()) if progress else 0
         num_accepted = state.commit(result)  # [B] (CPU)
-        for k in (num_accepted[active] if active.shape[0] > 1 else num_accepted).tolist():
-            stats.accepted_histogram[k] += 1
+        for k in num_accepted.numpy()[active_np]:
+            histogram[k] += 1
         if progress:
             bar.update(int(state.num_new.max()) - before)
         target.rollback(state.kept(result, active, num_accepted))

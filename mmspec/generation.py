@@ -92,6 +92,7 @@ def generate(
     adaptive: bool = False,
     draft_confidence: float | None = None,
     max_ngram: int = 3,
+    lookup_match: str = "longest",
     skip=None,
     lookahead=None,
     logits_processor=None,
@@ -130,6 +131,9 @@ def generate(
             the step's drafting ends when every active row has (one host sync per draft token), None to
             always draft ``window - 1``.
         max_ngram: longest n-gram for ``lookup``.
+        lookup_match: which occurrence ``lookup`` continues: ``"longest"`` (the longest continuation, then the
+            latest; default) or ``"earliest"`` (transformers' prompt-lookup rule: with ``max_ngram=2`` the same
+            drafts as ``model.generate(prompt_lookup_num_tokens=window - 1)``).
         skip: decoder layers the target skips to draft for itself (``method="self"``); None calibrates them on
             the prompts (``mmspec.drafting.layer_skip.calibrate_skip``, cached per model).
         lookahead: ``(window, ngram, pool)`` for ``method="lookahead"`` (``mmspec.drafting.lookahead``).
@@ -171,6 +175,8 @@ def generate(
     if tree is not None and method not in TREE_METHODS:
         raise ValueError(f"`tree` needs drafts to branch: use it with method in {TREE_METHODS}, not "
                          f"method={method!r}.")
+    if lookup_match != "longest" and method != "lookup":
+        raise ValueError(f"`lookup_match` is only used with method='lookup', not method={method!r}.")
     if skip is not None and method != "self":
         raise ValueError(f"`skip` is only used with method='self', not method={method!r}.")
     choice = check_decoding(method, window=window, draft_model=draft_model, acceptance=acceptance,
@@ -229,7 +235,7 @@ def generate(
     draft_kwargs = model_kwargs if draft_model is not None and is_vision_language_model(draft_model) else {}
     proposer, window = make_proposer(method, choice.window, draft=draft, init=init, coupled=coupled,
                                      adaptive=adaptive, draft_confidence=draft_confidence, max_ngram=max_ngram,
-                                     prefill_kwargs=model_kwargs if method == "self" else draft_kwargs,
+                                     lookup_match=lookup_match, prefill_kwargs=model_kwargs if method == "self" else draft_kwargs,
                                      model=model, prompt=(input_ids, attention_mask), skip=skip,
                                      lookahead=lookahead, greedy=not do_sample, tree=tree)
     state = DecodeState(input_ids, attention_mask, max_new_tokens, V, pipeline, generator, target.device,

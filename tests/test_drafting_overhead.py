@@ -33,6 +33,41 @@ def test_lookup_choice_is_per_row():
     assert drafts.tolist() == [[1, 2, 3], [9, 9, 9]]
 
 
+@pytest.mark.parametrize("tokens, expected", [
+    ([5, 1, 2, 3, 4, 5, 6, 5], [1, 2, 3]),  # the first "5" wins even where a later one would do as well
+    ([5, 1, 2, 3, 5, 7, 8, 9, 5], [1, 2, 3]),
+    ([4, 5, 6, 5], [6, 5]),
+    ([9, 4, 5, 9, 7, 8, 5, 9], [7, 8, 5]),  # the 2-gram "5 9" beats the earlier 1-gram match of "9"
+    ([5, 1, 9, 5, 2, 9, 5, 9], [5, 2, 9]),  # "5 9" occurs only at the end: the first "9" then
+])
+def test_lookup_earliest_rule(tokens, expected):
+    drafts, _ = LookupProposer(3, max_ngram=2, match="earliest").propose(_state([tokens]), 3)
+    assert drafts.tolist() == [expected]
+
+
+def test_lookup_earliest_rule_matches_transformers_prompt_lookup():
+    """``lookup_match="earliest", max_ngram=2`` drafts what transformers' prompt lookup drafts: the same target
+    forwards (counted with a hook on the model) and the same tokens, on prompts that repeat themselves."""
+    model = tiny_causal_lm(vocab_size=24, sharpen=6.0, layers=1)
+    gen = torch.Generator().manual_seed(3)
+    calls = [0]
+    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    seen = set()
+    for i in range(6):
+        motif = torch.randint(2, 24, (5,), generator=gen)
+        ids = torch.cat([motif, torch.randint(2, 24, (3,), generator=gen), motif, motif[:2]]).unsqueeze(0)
+        calls[0] = 0
+        ref = model.generate(ids, prompt_lookup_num_tokens=4, max_new_tokens=24, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        theirs = calls[0]
+        out = mmspec.generate(model, ids, method="lookup", window=5, max_ngram=2, lookup_match="earliest",
+                              max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+        assert torch.equal(out.sequences, ref)
+        assert out.stats.target_forwards == theirs, (i, out.stats.target_forwards, theirs)
+        seen.add(theirs)
+    assert min(seen) < 24  # lookup really drafted (fewer forwards than tokens) on some prompts
+
+
 def test_draft_model_batch_one_has_no_holes_and_one_logits_row():
     target = tiny_causal_lm(sharpen=4.0)
     draft = perturbed_copy(target, scale=0.5)

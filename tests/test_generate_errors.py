@@ -31,6 +31,8 @@ IDS = torch.tensor([[5, 6, 7]])
         (dict(top_k=-3, do_sample=True), "`top_k`"),
         (dict(top_p=1.5, do_sample=True), "`top_p`"),
         (dict(max_ngram=0, method="lookup"), "`max_ngram`"),
+        (dict(lookup_match="first", method="lookup"), "`lookup_match` must be one of"),
+        (dict(lookup_match="earliest", method="jacobi"), "`lookup_match` is only used with method='lookup'"),
     ],
 )
 def test_bad_arguments(model, kwargs, match):

@@ -4,6 +4,8 @@ import copy
 import hashlib
 import itertools
 
+import warnings
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -82,10 +84,15 @@ def test_greedy_equals_transformers(models, arch, batch, with_eos):
     eos = int(_reference(target, ids, mask, None)[0, ids.shape[1] + NEW // 3]) if with_eos else None
     ref = _reference(target, ids, mask, eos)
     for kw in (dict(skip=[1, 2]), dict(skip=[3], window=8, adaptive=True), dict()):
-        out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, method="self",
-                              eos_token_id=eos if with_eos else [], pad_token_id=0, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, method="self",
+                                  eos_token_id=eos if with_eos else [], pad_token_id=0, **kw)
         assert torch.equal(out.sequences, ref), f"{arch} {kw}"
-        assert out.stats.draft_forwards > 0 and out.lossless
+        # calibrated (kw == {}): it drafts, or says that no layer set pays on this machine and decodes plainly
+        declined = any("does not pay" in str(w.message) for w in caught)
+        assert (out.stats.draft_forwards > 0) != declined and out.lossless
+        assert not declined or kw == {}
 
 
 def test_target_weights_modules_and_cache_unchanged(models):
@@ -116,7 +123,7 @@ def test_target_weights_modules_and_cache_unchanged(models):
 def test_calibration_deterministic_and_cached():
     target = tiny_causal_lm("llama", layers=LAYERS, sharpen=4.0, seed=3)
     ids, mask = ragged_prompts(3, 96, seed=1)
-    runs = [calibrate_skip(target, ids, mask, greedy=False, seed=5, cache=False) for _ in range(2)]
+    runs = [calibrate_skip(target, ids, mask, greedy=False, seed=5, cache=False, costs="layers") for _ in range(2)]
     assert runs[0] == runs[1]
     assert 1 <= len(runs[0].skip) < LAYERS and 1 <= runs[0].num_drafts
     assert all(0.0 <= a <= 1.0 for a, _ in runs[0].scores.values())
@@ -126,11 +133,51 @@ def test_calibration_deterministic_and_cached():
     assert calibrate_skip(target, ids[:1], mask[:1], greedy=True) is cached  # cached per model and settings
 
 
+def test_calibration_measures_costs():
+    """costs="measure" times the target's windows and each scored draft on this machine."""
+    target = tiny_causal_lm("llama", layers=LAYERS, sharpen=4.0, seed=3)
+    ids, mask = ragged_prompts(2, 96, seed=1)
+    cal = calibrate_skip(target, ids, mask, cache=False, max_drafts=4)
+    assert len(cal.window_cost) == 5 and cal.window_cost[0] == 1.0 and all(c > 0 for c in cal.window_cost)
+    assert set(cal.draft_costs) == set(cal.scores) and all(c > 0 for c in cal.draft_costs.values())
+    for skip, (alpha, speedup) in cal.scores.items():  # each score follows from its measured costs
+        assert speedup == pytest.approx(expected_speedup(alpha, cal.draft_costs[skip], 4, cal.window_cost)[0])
+    assert (cal.num_drafts == 0) == (cal.speedup <= 1.0)
+
+
+def test_self_without_a_paying_layer_set_decodes_without_drafts(monkeypatch):
+    """When no skip set pays under the measured costs, method='self' warns and decodes plainly (same tokens)."""
+    import mmspec.drafting.layer_skip as ls
+
+    # a draft forward as dear as the target's, and windows that cost their width: drafting cannot pay
+    monkeypatch.setattr(ls, "_forward_seconds", lambda adapter, batch, width, device, repeats=5: float(width))
+    target = tiny_causal_lm("llama", layers=LAYERS, sharpen=4.0, seed=3)
+    ids, mask = ragged_prompts(2, 96, seed=1)
+    cal = calibrate_skip(target, ids, mask, cache=False)
+    assert cal.num_drafts == 0 and cal.speedup < 1.0
+    with pytest.warns(UserWarning, match="does not pay"):
+        out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=6, method="self", window=4)
+    ref = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=6, method="ar")
+    assert torch.equal(out.sequences, ref.sequences) and out.stats.draft_forwards == 0
+
+
+def test_bad_costs():
+    target = tiny_causal_lm("llama", layers=LAYERS)
+    ids, mask = ragged_prompts(1, 96)
+    with pytest.raises(ValueError, match="'measure' or 'layers'"):
+        calibrate_skip(target, ids, mask, costs="flops")
+
+
 def test_expected_speedup():
     assert expected_speedup(1.0, 0.5, 4) == (5 / 3, 4)
     assert expected_speedup(0.0, 0.5, 4) == (1 / 1.5, 1)
     value, k = expected_speedup(0.8, 0.25, 8)
     assert value == pytest.approx(max((1 - 0.8 ** (j + 1)) / 0.2 / (1 + j * 0.25) for j in range(1, 9)))
+    # a window of k + 1 tokens costing more than one forward (a CPU) moves the optimum to shorter drafts
+    window_cost = [1 + 0.1 * j for j in range(9)]
+    value, k2 = expected_speedup(0.8, 0.25, 8, window_cost)
+    assert value == pytest.approx(max((1 - 0.8 ** (j + 1)) / 0.2 / (window_cost[j] + j * 0.25) for j in range(1, 9)))
+    assert k2 <= k
 
 
 @pytest.mark.parametrize("skip,message", [

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+import mmspec.drafting
 from mmspec.zoo.data import make_scene, scene_seed
 from mmspec.zoo.models import load_image_pipeline
 from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
@@ -59,9 +60,34 @@ configs["jd64-h-tree(3,2)"] = dict(decoding="jacobi-draft", window=64, init="hor
 configs["jd40-h-tree(4,2)"] = dict(decoding="jacobi-draft", window=40, init="horizontal", coupled=True,
                                    draft_model=draft, tree=(4, 2))
 configs["c48-h-tree(3,2)"] = dict(decoding="jacobi", window=48, init="horizontal", coupled=True, tree=(3, 2))
+# Layer-skip self-drafting (issue 16): the target minus some layers drafts (calibrated, or a given skip set), alone
+# and as the draft branch of jacobi-draft (the layer-skip view passed as the draft model).
+from mmspec.drafting.layer_skip import layer_skip_model  # noqa: E402
+
+for w in (4, 6, 8):
+    configs[f"self{w}"] = dict(decoding="self", window=w)
+for skip in ((3,), (2, 3), (1, 2), (1, 2, 3)):
+    name = "".join(map(str, skip))
+    configs[f"self6-skip{name}"] = dict(decoding="self", window=6, skip=list(skip))
+    configs[f"selfjd48-skip{name}-h-tree(3,2)"] = dict(
+        decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2),
+        draft_model=layer_skip_model(pipe.model, list(skip)))
+# jacobi-draft with W candidates for the draft branch's first token (mmspec.drafting.JACOBI_DRAFT_WIDTH)
+for dw in (2, 3):
+    configs[f"jd48-h-tree(3,2)-dw{dw}"] = dict(configs["jd48-h-tree(3,2)"], _draft_width=dw)
+    configs[f"jd32-h-tree(3,2)-dw{dw}"] = dict(configs["jd32-h-tree(3,2)"], _draft_width=dw)
+# the layer-skip branch (skips layer 3) with a longer chain (mmspec.drafting.JACOBI_DRAFT_DEPTH) and a wider window
+view3 = configs["selfjd48-skip3-h-tree(3,2)"]["draft_model"]
+for w in (48, 64):
+    for dd in (4, 6, 8):
+        configs[f"selfjd{w}-skip3-h-tree(3,2)-dd{dd}"] = dict(
+            decoding="jacobi-draft", window=w, init="horizontal", coupled=True, tree=(3, 2), draft_model=view3,
+            _draft_depth=dd)
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 for name in sel:
-    kw = configs[name]
+    kw = dict(configs[name])
+    mmspec.drafting.JACOBI_DRAFT_WIDTH = kw.pop("_draft_width", 1)
+    mmspec.drafting.JACOBI_DRAFT_DEPTH = kw.pop("_draft_depth", 4)
     t, toks, fw, per = time.time(), 0, 0, []
     for i, p in enumerate(prompts):
         out = pipe(p, guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(i), **kw)

@@ -39,6 +39,11 @@ METHODS = {
     "coupled + tree(4,2) (horizontal, w64)": dict(decoding="jacobi", window=64, init="horizontal", coupled=True,
                                                    tree=(4, 2)),
     "draft tree(4,5) (w20)": dict(decoding="draft", window=20, tree=(4, 5)),
+    # the Jacobi tree plus the draft model's chain as one more branch (mmspec.drafting.hybrid), and layer skipping
+    "jacobi-draft + tree(3,2) (horizontal, w48)": dict(decoding="jacobi-draft", window=48, init="horizontal",
+                                                       coupled=True, tree=(3, 2)),
+    "self (layer-skip, calibrated, w6)": dict(decoding="self", window=6),
+    "self (layer-skip, skips the last layer, w6)": dict(decoding="self", window=6, skip=[3]),
 }
 
 
@@ -100,7 +105,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
     rows = []
     for name, spec in specs.items():
         kw = dict(spec)
-        if kw.get("decoding") == "draft":
+        if kw.get("decoding") in ("draft", "jacobi-draft"):
             kw["draft_model"] = draft
         if "acceptance" in kw:
             kw["acceptance"] = _criterion(kw["acceptance"])
@@ -116,7 +121,8 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
         row = {"method": name, "lossless": out.lossless, "target_forwards": stats.target_forwards,
                "step_compression": stats.step_compression, "mean_accepted": stats.mean_accepted,
                "tree_nodes": stats.tree_nodes_per_step, "median_s": statistics.median(times), "times": times,
-               "accepted_histogram": stats.accepted_histogram,
+               "accepted_histogram": stats.accepted_histogram, "window": kw.get("window", 1),
+               "draft_forwards": stats.draft_forwards,
                "entropy": token_entropy(pipe, prompts, out.tokens, guidance)}
         if clf is not None:
             images = out.images * 2 - 1

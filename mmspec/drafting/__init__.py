@@ -37,8 +37,10 @@ def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=
 TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead")
 
 #: draft tokens of the draft model's branch in method "jacobi-draft" (its chain stops earlier with
-#: ``draft_confidence``)
+#: ``draft_confidence``), and its width: above 1, the branch is the draft's tree ``(width, depth)`` of
+#: ``depth + width - 1`` nodes (its chain and the ``width - 1`` best other nodes, ``mmspec.drafting.draft_tree``)
 JACOBI_DRAFT_DEPTH = 4
+JACOBI_DRAFT_WIDTH = 1
 
 
 @register_method("jacobi-draft", default_window=24, needs_draft=True)
@@ -48,14 +50,19 @@ def _jacobi_draft(window, draft, init="random", coupled=False, layout=None, tree
     depth = min(JACOBI_DRAFT_DEPTH, (window - 1) // 2)
     if depth < 1:
         raise ValueError(f"method='jacobi-draft' needs window >= 3 (Jacobi drafts and a draft branch), got {window}.")
-    jacobi = JacobiProposer(window - depth, init=init, coupled=coupled, layout=layout, tree=tree)
-    return JacobiDraftProposer(jacobi, DraftModelProposer(draft, depth, confidence=draft_confidence,
-                                                          prefill_kwargs=prefill_kwargs))
+    width = JACOBI_DRAFT_WIDTH
+    nodes = depth + width - 1
+    if width > 1 and draft_confidence is not None:
+        raise ValueError("method='jacobi-draft' with a draft tree (JACOBI_DRAFT_WIDTH > 1) takes no `draft_confidence`.")
+    jacobi = JacobiProposer(window - nodes, init=init, coupled=coupled, layout=layout, tree=tree)
+    return JacobiDraftProposer(jacobi, DraftModelProposer(draft, nodes, confidence=draft_confidence,
+                                                          prefill_kwargs=prefill_kwargs,
+                                                          tree=(width, depth) if width > 1 else None))
 
 
 @register_method("lookup", default_window=11)
-def _lookup(window, max_ngram=3, tree=None):
-    return LookupProposer(window - 1, max_ngram=max_ngram, tree=tree)
+def _lookup(window, max_ngram=3, tree=None, lookup_match="longest"):
+    return LookupProposer(window - 1, max_ngram=max_ngram, tree=tree, match=lookup_match)
 
 
 @register_method("self", default_window=6)

@@ -28,13 +28,11 @@ class JacobiDraftProposer(Proposer):
     """Jacobi window + a draft model's chain as a sibling branch, verified in one forward.
 
     Args:
-        jacobi: the ``JacobiProposer`` (its window must leave ``draft.num_drafts`` nodes for the draft).
-        draft: the ``DraftModelProposer`` (a chain: ``tree=None``).
+        jacobi: the ``JacobiProposer`` (its window must leave the draft's nodes free).
+        draft: the ``DraftModelProposer``: a chain, or a tree (its nodes join under the anchor after Jacobi's).
     """
 
     def __init__(self, jacobi: JacobiProposer, draft: DraftModelProposer):
-        if draft.tree is not None:
-            raise ValueError("the draft branch of method='jacobi-draft' is a chain; give `tree` to the Jacobi part.")
         self.jacobi, self.draft = jacobi, draft
         self._offset = None
 
@@ -47,28 +45,25 @@ class JacobiDraftProposer(Proposer):
         self.draft.start(state)
 
     def propose(self, state, max_tokens):
-        own = self.jacobi.propose(state, max_tokens)
-        d_tokens, d_q = self.draft.propose(state, max_tokens)
+        proposal = self.jacobi.propose(state, max_tokens)
+        mine = _as_tree(self.draft.propose(state, max_tokens))
         self._offset = None
-        if d_tokens.shape[1] == 0:
-            return own
-        if isinstance(own, tuple):  # Jacobi's plain chain (no alternatives this step)
-            tokens, q = own
-            own = DraftTree.chain(tokens.clamp_min(0), q, valid=(tokens >= 0).cpu())
+        if mine.num_nodes == 0:
+            return proposal
+        own = _as_tree(proposal)
         B, N = own.tokens.shape
-        Kd = d_tokens.shape[1]
         dev = own.tokens.device
-        d_parents = torch.arange(N - 1, N + Kd - 1, device=dev)
-        d_parents[0] = -1
+        parents = mine.parents.to(dev)
         probs = None
-        if own.probs is not None:
-            dtype = own.probs.dtype
-            probs = torch.cat([own.probs, d_q.to(device=dev, dtype=dtype)], 1)
+        if own.probs is not None or mine.probs is not None:
+            if own.probs is None or mine.probs is None:  # one side deterministic: its nodes are one-hot q
+                raise ValueError("jacobi-draft needs both branches sampled or both greedy.")
+            probs = torch.cat([own.probs, mine.probs.to(device=dev, dtype=own.probs.dtype)], 1)
         self._offset = N
-        tree = DraftTree(torch.cat([own.tokens, d_tokens.clamp_min(0).to(dev)], 1),
-                         torch.cat([own.parents, d_parents.expand(B, Kd)], 1), probs,
-                         torch.cat([own.valid, (d_tokens >= 0).cpu()], 1),
-                         depth=max(own.depth, Kd), width=own.width + 1)
+        tree = DraftTree(torch.cat([own.tokens, mine.tokens.clamp_min(0).to(dev)], 1),
+                         torch.cat([own.parents, torch.where(parents >= 0, parents + N, -1)], 1), probs,
+                         torch.cat([own.valid, mine.valid], 1),
+                         depth=max(own.depth, mine.depth), width=own.width + mine.width)
         self.jacobi._tree = tree  # its next window continues from the rows closest to the committed path
         return tree
 
@@ -80,3 +75,11 @@ class JacobiDraftProposer(Proposer):
         path = result.path
         mine = replace(result, path=torch.where(path >= self._offset, path - self._offset, -1))
         self.draft.update(state, mine, target_rows, num_accepted)
+
+
+def _as_tree(proposal):
+    """A proposer's output as a ``DraftTree`` (a chain's -1 slots become unused nodes)."""
+    if isinstance(proposal, DraftTree):
+        return proposal
+    tokens, q = proposal
+    return DraftTree.chain(tokens.clamp_min(0), q, valid=(tokens >= 0).cpu())

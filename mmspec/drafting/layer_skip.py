@@ -18,13 +18,21 @@ forcing apply to the draft rows exactly as to the target's).
 Calibration (``calibrate_skip``) chooses the skipped set when none is given: the target decodes a short
 continuation of a few prompts (sampled from a seeded generator, so the choice is deterministic given the
 seed); each layer is scored by the draft/target agreement when it alone is skipped; nested sets of the
-least important layers are then scored by the bench's expected tokens per unit cost, a draft forward
-costing ``kept / total`` of a target forward.
+least important layers are then scored by the bench's expected tokens per unit cost. Costs are *measured*
+by default (``costs="measure"``): on this device, the target's forward over a window of 1..k+1 tokens and each
+candidate draft's one-token forward, timed on the calibration prompts, so a fixed per-forward cost (embedding,
+LM head, the framework's own overhead: about half of a small model's forward on a CPU) is not mistaken for
+nothing. ``costs="layers"`` is the idealised model (a draft forward costs ``kept / total`` of a target forward,
+any window costs one forward): deterministic given the seed, and what a large model on a GPU approaches. When no
+set pays for itself under the cost model, the calibration says so (``num_drafts == 0``) and ``method="self"``
+decodes without drafts (with a warning) rather than slower than plain decoding.
 """
 
 from __future__ import annotations
 
 import copy
+import time
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -183,17 +191,38 @@ def check_skip(skip, num_layers: int) -> list[int]:
     return values
 
 
-def expected_speedup(alpha: float, cost: float, max_drafts: int) -> tuple[float, int]:
+def expected_speedup(alpha: float, cost: float, max_drafts: int, window_cost=None) -> tuple[float, int]:
     """Expected tokens per unit of target cost and the draft length achieving it.
 
     With per-token acceptance ``alpha`` a step of ``k`` drafts commits ``(1 - alpha^(k+1)) / (1 - alpha)``
-    tokens and costs ``1 + k * cost`` target forwards. Returns the best ``(tokens per cost, k)`` over
-    ``1 <= k <= max_drafts``.
+    tokens and costs ``window_cost[k] + k * cost`` one-token target forwards (``window_cost[k]``: a target
+    forward over ``k + 1`` tokens; 1 for every k when None). Returns the best ``(tokens per cost, k)`` over
+    ``1 <= k <= max_drafts`` (below 1.0: drafting is slower than plain decoding).
     """
     best = (0.0, 1)
     for k in range(1, max_drafts + 1):
         tokens = k + 1 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
-        best = max(best, (tokens / (1 + k * cost), k))
+        verify = 1.0 if window_cost is None else window_cost[min(k, len(window_cost) - 1)]
+        best = max(best, (tokens / (verify + k * cost), k))
+    return best
+
+
+def _forward_seconds(adapter, batch: int, width: int, device, repeats: int = 5) -> float:
+    """Best of ``repeats`` timed forwards of ``width`` tokens per row on a prefilled adapter (rolled back)."""
+    block = torch.ones(batch, width, dtype=torch.long, device=device)
+    valid = torch.ones(batch, width, dtype=torch.bool)
+    none = torch.zeros(batch, dtype=torch.long)
+    best = float("inf")
+    for _ in range(repeats):
+        adapter.checkpoint()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        adapter.forward(block, valid)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+        adapter.rollback(none)
     return best
 
 
@@ -202,11 +231,16 @@ class SkipCalibration:
     """Result of ``calibrate_skip``.
 
     Attributes:
-        skip: the chosen skipped layer indices.
-        num_drafts: the draft length that maximises the expected speedup.
+        skip: the chosen skipped layer indices (the best set, even when it does not pay).
+        num_drafts: the draft length that maximises the expected speedup; 0 when even the best set would be
+            slower than plain decoding (``speedup < 1``).
         alpha: measured per-token agreement of the draft with the target.
-        speedup: expected tokens per unit of target cost (1.0 = plain decoding).
+        speedup: expected tokens per unit of target cost of drafting with ``skip`` at its best draft length
+            (1.0 = plain decoding).
         scores: ``{skip tuple: (alpha, speedup)}`` for every set evaluated.
+        draft_costs: ``{skip tuple: cost of one draft forward in target forwards}`` (measured or by layer count).
+        window_cost: cost of a target forward over ``k + 1`` tokens, in one-token forwards, for ``k = 0..``
+            (measured; all 1.0 under ``costs="layers"``).
     """
 
     skip: tuple
@@ -214,6 +248,8 @@ class SkipCalibration:
     alpha: float
     speedup: float
     scores: dict
+    draft_costs: dict = None
+    window_cost: tuple = ()
 
 
 _CALIBRATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -253,7 +289,7 @@ def _agreement(adapter, prompts, prefill_kwargs, tokens, rows, greedy) -> float:
 @torch.no_grad()
 def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, prefill_kwargs=None,
                    new_tokens: int = 24, max_drafts: int = 8, greedy: bool = True, seed: int = 0,
-                   max_prompts: int = 4, cache: bool = True) -> SkipCalibration:
+                   max_prompts: int = 4, cache: bool = True, costs: str = "measure") -> SkipCalibration:
     """Choose the layers to skip for self-speculative drafting of ``model``.
 
     Args:
@@ -267,17 +303,23 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
         new_tokens: continuation length decoded by the target (sampled from ``seed`` unless ``greedy``).
         max_drafts: the longest draft considered by the cost model.
         greedy: score argmax agreement (greedy decoding) rather than ``sum min(p, q)`` (sampling).
-        seed: seeds the sampled continuation; the result is deterministic given it.
+        seed: seeds the sampled continuation; the agreements are deterministic given it.
         cache: reuse (and store) the choice made for this model object with the same settings.
+        costs: ``"measure"`` (time the target's window forwards and each draft's forward on this device: the
+            choice follows this machine's real costs, so it may differ between machines and, near a tie, between
+            runs) or ``"layers"`` (a draft costs ``kept / total``, any window one forward: deterministic given
+            ``seed``).
 
     Returns:
         ``SkipCalibration``. Cost: ``new_tokens`` target forwards plus about ``2 L`` teacher-forced draft
-        forwards (``L`` layers).
+        forwards (``L`` layers), and with ``costs="measure"`` about ``5 (max_drafts + 1 + L)`` timed forwards.
     """
     from ..models.vlm import adapter_for
 
     make_adapter = make_adapter or adapter_for
-    key = (greedy, seed, new_tokens, max_drafts)
+    if costs not in ("measure", "layers"):
+        raise ValueError(f"`costs` must be 'measure' or 'layers', got {costs!r}.")
+    key = (greedy, seed, new_tokens, max_drafts, costs)
     if cache and key in _CALIBRATIONS.get(model, {}):
         return _CALIBRATIONS[model][key]
     if new_tokens < 2:
@@ -290,15 +332,25 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask[:max_prompts]
     kwargs = dict(prefill_kwargs or {})
     generator = torch.Generator().manual_seed(seed)
-    tokens, rows = _rollout(make_adapter(model), (ids, mask), kwargs, new_tokens, greedy, generator)
-    scores = {}
+    target = make_adapter(model)
+    tokens, rows = _rollout(target, (ids, mask), kwargs, new_tokens, greedy, generator)
+    measure = costs == "measure"
+    B, device = ids.shape[0], tokens.device
+    if measure:  # the target's forward over 1..max_drafts+1 tokens, in one-token forwards
+        one = _forward_seconds(target, B, 1, device)
+        window_cost = tuple([1.0] + [_forward_seconds(target, B, k + 1, device) / one
+                                     for k in range(1, max_drafts + 1)])
+    else:
+        window_cost = tuple([1.0] * (max_drafts + 1))
+    scores, draft_costs = {}, {}
 
     def score(skip):
         skip = tuple(skip)
         if skip not in scores:
-            alpha = _agreement(make_adapter(layer_skip_model(model, list(skip))), (ids, mask), kwargs, tokens, rows,
-                               greedy)
-            scores[skip] = (alpha, *expected_speedup(alpha, (L - len(skip)) / L, max_drafts))
+            drafter = make_adapter(layer_skip_model(model, list(skip)))
+            alpha = _agreement(drafter, (ids, mask), kwargs, tokens, rows, greedy)
+            draft_costs[skip] = _forward_seconds(drafter, B, 1, device) / one if measure else (L - len(skip)) / L
+            scores[skip] = (alpha, *expected_speedup(alpha, draft_costs[skip], max_drafts, window_cost))
         return scores[skip]
 
     # Importance of each layer alone, then nested sets of the least important ones (ties: later layers first).
@@ -311,8 +363,8 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
             best = SkipCalibration(skip, k, alpha, speedup, {})
         if alpha < 1e-3:
             break
-    result = SkipCalibration(best.skip, best.num_drafts, best.alpha, best.speedup,
-                             {s: (a, sp) for s, (a, sp, _) in scores.items()})
+    result = SkipCalibration(best.skip, best.num_drafts if best.speedup > 1.0 else 0, best.alpha, best.speedup,
+                             {s: (a, sp) for s, (a, sp, _) in scores.items()}, dict(draft_costs), window_cost)
     if cache:
         _CALIBRATIONS.setdefault(model, {})[key] = result
     return result
@@ -339,6 +391,14 @@ def self_draft_proposer(model, input_ids, attention_mask, *, skip=None, window: 
                              prefill_kwargs=prefill_kwargs, greedy=greedy, max_prompts=rows,
                              max_drafts=max(1, window - 1), **(calibration_kwargs or {}))
         skip = list(cal.skip)
+        if cal.num_drafts == 0:
+            from .base import NoDraft
+
+            warnings.warn(
+                f"method='self': layer skipping does not pay for this model here (best set {list(cal.skip)}: "
+                f"agreement {cal.alpha:.2f}, expected {cal.speedup:.2f}x plain decoding with measured costs); "
+                "decoding without drafts. Pass skip=[...] to draft anyway.", stacklevel=3)
+            return NoDraft()
     drafter = make_adapter(layer_skip_model(model, skip))
     start = min(5, window - 1) if adaptive else window - 1
     return DraftModelProposer(drafter, max(start, 1) if window > 1 else 0, adaptive=adaptive,

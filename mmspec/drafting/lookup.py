@@ -4,7 +4,10 @@ Among the occurrences, the one with the longest continuation (up to the draft le
 ties: the most recent context when several can fill the whole window, else the longest draft available.
 (Always taking the latest occurrence gives short drafts in repetitive text, where it sits just before the
 end; always taking the earliest, as transformers does, ignores recency. On held-out code with the zoo
-text model this choice needs fewer target forwards than either.)
+text model this choice needs fewer target forwards than either.) ``match="earliest"`` is transformers'
+rule instead (the longest n-gram, then its first occurrence with any continuation): with ``max_ngram=2`` it
+proposes exactly the drafts of ``model.generate(prompt_lookup_num_tokens=K)``, which makes the two loops
+comparable step for step.
 
 Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Vectorised over the batch, in numpy
 on the CPU copy of the committed tokens; rows without a match get a shorter (or empty) draft,
@@ -30,11 +33,19 @@ class LookupProposer(Proposer):
         num_drafts: most tokens proposed per step.
         max_ngram: longest n-gram to match (tries ``max_ngram`` down to ``min_ngram``).
         min_ngram: shortest n-gram to match.
+        match: among the occurrences of the longest matching n-gram, ``"longest"`` takes the one with the
+            longest continuation, the latest on ties (default); ``"earliest"`` the first one (transformers' rule).
+        tree: ``(width, depth)``: up to ``width`` matches with different first tokens as sibling branches.
     """
 
-    def __init__(self, num_drafts: int, max_ngram: int = 3, min_ngram: int = 1, tree=None):
+    MATCHES = ("longest", "earliest")
+
+    def __init__(self, num_drafts: int, max_ngram: int = 3, min_ngram: int = 1, tree=None, match: str = "longest"):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}.")
+        if match not in self.MATCHES:
+            raise ValueError(f"`lookup_match` must be one of {self.MATCHES}, got {match!r}.")
+        self.match = match
         self.num_drafts, self.max_ngram, self.min_ngram = num_drafts, max_ngram, min_ngram
         self.tree = parse_tree(tree)
         if self.tree is not None and self.tree[0] * self.tree[1] > num_drafts:
@@ -46,8 +57,8 @@ class LookupProposer(Proposer):
     def _matches(self, state, K, cap):
         """Every usable match in one pass -> numpy (score [B, P], continuation length [B, P]) over the continuation
         starts ``s = 0..P-1``, where a higher score is a longer n-gram (up to ``max_ngram``) ending right before
-        ``s``, then a longer continuation (up to K, and ``cap[b]`` [B] in row b), then a later start; -1 where
-        nothing usable matches. Host-side integer work on the committed tokens, in numpy (a few microseconds)."""
+        ``s``, then a longer continuation (up to K, and ``cap[b]`` [B] in row b), then a later start (``match=
+        "earliest"``: then an earlier start, whatever the continuation's length); -1 where nothing usable matches. Host-side integer work on the committed tokens, in numpy (a few microseconds)."""
         N, B = self.max_ngram, state.batch_size
         end = state.lengths.numpy()
         P = int(end.max())  # nothing after the longest row's committed tokens can match
@@ -64,7 +75,11 @@ class LookupProposer(Proposer):
         start = np.arange(P)
         available = np.minimum(end[:, None] - start, cap[:, None])  # continuation length
         ok = (ngram >= self.min_ngram) & (available > 0)
-        return np.where(ok, (ngram * (K + 1) + available) * P + start, -1), np.maximum(available, 0)
+        if self.match == "earliest":
+            score = ngram * P + (P - 1 - start)
+        else:
+            score = (ngram * (K + 1) + available) * P + start
+        return np.where(ok, score, -1), np.maximum(available, 0)
 
     def propose(self, state, max_tokens):
         if self.tree is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
 from .compat import cache_keyword, output_cache
@@ -146,7 +147,7 @@ class CausalLM:
         self.cache = None
         self.mask = None  # [B, S] long on the model's device
         self._pos = None  # [B, S] the position of every cache column (any value at holes), on the device
-        self._mask_cpu = None  # [B, S] bool host mirror
+        self._mbuf, self._cols = None, 0  # host mirror of the mask: numpy bool [B, capacity], columns used
         self._start = 0
         self._dense = False
         #: LongTensor [B] added to decode positions (set by adapters whose models number positions otherwise)
@@ -175,17 +176,40 @@ class CausalLM:
         return input_device(self.model)
 
     @property
+    def _mask_cpu(self) -> torch.Tensor | None:
+        """BoolTensor [B, S] (CPU): the host mirror of the cache's mask (a view of a growing numpy buffer, so
+        appending a block is one slice write rather than a copy of the whole mask)."""
+        return None if self._mbuf is None else torch.from_numpy(self._mbuf[:, : self._cols])
+
+    @_mask_cpu.setter
+    def _mask_cpu(self, mask: torch.Tensor) -> None:
+        mask = mask.detach().to("cpu", torch.bool).numpy()
+        self._mbuf = np.empty((mask.shape[0], max(64, 2 * mask.shape[1])), dtype=bool)
+        self._cols = mask.shape[1]
+        self._mbuf[:, : self._cols] = mask
+
+    def _append_mask(self, valid: np.ndarray) -> None:
+        """Append block columns [B, L] to the host mirror (amortised O(L))."""
+        S, L = self._cols, valid.shape[1]
+        if S + L > self._mbuf.shape[1]:
+            grown = np.empty((self._mbuf.shape[0], 2 * (S + L)), dtype=bool)
+            grown[:, :S] = self._mbuf[:, :S]
+            self._mbuf = grown
+        self._mbuf[:, S : S + L] = valid
+        self._cols = S + L
+
+    @property
     def length(self) -> int:
         """Cache length (valid tokens plus holes; static cache: the longest row's used columns)."""
         if self.static and self._lens is not None:
             return int(self._lens.max())
-        return 0 if self._mask_cpu is None else self._mask_cpu.shape[1]
+        return self._cols
 
     def num_valid(self) -> torch.Tensor:
         """LongTensor [B] (CPU): valid tokens per row in the cache."""
         if self.static:
             return self._lens - self._pad
-        return self._mask_cpu.sum(-1)
+        return torch.from_numpy(self._mbuf[:, : self._cols].sum(-1))
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_kwargs) -> torch.Tensor:
@@ -257,7 +281,8 @@ class CausalLM:
         cache_position = torch.arange(S, S + L, device=dev)
         # Without padding or holes (``dense``) every row holds S valid tokens, and the 2-D mask says nothing
         # causality does not: the model takes its fast (mask-free) attention path and no mask is kept.
-        dense = self._dense and bool(valid.all())
+        valid_np = valid.numpy()
+        dense = self._dense and bool(valid_np.all())
         valid_dev = valid.to(dev, non_blocking=True).long() if not dense or self.mask is not None else None
         if tree is None:
             if dense:
@@ -272,7 +297,7 @@ class CausalLM:
             start = self.num_valid().to(dev, non_blocking=True)
             parents = block_parents(tree.parents.to(dev))
             position_ids = start.unsqueeze(1) + block_depth(parents, tree.depth)
-        self._mask_cpu = torch.cat([self._mask_cpu, valid.to(torch.bool)], dim=1)
+        self._append_mask(valid_np)
         if dense and tree is None and self.sliding_window is None:
             self.mask = None  # built again from the host mirror when needed
         elif self.mask is None:
@@ -350,56 +375,59 @@ class CausalLM:
         """
         if self.static:
             return self._static_rollback(keep)
-        tail = self._mask_cpu[:, self._start :]
-        if keep.dtype == torch.bool:
+        start = self._start
+        tail = self._mbuf[:, start : self._cols]  # host bookkeeping in numpy: a few values, many steps
+        keep = keep.numpy()
+        if keep.dtype == bool:
             kept = tail & keep[:, : tail.shape[1]]
-        elif bool((keep >= tail.sum(-1)).all()):  # nothing rejected (plain AR, or every draft accepted)
-            self._start = self.length
+        elif (keep >= tail.sum(-1)).all():  # nothing rejected (plain AR, or every draft accepted)
+            self._start = self._cols
             return
         else:
-            kept = tail & (tail.long().cumsum(-1) <= keep.view(-1, 1))
-        if torch.equal(kept, tail):
-            self._start = self.length
+            kept = tail & (tail.cumsum(-1) <= keep[:, None])
+        if np.array_equal(kept, tail):
+            self._start = self._cols
             return
-        if keep.dtype == torch.bool:
+        if keep.dtype == bool:
             kept = self._compact(kept)
-        used = kept.any(0).nonzero()
-        new_tail = int(used[-1]) + 1 if len(used) else 0
+        used = kept.any(0).nonzero()[0]
+        new_tail = int(used[-1]) + 1 if used.size else 0
         drop = tail.shape[1] - new_tail
         kept = kept[:, :new_tail]
         if drop:
             self.cache.crop(-drop)
-        self._mask_cpu = torch.cat([self._mask_cpu[:, : self._start], kept], dim=1)
+        self._mbuf[:, start : start + new_tail] = kept
+        self._cols = start + new_tail
         if self.mask is not None:
-            self.mask = torch.cat(
-                [self.mask[:, : self._start], kept.to(self.mask.device, non_blocking=True).long()], dim=1
-            )
-        self._pos = self._pos[:, : self.length]
-        self._start = self.length
-        self._dense = bool(self._mask_cpu.all())
+            kept_dev = torch.from_numpy(kept).to(self.mask.device, non_blocking=True).long()
+            self.mask = torch.cat([self.mask[:, :start], kept_dev], dim=1)
+        self._pos = self._pos[:, : self._cols]
+        self._start = self._cols
+        self._dense = bool(self._mbuf[:, : self._cols].all())
 
-    def _compact(self, kept: torch.Tensor) -> torch.Tensor:
-        """Move each row's kept columns since the checkpoint (BoolTensor [B, T], CPU; a tree's accepted path) to the
-        front of that span, in order, so they take the columns the path alone would have (no holes behind them);
-        returns the new kept mask (a prefix per row)."""
+    def _compact(self, kept: np.ndarray) -> np.ndarray:
+        """Move each row's kept columns since the checkpoint (bool [B, T], host; a tree's accepted path) to the front
+        of that span, in order, so they take the columns the path alone would have (no holes behind them); returns
+        the new kept mask (a prefix per row)."""
         B, T = kept.shape
-        order = torch.where(kept, 0, 1).mul(T).add(torch.arange(T)).argsort(-1)  # [B, T] kept columns first
+        order = np.argsort(~kept, axis=-1, kind="stable")  # [B, T] kept columns first, in block order
         count = kept.sum(-1)
         m = int(count.max())
         src = order[:, :m]
-        if torch.equal(src, torch.arange(m).expand(B, m)):
+        if np.array_equal(src, np.broadcast_to(np.arange(m), (B, m))):
             return kept
         start = self._start
+        src = torch.from_numpy(start + src)
         for layer in self.cache.layers:
             if not getattr(layer, "is_initialized", True) or layer.keys is None:
                 continue
             for name in ("keys", "values"):
                 t = getattr(layer, name)  # [B, H, S, D]
-                idx = (start + src).to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+                idx = src.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
                 t[:, :, start : start + m] = t.gather(2, idx)
         if self.sliding_window is not None:  # the columns' logical positions move with them
-            self._pos[:, start : start + m] = self._pos.gather(1, (start + src).to(self._pos.device))
-        return torch.arange(T) < count.unsqueeze(1)
+            self._pos[:, start : start + m] = self._pos.gather(1, src.to(self._pos.device))
+        return np.arange(T) < count[:, None]
 
     # -- the static cache (mmspec.models.static_cache) -----------------------------------------------------------------
 
