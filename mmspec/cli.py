@@ -124,7 +124,8 @@ def _timed(run, method):
 def _add_tree_argument(p):
     p.add_argument("--tree", nargs=2, type=int, default=None, metavar=("WIDTH", "DEPTH"),
                    help="verify a token tree per forward: WIDTH candidates at each of the first DEPTH levels "
-                   "(--window counts every node)")
+                   "(draft: an EAGLE-2 tree of DEPTH levels, WIDTH children for each of the WIDTH best nodes per "
+                   "level; --window counts every node)")
 
 
 def _add_compile_arguments(p):

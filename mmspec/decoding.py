@@ -210,8 +210,6 @@ class DecodeState(State):
         Triton step on raw logits (see ``mmspec.kernels.decode_step``)."""
         criterion = _acceptance.get(criterion, kind="tokens")
         fused = fused_verifier(kernels, self.pipeline, criterion, proposer, self.device)
-        if fused is not None:
-            return lambda drafts, draft_probs, logits: fused(drafts, draft_probs, logits, self.generator)
 
         def step(drafts, draft_probs, logits):  # [B, K] (-1 after a row's own), [B, K, V] or None, [B, K+1, V]
             if isinstance(drafts, DraftTree):  # [B, N + 1, V] rows: the anchor's, then each node's
@@ -227,7 +225,11 @@ class DecodeState(State):
             rows = self.pipeline.probs(scores)
             return verify(drafts, draft_probs, rows, criterion, self.generator, check=False), rows
 
-        return step
+        if fused is None:
+            return step
+        # the fused kernels verify chains; token trees keep the torch path
+        return lambda drafts, draft_probs, logits: (step(drafts, draft_probs, logits) if isinstance(drafts, DraftTree)
+                                                    else fused(drafts, draft_probs, logits, self.generator))
 
     def commit(self, result):
         self._path = None

@@ -99,7 +99,6 @@ def generate(
     progress: bool = False,
     kernels: str = "auto",
     tree=None,
-    dynamic_tree: bool = False,
     cache: str | None = None,
     compile: bool = False,
     **model_kwargs,
@@ -146,11 +145,10 @@ def generate(
             ``mmspec.kernels``. Logits processors always take the torch path.
         tree: ``(width, depth)`` to verify a token tree per step instead of a chain (None): ``jacobi`` adds
             ``width - 1`` alternatives from the stale rows at each of the first ``depth`` slots (SJD-PAC),
-            ``draft`` adds the draft's next-best candidates at its first ``depth`` levels, ``lookup`` verifies
+            ``draft`` grows an EAGLE-2-style tree of ``depth`` levels (the draft expands its ``width`` best nodes per
+            level, ``width`` children each, and the ``window - 1`` best nodes are verified), ``lookup`` verifies
             ``width`` n-gram continuations of up to ``depth`` tokens as sibling branches. ``window`` stays the
             number of tokens per target forward, the tree's nodes included.
-        dynamic_tree: with ``method="draft"`` and ``tree``, spread the draft's extra candidates over all levels by
-            its cumulative probability (EAGLE-2 style) instead of the first ``depth`` levels.
         cache: the target's (and draft's) KV cache: ``"dynamic"`` (a growing transformers ``DynamicCache``; the
             default without ``compile``) or ``"static"`` (preallocated for the run, per-row lengths, rollback by
             moving them: ``mmspec.models.static_cache``; the default with ``compile``). Same tokens either way.
@@ -239,8 +237,7 @@ def generate(
                                      adaptive=adaptive, draft_confidence=draft_confidence, max_ngram=max_ngram,
                                      lookup_match=lookup_match, prefill_kwargs=model_kwargs if method == "self" else draft_kwargs,
                                      model=model, prompt=(input_ids, attention_mask), skip=skip,
-                                     lookahead=lookahead, greedy=not do_sample, tree=tree,
-                                     dynamic_tree=dynamic_tree)
+                                     lookahead=lookahead, greedy=not do_sample, tree=tree)
     state = DecodeState(input_ids, attention_mask, max_new_tokens, V, pipeline, generator, target.device,
                         eos_token_ids=torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None)
     state, stats = decode(target, proposer, state, window=window, criterion=criterion, model_kwargs=model_kwargs,

@@ -208,7 +208,7 @@ def _full_layout(K: int, D: int, W: int):
     return _LAYOUTS[key]
 
 
-def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: bool, generator, budget=None):
+def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: bool, generator):
     """A chain of drafts grown into a tree of alternatives (SJD-PAC's proactive drafting).
 
     Each of the first ``depth`` slots gets ``width`` candidates: the chain's own draft, then ``width - 1`` more from
@@ -224,14 +224,11 @@ def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: b
         rows: [B, >= min(K, depth), V] the row each slot's draft came from: probabilities when sampling, any
             scores when greedy.
         usable: BoolTensor [B, K] slots that may get candidates (False: the draft has no such row).
-        budget: None, or LongTensor [B, K]: instead of a full tree, hang ``budget[b, d] <= width - 1`` candidates
-            as leaves beside the chain's draft at every slot d (chosen from anything but the candidates
-            themselves, e.g. the draft's confidence; EAGLE-2-style budgets); unused nodes are packed away.
     Returns:
         a ``DraftTree`` (the chain first, nodes 0..K-1), or the plain ``(drafts, q)`` when no slot can branch.
     """
     B, K = drafts.shape
-    D = K if budget is not None else min(depth, K)
+    D = min(depth, K)
     if K == 0 or width == 1 or D == 0:
         return drafts, q
     dev, V = drafts.device, rows.shape[-1]
@@ -241,13 +238,7 @@ def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: b
     cand, cand_q, ok = _candidates(drafts[:, :D], rows[:, :D], usable, width, greedy, generator)
     if q is not None:  # the chain's draft keeps its own q under every parent (one-hot for fresh init tokens)
         cand_q[:, :, 0] = q[:, :D].to(cand_q.dtype)
-    if budget is not None:
-        ok = ok & (torch.arange(width) <= budget[:, :D].cpu().unsqueeze(-1))
-        parents = torch.cat([torch.arange(K) - 1, (torch.arange(D) - 1).repeat_interleave(width - 1)])
-        source = torch.cat([torch.where(torch.arange(K) < D, torch.arange(K) * width, -1),
-                            (torch.arange(D).unsqueeze(1) * width + torch.arange(1, width)).flatten()])
-    else:
-        parents, source = _full_layout(K, D, width)
+    parents, source = _full_layout(K, D, width)
     N = len(parents)
     grid = source.clamp_min(0)
     is_tree = source >= 0
@@ -264,22 +255,4 @@ def with_alternatives(drafts, q, rows, usable, width: int, depth: int, greedy: b
     if q is not None:
         probs = cand_q.reshape(B, D * width, V)[:, grid.to(dev)].to(q.dtype)
         probs[:, :K] = q
-    tree = DraftTree(tokens, parents.to(dev).expand(B, N).contiguous(), probs, valid, depth=K, width=width)
-    return tree if budget is None else _pack_valid(tree)
-
-
-def _pack_valid(tree: DraftTree) -> DraftTree:
-    """Move every row's used nodes to the front (stable, so parents stay before children) and drop the columns
-    no row uses."""
-    B, N = tree.tokens.shape
-    dev = tree.tokens.device
-    order = torch.where(tree.valid, 0, 1).mul(N).add(torch.arange(N)).argsort(-1)  # [B, N] new -> old (CPU)
-    n = int(tree.valid.sum(-1).max())
-    order = order[:, :n]
-    new_index = torch.full((B, N + 1), -1, dtype=torch.long)
-    new_index.scatter_(1, order, torch.arange(n).expand(B, n))
-    od = order.to(dev)
-    parents = tree.parents.gather(1, od)
-    parents = torch.where(parents >= 0, new_index.to(dev).gather(1, parents.clamp_min(0)), -1)
-    probs = None if tree.probs is None else tree.probs.gather(1, od.unsqueeze(-1).expand(-1, -1, tree.probs.shape[-1]))
-    return DraftTree(tree.tokens.gather(1, od), parents, probs, tree.valid.gather(1, order), tree.depth, tree.width)
+    return DraftTree(tokens, parents.to(dev).expand(B, N).contiguous(), probs, valid, depth=K, width=width)

@@ -292,8 +292,8 @@ def verify_tree(
 
     The test of each node depends only on its parent's row and its earlier siblings, not on the path above, so all
     nodes are tested at once, one sibling rank at a time (``tree.width`` vectorised steps over [B, N + 1, V]); the
-    path is then followed in ``tree.depth`` gathers over [B, N]. Randomness: one float64 uniform per node and one
-    token draw per row, whatever is accepted.
+    path is then followed in ``tree.depth`` gathers over [B, N]. Randomness: one float64 uniform per node (per-row
+    generators: up to the row's last used node) and one token draw per row, whatever is accepted.
     """
     tokens, parents = tree.tokens, tree.parents
     B, N = tokens.shape
@@ -323,7 +323,9 @@ def verify_tree(
         crit = _acceptance.get(criterion)
         dtype = torch.float64 if target_probs.dtype == torch.float64 else torch.float32
         r = target_probs.to(dtype)  # [B, N + 1, V], the running residual of every node's row
-        u = torch.cat([uniform((B, N), generator, dev), torch.ones(B, 1, dtype=torch.float64, device=dev)], 1)
+        # per-row generators: a row draws up to its last used node only, as it would alone (mmspec.sampling)
+        used = torch.where(tree.valid, torch.arange(1, N + 1), 0).amax(-1) if per_row(generator) and N else None
+        u = torch.cat([uniform((B, N), generator, dev, used), torch.ones(B, 1, dtype=torch.float64, device=dev)], 1)
         probs_ext = None if tree.probs is None else torch.cat([tree.probs, tree.probs.new_zeros(B, 1, V)], 1)
         done = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
         for j in range(W):

@@ -122,7 +122,8 @@ def exact_guided_distribution(model, family, prompt, scale, temperature):
 @pytest.mark.parametrize("decoding,kw", [("ar", {}), ("jacobi", dict(window=4)),
                                          ("jacobi", dict(window=4, init="vertical", coupled=True)),
                                          ("draft", dict(window=3)), ("jacobi", dict(window=7, tree=(2, 2))),
-                                         ("draft", dict(window=7, tree=(2, 2)))])
+                                         ("draft", dict(window=7, tree=(2, 2))),
+                                         ("draft", dict(window=5, tree=(3, 3)))])
 def test_exact_with_guidance_is_lossless(decoding, kw):
     """2x2 grid, 4 codes: 256 outcomes enumerated exactly vs 20,000 samples; chi-square at alpha = 0.001."""
     model = tiny_image_lm(grid=2, codes=4, sharpen=2.0, hidden=16, dtype=torch.float32)

@@ -60,6 +60,22 @@ def test_generate_sampled_on_kernels_equals_torch_path(model, kernel_calls):
     assert fused.stats.accepted_histogram == plain.stats.accepted_histogram
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_token_trees_with_kernels_take_the_torch_path(model, kernel_calls, do_sample):
+    """Token trees (here the draft model's and Jacobi's) decode with ``kernels="triton"`` as with the torch path:
+    the chain steps (the prefill's first token) use the kernels, the tree steps the torch verification."""
+    ids = _prompts(model)
+    draft = tiny_causal_lm(vocab_size=64, sharpen=4.0, seed=3)
+    for kw in (dict(method="draft", draft_model=draft, window=8, tree=(2, 3)), dict(method="jacobi", window=8,
+                                                                                   tree=(2, 2))):
+        kw.update(max_new_tokens=NEW, do_sample=do_sample, eos_token_id=[])
+        runs = [mmspec.generate(model, ids, generator=torch.Generator().manual_seed(1), kernels=k, **kw)
+                for k in ("triton", "torch")]
+        assert torch.equal(runs[0].sequences, runs[1].sequences), kw["method"]
+        assert runs[0].stats.tree_nodes > 0
+    assert len(kernel_calls) > 0
+
+
 @pytest.mark.parametrize("method", ["jacobi", "lookup"])
 def test_rows_with_fewer_drafts_on_kernels_equal_torch_path(model, kernel_calls, method):
     """Rows propose fewer drafts than the window (-1 padded: own remaining budget, short lookup matches); with

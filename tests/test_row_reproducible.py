@@ -42,6 +42,7 @@ CASES = {
     "jacobi-coupled": dict(method="jacobi", window=5, init="repeat", coupled=True),
     "draft": dict(method="draft", window=5),
     "draft-adaptive-confidence": dict(method="draft", window=6, adaptive=True, draft_confidence=0.5),
+    "draft-tree": dict(method="draft", window=6, tree=(3, 2)),
     "lookup": dict(method="lookup", window=4, max_ngram=2),
 }
 

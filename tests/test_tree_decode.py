@@ -21,8 +21,8 @@ TREE_CASES = [
     ("jacobi", dict(window=16, tree=(3, 2))),
     ("jacobi", dict(window=18, tree=(2, 3), init="repeat", coupled=True)),
     ("lookup", dict(window=10, tree=(3, 3))),
-    ("draft", dict(window=16, tree=(2, 3))),
-    ("draft", dict(window=9, tree=(3, 2), dynamic_tree=True)),
+    ("draft", dict(window=16, tree=(3, 4))),
+    ("draft", dict(window=8, tree=(2, 5))),
     ("jacobi-draft", dict(window=10)),
     ("jacobi-draft", dict(window=14, tree=(2, 2), init="repeat", coupled=True)),
     ("lookahead", dict(lookahead=(9, 3, 4), tree=(3, 2))),
@@ -120,8 +120,8 @@ class _Spy:
 SAMPLED = [
     ("jacobi", dict(window=7, tree=(2, 2))),
     ("jacobi", dict(window=7, tree=(2, 2), init="repeat", coupled=True)),
-    ("draft", dict(window=7, tree=(2, 2))),
-    ("draft", dict(window=5, tree=(2, 2), dynamic_tree=True)),
+    ("draft", dict(window=7, tree=(2, 3))),  # 6 of up to 10 nodes kept: the ranking prunes
+    ("draft", dict(window=5, tree=(3, 2))),
     ("jacobi-draft", dict(window=7)),
     ("jacobi-draft", dict(window=11, tree=(2, 2), init="repeat", coupled=True)),
     ("lookahead", dict(lookahead=(6, 2, 4), tree=(3, 1))),

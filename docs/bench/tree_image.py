@@ -36,6 +36,8 @@ configs = {
  "draft6": dict(decoding="draft", window=6, draft_model=draft),
  "draft12-tree(2,2)": dict(decoding="draft", window=12, draft_model=draft, tree=(2,2)),
  "draft20-tree(3,2)": dict(decoding="draft", window=20, draft_model=draft, tree=(3,2)),
+ "draft20-tree(4,5)": dict(decoding="draft", window=20, draft_model=draft, tree=(4,5)),
+ "draft32-tree(6,5)": dict(decoding="draft", window=32, draft_model=draft, tree=(6,5)),
 }
 for w in (8, 12, 16, 17, 20, 24, 32, 48):
     configs[f"c{w}-h"] = dict(decoding="jacobi", window=w, init="horizontal", coupled=True)

@@ -1,9 +1,11 @@
 """Tokens per target forward of draft / lookup / Jacobi chains and token trees on the bundled text pair (the
-BENCHMARKS.md tree table). Usage: python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line snippets of
-json.decoder and textwrap, greedy, 64 new tokens each, batch 1."""
+BENCHMARKS.md tree table). Usage: PYTHONPATH=. python docs/bench/tree_text.py ["name;name;..."]. Prompts: 8 six-line
+snippets of json.decoder and textwrap, greedy, 64 new tokens each, batch 1. Prints tokens per target forward (step
+compression), tree nodes per step (of the last prompt), draft forwards per step and wall clock per token."""
 
 import inspect
 import sys
+import time
 
 import torch
 
@@ -21,22 +23,27 @@ if tok.pad_token is None:
 
 
 def run(**kw):
-    toks = fw = 0
+    toks = fw = dfw = steps = 0
+    t0 = time.perf_counter()
     for p in prompts:
         enc = tok([p], return_tensors="pt")
         out = mmspec.generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=64, eos_token_id=[], **kw)
         toks += out.stats.new_tokens
         fw += sum(out.stats.row_forwards)
-    return toks / fw, out.stats.tree_nodes_per_step
+        dfw += out.stats.draft_forwards
+        steps += sum(out.stats.accepted_histogram)
+    return toks / fw, out.stats.tree_nodes_per_step, dfw / max(steps, 1), (time.perf_counter() - t0) / toks
 
 
 sel = sys.argv[1].split(";") if len(sys.argv) > 1 else None
 for name, kw in [("draft chain w6 (depth 5)", dict(method="draft", draft_model=draft, window=6)),
-                 ("draft tree(3,2) w16 (depth 5)", dict(method="draft", draft_model=draft, window=16, tree=(3, 2))),
-                 ("draft tree(2,3) w15 (depth 5)", dict(method="draft", draft_model=draft, window=15, tree=(2, 3))),
-                 ("draft tree(4,1) w9 (depth 5)", dict(method="draft", draft_model=draft, window=9, tree=(4, 1))),
-                 ("draft dynamic tree(3,2) w10 (depth 5)",
-                  dict(method="draft", draft_model=draft, window=10, tree=(3, 2), dynamic_tree=True)),
+                 ("draft tree(3,5) w8", dict(method="draft", draft_model=draft, window=8, tree=(3, 5))),
+                 ("draft tree(3,5) w16", dict(method="draft", draft_model=draft, window=16, tree=(3, 5))),
+                 ("draft tree(4,5) w16", dict(method="draft", draft_model=draft, window=16, tree=(4, 5))),
+                 ("draft tree(4,5) w24", dict(method="draft", draft_model=draft, window=24, tree=(4, 5))),
+                 ("draft tree(6,5) w32", dict(method="draft", draft_model=draft, window=32, tree=(6, 5))),
+                 ("draft tree(6,5) w40", dict(method="draft", draft_model=draft, window=40, tree=(6, 5))),
+                 ("draft tree(8,5) w64", dict(method="draft", draft_model=draft, window=64, tree=(8, 5))),
                  ("lookup chain w8", dict(method="lookup", window=8)),
                  ("lookup tree(3,7) w22", dict(method="lookup", window=22, tree=(3, 7))),
                  ("jacobi w8", dict(method="jacobi", window=8)),
@@ -51,5 +58,6 @@ for name, kw in [("draft chain w6 (depth 5)", dict(method="draft", draft_model=d
                  ("lookahead (10,4,7)", dict(method="lookahead", lookahead=(10, 4, 7)))]:
     if sel is not None and name not in sel:
         continue
-    c, n = run(**kw)
-    print(f"{name:40s} step compression {c:.2f}  tree nodes/step {n:.1f}", flush=True)
+    c, n, d, t = run(**kw)
+    print(f"{name:40s} step compression {c:.2f}  tree nodes/step {n:.1f}  draft forwards/step {d:.2f}  "
+          f"{1e3 * t:.1f} ms/token", flush=True)

@@ -38,7 +38,7 @@ METHODS = {
                                                    tree=(3, 2)),
     "coupled + tree(4,2) (horizontal, w64)": dict(decoding="jacobi", window=64, init="horizontal", coupled=True,
                                                    tree=(4, 2)),
-    "draft tree(3,2) (w20)": dict(decoding="draft", window=20, tree=(3, 2)),
+    "draft tree(4,5) (w20)": dict(decoding="draft", window=20, tree=(4, 5)),
     # the Jacobi tree plus the draft model's chain as one more branch (mmspec.drafting.hybrid), and layer skipping
     "jacobi-draft + tree(3,2) (horizontal, w48)": dict(decoding="jacobi-draft", window=48, init="horizontal",
                                                        coupled=True, tree=(3, 2)),

@@ -94,10 +94,10 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
             target, input_ids, method="lookup", window=window_lookup, max_ngram=2, lookup_match="earliest",
             **common)),
         ("mmspec jacobi", "mmspec", lambda: _mm(target, input_ids, method="jacobi", window=8, **common)),
-        # token trees at the chain's depth: the draft's next-best candidates over its first 2 levels (3-ary), and
-        # up to 3 n-gram continuations as sibling branches
-        ("mmspec draft tree(3,2)", "mmspec", lambda: _mm(target, input_ids, method="draft", draft_model=draft,
-                                                         window=window_draft + 10, tree=(3, 2), **common)),
+        # token trees at the chain's depth: the draft's EAGLE-2-style tree (its 6 best nodes expanded per level, the
+        # 8K - 1 best nodes verified), and up to 3 n-gram continuations as sibling branches
+        (f"mmspec draft tree(6,{K})", "mmspec", lambda: _mm(target, input_ids, method="draft", draft_model=draft,
+                                                            window=8 * K, tree=(6, K), **common)),
         ("mmspec lookup tree(3,7)", "mmspec", lambda: _mm(target, input_ids, method="lookup",
                                                           window=3 * (window_lookup - 1) + 1, tree=(3, window_lookup - 1),
                                                           **common)),

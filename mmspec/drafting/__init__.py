@@ -27,19 +27,18 @@ def _jacobi(window, init="random", coupled=False, layout=None, tree=None):
 
 
 @register_method("draft", default_window=6, needs_draft=True)
-def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None, tree=None, dynamic_tree=False):
+def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=None, tree=None):
     start = min(5, window - 1) if adaptive else window - 1
     return DraftModelProposer(draft, max(start, 1) if window > 1 else 0, adaptive=adaptive, max_drafts=window - 1,
-                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs, tree=tree,
-                              dynamic_tree=dynamic_tree)
+                              confidence=draft_confidence, prefill_kwargs=prefill_kwargs, tree=tree)
 
 
 #: methods whose drafts can branch (``tree=(width, depth)``)
 TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead")
 
 #: draft tokens of the draft model's branch in method "jacobi-draft" (its chain stops earlier with
-#: ``draft_confidence``), and its candidates for the first token (draws without replacement from the draft's row;
-#: the others are leaves)
+#: ``draft_confidence``), and its width: above 1, the branch is the draft's tree ``(width, depth)`` of
+#: ``depth + width - 1`` nodes (its chain and the ``width - 1`` best other nodes, ``mmspec.drafting.draft_tree``)
 JACOBI_DRAFT_DEPTH = 4
 JACOBI_DRAFT_WIDTH = 1
 
@@ -53,10 +52,12 @@ def _jacobi_draft(window, draft, init="random", coupled=False, layout=None, tree
         raise ValueError(f"method='jacobi-draft' needs window >= 3 (Jacobi drafts and a draft branch), got {window}.")
     width = JACOBI_DRAFT_WIDTH
     nodes = depth + width - 1
+    if width > 1 and draft_confidence is not None:
+        raise ValueError("method='jacobi-draft' with a draft tree (JACOBI_DRAFT_WIDTH > 1) takes no `draft_confidence`.")
     jacobi = JacobiProposer(window - nodes, init=init, coupled=coupled, layout=layout, tree=tree)
     return JacobiDraftProposer(jacobi, DraftModelProposer(draft, nodes, confidence=draft_confidence,
                                                           prefill_kwargs=prefill_kwargs,
-                                                          tree=(width, 1) if width > 1 else None))
+                                                          tree=(width, depth) if width > 1 else None))
 
 
 @register_method("lookup", default_window=11)

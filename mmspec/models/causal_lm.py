@@ -8,7 +8,8 @@ cropped from the transformers cache (``Cache.crop(-n)``, transformers 5.x).
 
 Two cases need an explicit 4-D attention mask instead of the 2-D one, built here from the same bookkeeping:
 * token trees (``forward(..., tree=...)``): each node attends to the committed prefix and its own ancestors
-  only, at the position of its depth; after verification the off-path nodes become holes like any rejection;
+  only, at the position of its depth; after verification the accepted path is moved to the front of the block's
+  columns and the rest cropped or left as holes like any rejection (``rollback`` with a column mask);
 * sliding-window layers (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): the window must count
   *positions*, not cache columns, once holes exist. The cache then keeps every column (a plain
   ``DynamicCache``, no sliding layers that would drop what a row still sees), and each layer kind gets its mask.
@@ -369,8 +370,8 @@ class CausalLM:
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Keep, in row b, the first ``keep[b]`` valid tokens added since ``checkpoint`` (LongTensor [B]), or the
-        block columns where ``keep[b, j]`` is True (BoolTensor [B, L], a tree's accepted path); drop the rest.
-        ``keep`` is on the CPU.
+        block columns where ``keep[b, j]`` is True (BoolTensor [B, L], a tree's accepted path: moved to the front
+        of the block's columns, as if fed alone); drop the rest. ``keep`` is on the CPU.
         """
         if self.static:
             return self._static_rollback(keep)
@@ -387,6 +388,8 @@ class CausalLM:
         if np.array_equal(kept, tail):
             self._start = self._cols
             return
+        if keep.dtype == bool:
+            kept = self._compact(kept)
         used = kept.any(0).nonzero()[0]
         new_tail = int(used[-1]) + 1 if used.size else 0
         drop = tail.shape[1] - new_tail
@@ -401,6 +404,30 @@ class CausalLM:
         self._pos = self._pos[:, : self._cols]
         self._start = self._cols
         self._dense = bool(self._mbuf[:, : self._cols].all())
+
+    def _compact(self, kept: np.ndarray) -> np.ndarray:
+        """Move each row's kept columns since the checkpoint (bool [B, T], host; a tree's accepted path) to the front
+        of that span, in order, so they take the columns the path alone would have (no holes behind them); returns
+        the new kept mask (a prefix per row)."""
+        B, T = kept.shape
+        order = np.argsort(~kept, axis=-1, kind="stable")  # [B, T] kept columns first, in block order
+        count = kept.sum(-1)
+        m = int(count.max())
+        src = order[:, :m]
+        if np.array_equal(src, np.broadcast_to(np.arange(m), (B, m))):
+            return kept
+        start = self._start
+        src = torch.from_numpy(start + src)
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", True) or layer.keys is None:
+                continue
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [B, H, S, D]
+                idx = src.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+                t[:, :, start : start + m] = t.gather(2, idx)
+        if self.sliding_window is not None:  # the columns' logical positions move with them
+            self._pos[:, start : start + m] = self._pos.gather(1, src.to(self._pos.device))
+        return np.arange(T) < count[:, None]
 
     # -- the static cache (mmspec.models.static_cache) -----------------------------------------------------------------
 
