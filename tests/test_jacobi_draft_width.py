@@ -4,12 +4,12 @@ replacement from the draft's row, and decoding stays exact."""
 
 import pytest
 import torch
+from test_tree_decode import ALPHA, NEW, PROMPT, N, _exact, _pvalue, _Spy
 
 import mmspec
 import mmspec.drafting
 
 from lm_fixtures import perturbed_copy, ragged_prompts, tiny_causal_lm
-from test_tree_decode import NEW, N, PROMPT, ALPHA, _exact, _pvalue, _Spy
 
 
 @pytest.fixture

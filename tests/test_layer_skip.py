@@ -3,7 +3,6 @@
 import copy
 import hashlib
 import itertools
-
 import warnings
 
 import pytest

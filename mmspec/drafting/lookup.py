@@ -58,7 +58,8 @@ class LookupProposer(Proposer):
         """Every usable match in one pass -> numpy (score [B, P], continuation length [B, P]) over the continuation
         starts ``s = 0..P-1``, where a higher score is a longer n-gram (up to ``max_ngram``) ending right before
         ``s``, then a longer continuation (up to K, and ``cap[b]`` [B] in row b), then a later start (``match=
-        "earliest"``: then an earlier start, whatever the continuation's length); -1 where nothing usable matches. Host-side integer work on the committed tokens, in numpy (a few microseconds)."""
+        "earliest"``: then an earlier start, whatever the continuation's length); -1 where nothing usable matches.
+        Host-side integer work on the committed tokens, in numpy (a few microseconds)."""
         N, B = self.max_ngram, state.batch_size
         end = state.lengths.numpy()
         P = int(end.max())  # nothing after the longest row's committed tokens can match
