@@ -83,6 +83,9 @@ for w in (48, 64):
         configs[f"selfjd{w}-skip3-h-tree(3,2)-dd{dd}"] = dict(
             decoding="jacobi-draft", window=w, init="horizontal", coupled=True, tree=(3, 2), draft_model=view3,
             _draft_depth=dd)
+for dw in (2, 4):  # the branch as a draft tree (EAGLE-2 style) of dd + dw - 1 nodes
+    configs[f"selfjd64-skip3-h-tree(3,2)-dd6-dw{dw}"] = dict(configs["selfjd64-skip3-h-tree(3,2)-dd6"], _draft_width=dw)
+    configs[f"jd64-h-tree(3,2)-dd6-dw{dw}"] = dict(configs["jd64-h-tree(3,2)"], _draft_depth=6, _draft_width=dw)
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 for name in sel:
     kw = dict(configs[name])
