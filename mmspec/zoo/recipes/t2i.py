@@ -291,6 +291,57 @@ def adherence(folder: str | Path, vq_path: str | None = None, n: int = 64, guida
             "mean_token_entropy_nats_guided": row["entropy"], "seconds": round(row["median_s"], 1)}
 
 
+@torch.no_grad()
+def sample_grid(folder: str | Path, path: str | Path, n: int = 6, guidance: float = 3.0, vq_path: str | None = None,
+                seed: int = 0) -> Path:
+    """The card's picture: for the first ``n`` held-out captions of the adherence stream, the real scene, its
+    tokenizer reconstruction and the model's AR sample (guidance ``guidance``, image ``i`` with seed ``seed + i``),
+    one row each, captions above; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ...pipelines import SpeculativeImagePipeline
+    from ..data import make_scene, scene_seed
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    vq = hub.load_vq(vq_path)
+    pipe = SpeculativeImagePipeline(model=model, vq=vq, tokenizer=AutoTokenizer.from_pretrained(folder))
+    pipe.set_progress_bar_config(disable=True)
+    scenes = [make_scene(scene_seed(ADHERENCE_SEED, i)) for i in range(n)]
+    real = torch.stack([image_to_tensor(sc.image) for sc in scenes])  # [n, 3, 64, 64] in [-1, 1]
+    recon = hub.decode_tokens(vq, hub.encode_images(vq, real))
+    out = pipe([sc.caption for sc in scenes], guidance_scale=guidance, decoding="ar", output_type="pt",
+               generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
+    samples = out.images * 2 - 1
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.3 * n))
+    for i, sc in enumerate(scenes):
+        for j, (img, title) in enumerate(((real[i], "real"), (recon[i], "reconstruction"), (samples[i], "AR sample"))):
+            ax = axes[i, j]
+            ax.imshow(((img.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+        axes[i, 0].set_ylabel("\n".join(_wrap(sc.caption, 28)), fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
 def main(argv=None):
     import argparse
 
@@ -311,7 +362,13 @@ def main(argv=None):
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
+    ap.add_argument("--samples", default=None, metavar="PNG",
+                    help="do not train: write the card's sample grid (real | reconstruction | AR sample of six held-out "
+                         "captions) of the model in --out to this PNG")
     args = ap.parse_args(argv)
+    if args.samples:
+        setup_threads(args.threads)
+        return sample_grid(args.out, args.samples, vq_path=args.vq, seed=args.seed)
     if args.adherence:
         setup_threads(args.threads)
         res = adherence(args.out, args.vq, args.adherence, seed=args.seed)
