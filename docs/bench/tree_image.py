@@ -66,7 +66,7 @@ from mmspec.drafting.layer_skip import layer_skip_model  # noqa: E402
 
 for w in (4, 6, 8):
     configs[f"self{w}"] = dict(decoding="self", window=w)
-for skip in ((3,), (2, 3), (1, 2), (1, 2, 3)):
+for skip in ((3,), (2,), (1,), (0,), (2, 3), (1, 2), (1, 2, 3)):
     name = "".join(map(str, skip))
     configs[f"self6-skip{name}"] = dict(decoding="self", window=6, skip=list(skip))
     configs[f"selfjd48-skip{name}-h-tree(3,2)"] = dict(
