@@ -1,6 +1,6 @@
-"""method="jacobi-draft" with several candidates for the draft branch's first token
-(``mmspec.drafting.JACOBI_DRAFT_WIDTH``): the draft's siblings join Jacobi's under the anchor, drawn without
-replacement from the draft's row, and decoding stays exact."""
+"""method="jacobi-draft" whose draft branch is a draft tree (``mmspec.drafting.JACOBI_DRAFT_WIDTH`` > 1: the
+draft's EAGLE-2-style tree of ``depth + width - 1`` nodes, ``mmspec.drafting.draft_tree``): its nodes join Jacobi's
+under the anchor, siblings drawn without replacement when sampling, and decoding stays exact."""
 
 import pytest
 import torch

@@ -108,8 +108,8 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
     calibration, calibration_s = timed(lambda: calibrate_skip(target, input_ids))
     self_window = calibration.num_drafts + 1
     cases += [("mmspec self (skips the calibrated set, drafts anyway)", "mmspec", lambda: _mm(
-        target, input_ids, method="self", skip=list(calibration.skip), window=max(calibration.num_drafts, 2) + 1,
-        **common))] if calibration.num_drafts == 0 else []
+        target, input_ids, method="self", skip=list(calibration.skip), window=3, **common))] \
+        if calibration.num_drafts == 0 else []
     cases += [
         ("mmspec self (calibrated)", "mmspec", lambda: _mm(target, input_ids, method="self", window=self_window,
                                                            **common)),

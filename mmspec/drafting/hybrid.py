@@ -55,10 +55,9 @@ class JacobiDraftProposer(Proposer):
         dev = own.tokens.device
         parents = mine.parents.to(dev)
         probs = None
-        if own.probs is not None or mine.probs is not None:
-            if own.probs is None or mine.probs is None:  # one side deterministic: its nodes are one-hot q
-                raise ValueError("jacobi-draft needs both branches sampled or both greedy.")
-            probs = torch.cat([own.probs, mine.probs.to(device=dev, dtype=own.probs.dtype)], 1)
+        if own.probs is not None or mine.probs is not None:  # sampling: q rows for every node
+            V = (own.probs if own.probs is not None else mine.probs).shape[-1]
+            probs = torch.cat([_rows(own, V, dev), _rows(mine, V, dev)], 1)
         self._offset = N
         tree = DraftTree(torch.cat([own.tokens, mine.tokens.clamp_min(0).to(dev)], 1),
                          torch.cat([own.parents, torch.where(parents >= 0, parents + N, -1)], 1), probs,
@@ -75,6 +74,15 @@ class JacobiDraftProposer(Proposer):
         path = result.path
         mine = replace(result, path=torch.where(path >= self._offset, path - self._offset, -1))
         self.draft.update(state, mine, target_rows, num_accepted)
+
+
+def _rows(tree: DraftTree, V: int, device) -> torch.Tensor:
+    """The tree's q rows [B, N, V] (float32 at least), one-hot at its tokens where it has none (deterministic nodes:
+    Jacobi init tokens, an empty side)."""
+    if tree.probs is not None:
+        return tree.probs.to(device=device, dtype=torch.promote_types(tree.probs.dtype, torch.float32))
+    one_hot = torch.zeros(*tree.tokens.shape, V, device=device)
+    return one_hot.scatter_(-1, tree.tokens.clamp_min(0).to(device).unsqueeze(-1), 1.0)
 
 
 def _as_tree(proposal):
