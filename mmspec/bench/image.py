@@ -15,6 +15,7 @@ import statistics
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from .common import environment, markdown_table, write_report
 
@@ -93,28 +94,34 @@ def _concat(outs):
 
 
 def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None, batch_size=None,
-        bootstrap=0):
+        bootstrap=0, progress=True):
     """One row per method: ``methods`` is a list of names of :data:`METHODS` or a dict name -> pipeline kwargs.
-    ``bootstrap > 0`` adds 95% bootstrap intervals (that many resamples of the images) of adherence and Frechet."""
+    ``bootstrap > 0`` adds 95% bootstrap intervals (that many resamples of the images) of adherence and Frechet.
+    ``progress``: a bar over the images generated (all methods and repeats), on stderr."""
     from ..zoo import hub
     from ..zoo.data import caption_labels
 
     labels = [caption_labels(p) for p in prompts]
     positions = torch.tensor([lab["position"] for lab in labels])
     specs = methods if isinstance(methods, dict) else {name: METHODS[name] for name in methods}
+    bs = batch_size or len(prompts)
+    bar = tqdm(total=len(specs) * repeats * len(prompts), unit="image", desc="bench image", disable=not progress)
     rows = []
     for name, spec in specs.items():
+        bar.set_postfix_str(name)
         kw = dict(spec)
         if kw.get("decoding") in ("draft", "jacobi-draft"):
             kw["draft_model"] = draft
         if "acceptance" in kw:
             kw["acceptance"] = _criterion(kw["acceptance"])
         times, stats = [], None
-        bs = batch_size or len(prompts)
         for _ in range(repeats):
-            outs = [pipe(prompts[i : i + bs], guidance_scale=guidance, output_type="pt", **kw,
-                         generator=[torch.Generator().manual_seed(seed + j) for j in range(i, min(i + bs, len(prompts)))])
-                    for i in range(0, len(prompts), bs)]
+            outs = []
+            for i in range(0, len(prompts), bs):
+                outs.append(pipe(prompts[i : i + bs], guidance_scale=guidance, output_type="pt", **kw,
+                                 generator=[torch.Generator().manual_seed(seed + j)
+                                            for j in range(i, min(i + bs, len(prompts)))]))
+                bar.update(min(bs, len(prompts) - i))
             out = _concat(outs)
             times.append(out.stats.wall_time)
             stats = out.stats
@@ -141,6 +148,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
                     row["frechet_ci"] = bootstrap_frechet_ci(feats, real_feats, bootstrap, seed)
                 row["_per_image"] = per_image
         rows.append(row)
+    bar.close()
     ar = next((r for r in rows if r["method"] == "AR"), None)
     sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
     for r in rows:
