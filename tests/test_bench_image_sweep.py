@@ -66,7 +66,7 @@ def test_sweep_plot_writes_png(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_image_sweep_tiny_end_to_end(tmp_path):
+def test_bench_image_sweep_tiny_end_to_end(tmp_path, monkeypatch):
     import json
 
     rows = bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path)])
@@ -74,3 +74,22 @@ def test_bench_image_sweep_tiny_end_to_end(tmp_path):
     assert len(data["rows"]) == len(rows) >= 5 and (tmp_path / "image_sweep.png").is_file()
     assert all(len(r["adherence_per_image"]) == 4 and len(r["adherence_ci"]) == 2 for r in data["rows"])
     assert "Sanity rule" in (tmp_path / "image_sweep.md").read_text()
+    # A second run reuses every finished point (nothing is generated again) and gives the same table; --points
+    # picks points by name (AR always comes along).
+    def no_generation(*a, **k):
+        raise AssertionError("a finished point was generated again")
+
+    monkeypatch.setattr(bi, "run", no_generation)
+    again = bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path)])
+    assert [r["method"] for r in again] == [r["method"] for r in rows]
+    assert [r["adherence"] for r in again] == [r["adherence"] for r in rows]
+    assert f"reused from an earlier run: {len(rows)}" in (tmp_path / "image_sweep.md").read_text()
+    some = bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--points", "lantern", "--out", str(tmp_path)])
+    assert [r["method"] for r in some] == ["AR"] + [r["method"] for r in rows if "LANTERN" in r["method"]]
+    with pytest.raises(SystemExit, match="matches none"):
+        bi.main(["--sweep", "--tiny", "--points", "nothing-like-this", "--out", str(tmp_path)])
+
+
+def test_sweep_points_are_not_reused_on_other_weights():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert bi.weights_fingerprint(a) == bi.weights_fingerprint(a) != bi.weights_fingerprint(b)

@@ -10,9 +10,12 @@ Writes ``image.json``, ``image.md`` and plots (step compression vs adherence; ac
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import re
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -336,6 +339,8 @@ def main(argv=None):
                         "the lossless methods, with bootstrap intervals; writes image_sweep.{json,md} and a plot")
     p.add_argument("--bootstrap", type=int, default=1000, help="--sweep: bootstrap resamples for the intervals")
     p.add_argument("--plot", default=None, help="--sweep: plot path (default: OUT/image_sweep.png)")
+    p.add_argument("--points", nargs="+", default=None, metavar="TEXT",
+                   help="--sweep: only the points whose name contains one of these (case-insensitive), and AR")
     args = p.parse_args(argv)
     if args.prompts is None:
         args.prompts = 256 if args.sweep else 16
@@ -390,37 +395,97 @@ SWEEP_COLUMNS = [
 ]
 
 
+def weights_fingerprint(*models) -> str:
+    """A short hash of the models' parameters: a sweep point computed on other weights is not reused."""
+    h = hashlib.sha256()
+    for m in models:
+        for name, t in sorted(m.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", name).strip("_")
+
+
 def _sweep(args, pipe, draft, argv):
+    """The sweep, one point at a time. Each finished point is kept in ``OUT/sweep_points/`` (with the settings and a
+    hash of the weights it was measured with) and reused by a later run with the same settings, so a sweep of
+    several hours can be stopped and continued; the report and plot are rewritten after every point."""
     from ..zoo import hub
     from ..zoo.data import make_scene, scene_seed
     from ..zoo.recipes.common import HELDOUT_SCENE_SEED, scene_batch
 
     n = 4 if args.tiny else args.prompts
     methods = sweep_methods(hub.codebook(pipe.vq), tiny=args.tiny)
+    if args.points:
+        picked = {k: v for k, v in methods.items() if any(s.lower() in k.lower() for s in args.points)}
+        if not picked:
+            raise SystemExit(f"--points {args.points} matches none of the sweep's points: {list(methods)}")
+        methods = {"AR": methods["AR"], **picked}  # AR: the reference of the sanity rule and the speedups
     prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
     clf = hub.load_classifier()
     real_feats = hub.features(clf, scene_batch(0, max(n, 256), HELDOUT_SCENE_SEED + 8, 2)[0])
-    rows = run(pipe, draft, prompts, methods, args.repeats, args.guidance, args.seed, clf, real_feats,
-               args.batch_size or min(n, 64), bootstrap=args.bootstrap)
-    checks = sanity(rows, args.bootstrap, args.seed)
+    batch = args.batch_size or min(n, 64)
+    key = dict(prompts=n, guidance=args.guidance, seed=args.seed, batch=batch, bootstrap=args.bootstrap,
+               weights=weights_fingerprint(pipe.model, draft))
+    store = Path(args.out) / "sweep_points"
+    store.mkdir(parents=True, exist_ok=True)
+    cmd = "mmspec bench image " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows, reused = [], []
+    for i, (name, spec) in enumerate(methods.items()):
+        path = store / f"{_slug(name)}.pt"
+        saved = torch.load(path, weights_only=False) if path.is_file() else None
+        if saved is not None and saved["key"] == key and saved["spec"] == repr(spec):
+            rows.append(saved["row"])
+            reused.append(name)
+        else:
+            print(f"[{i + 1}/{len(methods)}] {name}", file=sys.stderr)
+            row = run(pipe, draft, prompts, {name: spec}, args.repeats, args.guidance, args.seed, clf, real_feats,
+                      batch, bootstrap=args.bootstrap)[0]
+            torch.save({"key": key, "spec": repr(spec), "row": row}, path)
+            rows.append(row)
+        _sweep_report(args, rows, cmd, prompts, batch, methods, reused)
+    return _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=True)
+
+
+def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False):
+    """Write image_sweep.{json,md} and the plot for the points done so far; print them when ``final``."""
+    import copy
+
+    rows, n = copy.deepcopy(rows), len(prompts)
+    ar = next((r for r in rows if r["method"] == "AR"), None)
+    sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
+    for r in rows:
+        if ar:
+            r["speedup_vs_ar"] = ar["median_s"] / r["median_s"]
+        if sjd:
+            r["compression_vs_sjd"] = r["step_compression"] / sjd["step_compression"]
+    checks = sanity(rows, args.bootstrap, args.seed) if ar else []
     for r in rows:
         r["adherence_ci_text"] = "[{:.1f}, {:.1f}]".format(*r["adherence_ci"])
         r["frechet_ci_text"] = "[{:.2f}, {:.2f}]".format(*r["frechet_ci"])
         r["adherence_per_image"] = r.pop("_per_image").tolist()
-    cmd = "mmspec bench image " + " ".join(argv if argv is not None else sys.argv[1:])
     plot = sweep_plot(rows, args.plot or f"{args.out}/image_sweep.png")
+    missing = [m for m in methods if m not in {r["method"] for r in rows}]
     md = (f"# mmspec bench image --sweep (bundled text-to-image zoo models)\n\n`{cmd}`\n\n"
           f"{n} held-out captions, one image each (seed {args.seed} + i), guidance {args.guidance}, batch "
-          f"{args.batch_size or min(n, 64)}; 95% percentile-bootstrap intervals over the images ({args.bootstrap} "
-          f"resamples; Frechet: {min(args.bootstrap, 200)}).\n\n{markdown_table(rows, SWEEP_COLUMNS)}\n\n"
+          f"{batch}; 95% percentile-bootstrap intervals over the images ({args.bootstrap} "
+          f"resamples; Frechet: {min(args.bootstrap, 200)}). Speedups are this CPU's wall clock, each point timed "
+          f"in its own run (points reused from an earlier run: {len(reused)}).\n\n"
+          + (f"**Partial: {len(missing)} of {len(methods)} points still to run** ({', '.join(missing)}).\n\n"
+             if missing else "")
+          + f"{markdown_table(rows, SWEEP_COLUMNS)}\n\n"
           "Sanity rule (every lossless method's adherence agrees with AR's: the 95% interval of the difference "
           "contains 0):\n\n" + "\n".join(f"- {c}" for c in checks) + f"\n\nPlot: `{plot}`\n\nEnvironment: {environment()}\n")
-    payload = {"args": vars(args), "env": environment(), "prompts": prompts, "rows": rows, "sanity": checks}
+    payload = {"args": vars(args), "env": environment(), "prompts": prompts, "rows": rows, "sanity": checks,
+               "missing": missing}
     js, mdp = write_report(args.out, "image_sweep", payload, md)
-    print(md)
-    print(f"wrote {js}, {mdp} and {plot}")
+    if final:
+        print(md)
+        print(f"wrote {js}, {mdp} and {plot}")
     return rows
-
 
 if __name__ == "__main__":
     main()
