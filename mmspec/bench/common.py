@@ -118,3 +118,16 @@ def write_report(out_dir, name: str, payload: dict, markdown: str) -> tuple[Path
     js.write_text(json.dumps(payload, indent=2, default=str))
     md.write_text(markdown)
     return js, md
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Set each row's ``speedup_vs_ar`` (AR's median seconds over its own) and ``compression_vs_sjd`` (its step
+    compression over SJD as published), where the run has an "AR" / "SJD (random ..." row. Returns ``rows``."""
+    ar = next((r for r in rows if r["method"] == "AR"), None)
+    sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
+    for r in rows:
+        if ar:
+            r["speedup_vs_ar"] = ar["median_s"] / r["median_s"]
+        if sjd:
+            r["compression_vs_sjd"] = r["step_compression"] / sjd["step_compression"]
+    return rows

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .common import environment, markdown_table, write_report
+from .common import add_ratios, environment, markdown_table, write_report
 
 __all__ = ["main", "METHODS", "run"]
 
@@ -65,11 +65,7 @@ def run(pipe, draft, labels, methods, repeats=1, guidance=3.0, steps=25, tempera
             if real_feats is not None:
                 row["frechet"] = hub.frechet_distance(hub.features(clf, images), real_feats)
         rows.append(row)
-    ar = next((r for r in rows if r["method"] == "AR"), None)
-    for r in rows:
-        if ar:
-            r["speedup_vs_ar"] = ar["median_s"] / r["median_s"]
-    return rows
+    return add_ratios(rows)
 
 
 COLUMNS = [

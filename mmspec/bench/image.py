@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import environment, markdown_table, write_report
+from .common import add_ratios, environment, markdown_table, write_report
 
 __all__ = ["main", "METHODS", "token_entropy"]
 
@@ -152,14 +152,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
                 row["_per_image"] = per_image
         rows.append(row)
     bar.close()
-    ar = next((r for r in rows if r["method"] == "AR"), None)
-    sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
-    for r in rows:
-        if ar:
-            r["speedup_vs_ar"] = ar["median_s"] / r["median_s"]
-        if sjd:
-            r["compression_vs_sjd"] = r["step_compression"] / sjd["step_compression"]
-    return rows
+    return add_ratios(rows)
 
 
 def bootstrap_mean_ci(values: torch.Tensor, reps: int, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -455,14 +448,8 @@ def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False)
     import copy
 
     rows, n = copy.deepcopy(rows), len(prompts)
-    ar = next((r for r in rows if r["method"] == "AR"), None)
-    sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
-    for r in rows:
-        if ar:
-            r["speedup_vs_ar"] = ar["median_s"] / r["median_s"]
-        if sjd:
-            r["compression_vs_sjd"] = r["step_compression"] / sjd["step_compression"]
-    checks = sanity(rows, args.bootstrap, args.seed) if ar else []
+    add_ratios(rows)
+    checks = sanity(rows, args.bootstrap, args.seed) if any(r["method"] == "AR" for r in rows) else []
     for r in rows:
         r["adherence_ci_text"] = "[{:.1f}, {:.1f}]".format(*r["adherence_ci"])
         r["frechet_ci_text"] = "[{:.2f}, {:.2f}]".format(*r["frechet_ci"])

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .common import environment, markdown_table, write_report
+from .common import add_ratios, environment, markdown_table, write_report
 
 __all__ = ["main", "METHODS", "run", "repeat_fraction"]
 
@@ -52,14 +52,7 @@ def run(pipe, prompts, methods, window=16, repeats=1, guidance=3.0, seed=0, do_s
                      "new_tokens": s.new_tokens, "step_compression": s.step_compression,
                      "mean_accepted": s.mean_accepted, "median_s": statistics.median(times), "times": times,
                      "repeat_fraction": repeat_fraction(out.tokens), "accepted_histogram": s.accepted_histogram})
-    ar = next((r for r in rows if r["method"] == "AR"), None)
-    sjd = next((r for r in rows if r["method"].startswith("SJD (random")), None)
-    for r in rows:
-        if ar:
-            r["speedup_vs_ar"] = ar["median_s"] / r["median_s"]
-        if sjd:
-            r["compression_vs_sjd"] = r["step_compression"] / sjd["step_compression"]
-    return rows
+    return add_ratios(rows)
 
 
 COLUMNS = [
