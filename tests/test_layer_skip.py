@@ -83,7 +83,8 @@ def test_greedy_equals_transformers(models, arch, batch, with_eos):
     ids, mask = ragged_prompts(batch, 96, seed=batch)
     eos = int(_reference(target, ids, mask, None)[0, ids.shape[1] + NEW // 3]) if with_eos else None
     ref = _reference(target, ids, mask, eos)
-    for kw in (dict(skip=[1, 2]), dict(skip=[3], window=8, adaptive=True), dict()):
+    for kw in (dict(skip=[1, 2]), dict(skip=[3], window=8, adaptive=True), dict(skip=[2], window=9, tree=(3, 4)),
+               dict()):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = mmspec.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, method="self",
@@ -93,6 +94,7 @@ def test_greedy_equals_transformers(models, arch, batch, with_eos):
         declined = any("does not pay" in str(w.message) for w in caught)
         assert (out.stats.draft_forwards > 0) != declined and out.lossless
         assert not declined or kw == {}
+        assert (out.stats.tree_nodes > 0) == ("tree" in kw and out.stats.target_forwards > 1)  # (EOS may come first)
 
 
 def test_target_weights_modules_and_cache_unchanged(models):
@@ -236,7 +238,7 @@ def test_image_pipeline_self_equals_ar(layer_costs):
     before = _fingerprint(pipe.model)
     prompts = ["a red circle", "blue square on green background", "green"]
     ref = pipe(prompts, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="pt")
-    for kw in (dict(skip=[1]), dict(skip=[0, 2], window=4), dict()):
+    for kw in (dict(skip=[1]), dict(skip=[0, 2], window=4), dict(skip=[2], window=8, tree=(2, 3)), dict()):
         out = pipe(prompts, do_sample=False, decoding="self", guidance_scale=2.5, output_type="pt", **kw)
         assert torch.equal(out.tokens, ref.tokens), kw
         assert out.stats.step_compression > 1.0 and out.lossless
@@ -251,12 +253,16 @@ V, NEW_S, N, ALPHA = 5, 4, 20_000, 1e-3
 PROMPT = torch.tensor([[3, 1, 3, 1, 4]])
 
 
-def exact_distribution(model, prompt=PROMPT, vocab=V, new=NEW_S):
-    """Probability of every continuation of ``new`` tokens (base-``vocab`` index), from full forwards."""
+def exact_distribution(model, prompt=PROMPT, vocab=V, new=NEW_S, temperature=1.0, top_k=None):
+    """Probability of every continuation of ``new`` tokens (base-``vocab`` index), from full forwards (at
+    ``temperature``, keeping the ``top_k`` largest logits)."""
     outcomes = torch.tensor(list(itertools.product(range(vocab), repeat=new)))
     seqs = torch.cat([prompt.expand(len(outcomes), -1), outcomes], dim=1)
     with torch.no_grad():
-        logits = model(seqs).logits.double()
+        logits = model(seqs).logits.double() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     T = prompt.shape[1]
     probs = logits[:, T - 1 : T - 1 + new].softmax(-1)
     return probs.gather(-1, outcomes.unsqueeze(-1)).squeeze(-1).prod(-1)
@@ -283,12 +289,16 @@ def sample_many(model, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [dict(skip=[1], window=5), dict(skip=[0, 2], window=3, adaptive=True)])
+@pytest.mark.parametrize("kw", [dict(skip=[1], window=5), dict(skip=[0, 2], window=3, adaptive=True),
+                                dict(skip=[1], window=5, tree=(2, 3)), dict(skip=[2], window=6, tree=(3, 2),
+                                                                          temperature=0.7, top_k=3)])
 def test_sampling_is_lossless(kw):
     target = tiny_causal_lm("llama", vocab_size=V, hidden=16, layers=3, sharpen=3.0, seed=11)
     samples, stats = sample_many(target, method="self", **kw)
     assert stats.step_compression > 1.0  # drafts were really accepted
-    p = chi2_pvalue(samples, exact_distribution(target))
+    if "tree" in kw:  # trees of depth >= 2 were really verified, and paths deeper than one accepted
+        assert stats.tree_nodes_per_step > kw["tree"][1] and sum(stats.accepted_histogram[2:]) > 0
+    p = chi2_pvalue(samples, exact_distribution(target, temperature=kw.get("temperature", 1.0), top_k=kw.get("top_k")))
     assert p > ALPHA, f"self {kw}: chi-square p = {p:.2e}"
 
 

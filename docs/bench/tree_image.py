@@ -72,6 +72,12 @@ for skip in ((3,), (2,), (1,), (0,), (2, 3), (1, 2), (1, 2, 3)):
     configs[f"selfjd48-skip{name}-h-tree(3,2)"] = dict(
         decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2),
         draft_model=layer_skip_model(pipe.model, list(skip)))
+# the layer-skip view drafting an EAGLE-2-style tree (method "self" with tree=(width, depth))
+for w, tree in ((12, (3, 4)), (20, (4, 5)), (32, (6, 5))):
+    for skip in ((3,), (2,)):
+        name = "".join(map(str, skip))
+        configs[f"self{w}-skip{name}-tree{tree[0]},{tree[1]}"] = dict(decoding="self", window=w, skip=list(skip),
+                                                                      tree=tree)
 # jacobi-draft with W candidates for the draft branch's first token (mmspec.drafting.JACOBI_DRAFT_WIDTH)
 for dw in (2, 3):
     configs[f"jd48-h-tree(3,2)-dw{dw}"] = dict(configs["jd48-h-tree(3,2)"], _draft_width=dw)

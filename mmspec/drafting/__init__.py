@@ -34,7 +34,7 @@ def _draft(window, draft, adaptive=False, draft_confidence=None, prefill_kwargs=
 
 
 #: methods whose drafts can branch (``tree=(width, depth)``)
-TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead")
+TREE_METHODS = ("jacobi", "draft", "lookup", "jacobi-draft", "lookahead", "self")
 
 #: draft tokens of the draft model's branch in method "jacobi-draft" (its chain stops earlier with
 #: ``draft_confidence``), and its width: above 1, the branch is the draft's tree ``(width, depth)`` of
@@ -67,12 +67,13 @@ def _lookup(window, max_ngram=3, tree=None, lookup_match="longest"):
 
 @register_method("self", default_window=6)
 def _self(window, model=None, prompt=None, skip=None, adaptive=False, draft_confidence=None, prefill_kwargs=None,
-          greedy=True, make_adapter=None):
-    """The target minus some decoder layers drafts for itself (``skip=None``: calibrated on the prompts)."""
+          greedy=True, make_adapter=None, tree=None):
+    """The target minus some decoder layers drafts for itself (``skip=None``: calibrated on the prompts), as a chain
+    or, with ``tree=(width, depth)``, as an EAGLE-2-style draft tree."""
     from .layer_skip import self_draft_proposer
 
     return self_draft_proposer(model, *prompt, skip=skip, window=window, adaptive=adaptive, confidence=draft_confidence,
-                               prefill_kwargs=prefill_kwargs, greedy=greedy, make_adapter=make_adapter)
+                               prefill_kwargs=prefill_kwargs, greedy=greedy, make_adapter=make_adapter, tree=tree)
 
 
 @register_method("lookahead", default_window=DEFAULT_LOOKAHEAD[0] + 1)

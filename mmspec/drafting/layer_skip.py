@@ -372,11 +372,13 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
 
 def self_draft_proposer(model, input_ids, attention_mask, *, skip=None, window: int, adaptive: bool = False,
                         confidence=None, prefill_kwargs=None, make_adapter=None, greedy: bool = True,
-                        calibration_kwargs=None):
+                        calibration_kwargs=None, tree=None):
     """A ``DraftModelProposer`` driving the layer-skip view of ``model`` (``method="self"``).
 
-    ``skip=None`` calibrates on ``input_ids`` (see ``calibrate_skip``, cached per model). ``window`` is the
-    verified block (anchor + ``window - 1`` drafts); with ``adaptive`` it is the cap.
+    ``skip=None`` calibrates on ``input_ids`` (see ``calibrate_skip``, cached per model; the calibration scores
+    chains). ``window`` is the verified block (anchor + ``window - 1`` drafts); with ``adaptive`` it is the cap.
+    ``tree=(width, depth)``: the view drafts an EAGLE-2-style token tree of ``window - 1`` nodes instead of a chain
+    (``mmspec.drafting.draft_tree``).
     """
     from ..models.vlm import adapter_for
     from .model import DraftModelProposer
@@ -402,5 +404,6 @@ def self_draft_proposer(model, input_ids, attention_mask, *, skip=None, window: 
     drafter = make_adapter(layer_skip_model(model, skip))
     start = min(5, window - 1) if adaptive else window - 1
     return DraftModelProposer(drafter, max(start, 1) if window > 1 else 0, adaptive=adaptive,
-                              max_drafts=window - 1, confidence=confidence, prefill_kwargs=prefill_kwargs or {})
+                              max_drafts=window - 1, confidence=confidence, prefill_kwargs=prefill_kwargs or {},
+                              tree=tree)
 
