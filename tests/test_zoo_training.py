@@ -173,3 +173,36 @@ def test_t2i_noise_free_batch_codes_the_clean_render():
         assert torch.equal(span, codes[i])
     # the sensor noise changes many codes of the same scene
     assert 0.2 < float((noisy[target] != clean[target]).float().mean()) < 0.95
+
+
+def test_captioner_checkpoint_resume(tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from mmspec.zoo.recipes import captioner
+
+    monkeypatch.setattr(captioner, "evaluate", lambda *a, **k: {})  # the held-out evaluation is tested below
+    ck = tmp_path / "cap.pt"
+    captioner.train(tmp_path / "a", role="draft", minutes=60, max_steps=2, ckpt=ck)
+    state = torch.load(ck, weights_only=False)
+    assert state["step"] == 2 and all(v["step"] == 2 for v in state["opt"]["state"].values())
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "a")
+    for name, p in saved.named_parameters():  # the checkpoint holds the trained weights (fp16 on disk)
+        torch.testing.assert_close(p.float(), state["model"][name].float(), atol=1e-3, rtol=1e-3, msg=name)
+    resumed = captioner.train(tmp_path / "b", role="draft", minutes=60, max_steps=3, ckpt=ck)
+    state = torch.load(ck, weights_only=False)  # the optimiser went on from step 2, the pool was rebuilt
+    assert resumed["steps"] == 3 and all(v["step"] == 3 for v in state["opt"]["state"].values())
+    assert resumed["distinct_training_scenes"] == 1024 + 3 * 6
+    assert [h["step"] for h in state["history"]][-1] == 3 and (tmp_path / "b" / "loss_curve.png").is_file()
+    with pytest.raises(ValueError, match="another role or recipe"):
+        captioner.train(tmp_path / "d", role="target", minutes=60, max_steps=4, ckpt=ck)
+
+
+def test_captioner_evaluation_reads_the_first_object():
+    from mmspec.zoo.recipes import captioner
+    from mmspec.zoo.recipes.captioner import load_caption_pipeline
+
+    pipe = load_caption_pipeline(with_draft=False)
+    metrics = captioner.evaluate(pipe.model, pipe.processor, n=8, batch_size=8)
+    for k in captioner.OBJECT_FIELDS:
+        assert 0.0 <= metrics[f"object_{k}_accuracy"] <= 1.0
+    assert metrics["well_formed"] > 0.5

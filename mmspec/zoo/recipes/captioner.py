@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,8 +26,10 @@ from .common import (
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
     Budget,
+    Checkpoint,
     cosine_lr,
     dir_size_bytes,
+    plot_loss_curve,
     save_fp16,
     seed_everything,
     setup_threads,
@@ -38,6 +40,7 @@ __all__ = ["CaptionerRecipe", "PRESETS", "PROMPT", "build_processor", "build_mod
            "load_caption_pipeline", "WEIGHTS", "DRAFT_WEIGHTS"]
 
 PROMPT = "describe the image"
+OBJECT_FIELDS = ("shape", "colour", "size", "position")
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 64
@@ -160,8 +163,9 @@ def _loss(model, ids, mask, labels, pixels):
 def evaluate(model, processor, n: int = 256, batch_size: int = 64, max_objects: int = 2) -> dict[str, float]:
     """Greedy captions of ``n`` held-out scenes: exact match, word accuracy (position-wise over the reference's
     words, a missing word counts wrong), the mean caption length, the share of well-formed captions
-    (``parse_caption`` accepts them) and how often the background kind, its colour and the object count are
-    right (a malformed caption counts wrong)."""
+    (``parse_caption`` accepts them), how often the background kind, its colour and the object count are
+    right, and how often each attribute of the scene's first object (shape, colour, size, position) is said of the
+    caption's first object (a malformed caption counts wrong)."""
     from ...pipelines.caption import CaptionPipeline
 
     model.eval()
@@ -169,7 +173,7 @@ def evaluate(model, processor, n: int = 256, batch_size: int = 64, max_objects: 
     scenes = [make_scene(scene_seed(HELDOUT_SCENE_SEED, i), IMAGE_SIZE, max_objects) for i in range(n)]
     out = pipe([s.image for s in scenes], max_new_tokens=32, batch_size=batch_size, progress=False)
     exact = words_ok = words = parsed = 0
-    fields = {"background": 0, "background_colour": 0, "objects": 0}
+    fields = {"background": 0, "background_colour": 0, "objects": 0, **{f"object_{k}": 0 for k in OBJECT_FIELDS}}
     for s, cap in zip(scenes, out.captions):
         ref, hyp = s.caption.split(), cap.split()
         exact += ref == hyp
@@ -184,29 +188,63 @@ def evaluate(model, processor, n: int = 256, batch_size: int = 64, max_objects: 
         fields["background"] += attrs["background"] == truth["background"]
         fields["background_colour"] += attrs["background_colour"] == truth["background_colour"]
         fields["objects"] += len(attrs["objects"]) == len(truth["objects"])
+        for k in OBJECT_FIELDS:
+            fields[f"object_{k}"] += attrs["objects"][0][k] == truth["objects"][0][k]
     return {"exact_match": exact / n, "word_accuracy": words_ok / words,
             "mean_caption_words": sum(len(c.split()) for c in out.captions) / n, "well_formed": parsed / n,
             **{f"{k}_accuracy": v / n for k, v in fields.items()}}
 
 
 def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: int = 0, max_steps: int | None = None,
-          threads: int = 1) -> dict:
-    """Train the captioner ``role`` ("target" or "draft") and save it (fp16 safetensors) with the processor."""
+          threads: int = 1, ckpt: str | Path | None = None, ckpt_every_s: float = 300.0,
+          init_from: str | Path | None = None, lr: float | None = None) -> dict:
+    """Train the captioner ``role`` ("target" or "draft") and save it (fp16 safetensors) with the processor,
+    ``metrics.json`` and ``loss_curve.png``.
+
+    ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and resumed from when it exists (same
+    role and recipe; its time counts against ``minutes``; the scene pool is rebuilt from its seed stream).
+    ``init_from``: a saved captioner folder of the same role to start from (fresh optimiser and schedule).
+    ``lr``: peak learning rate instead of the preset's."""
     if role not in PRESETS:
         raise ValueError(f"unknown role {role!r}; choose one of {sorted(PRESETS)}.")
     setup_threads(threads)
-    r = PRESETS[role]
+    r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
     g = seed_everything(seed)
     processor = build_processor()
-    model = build_model(r, processor).train()
+    model = build_model(r, processor)
+    if init_from is not None:
+        from transformers import AutoModelForImageTextToText
+
+        start = AutoModelForImageTextToText.from_pretrained(init_from, dtype=torch.float32)
+        if start.config.text_config.hidden_size != r.hidden or start.config.vision_config.hidden_size != r.vision_hidden:
+            raise ValueError(f"init_from={str(init_from)!r} is not a captioner {role}")
+        model.load_state_dict(start.state_dict())
+        print(f"captioner {role}: initialised from {init_from}", flush=True)
+    model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"captioner {role}: {n_params / 1e6:.2f}M parameters", flush=True)
     pool = ScenePool(processor, TRAIN_SCENE_SEED, r.max_objects)
-    pool.grow(r.initial_pool)
     prompt = prompt_ids(processor)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    budget = Budget(minutes, max_steps)
-    step, ema, t0 = 0, None, time.perf_counter()
+    step, ema, elapsed, history = 0, None, 0.0, []
+    checkpoint = Checkpoint(ckpt, ckpt_every_s)
+    state = checkpoint.load()
+    if state is not None:
+        if state["recipe"] != asdict(r) or state["role"] != role:
+            raise ValueError(f"checkpoint {ckpt} was made for another role or recipe; delete it or match them")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        step, ema, elapsed, history = (state[k] for k in ("step", "ema", "elapsed", "history"))
+        print(f"captioner {role}: resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
+    pool.grow(r.initial_pool + step * r.fresh_per_step)  # the pool as it stood (it grows by a fixed count per step)
+
+    def snapshot():
+        return {"role": role, "recipe": asdict(r), "model": model.state_dict(), "opt": opt.state_dict(),
+                "gen": g.get_state(), "step": step, "ema": ema, "elapsed": budget.elapsed(), "history": history}
+
+    budget = Budget(minutes, max_steps, elapsed_s=elapsed)
+    t0 = time.perf_counter() - elapsed
     while not budget.done(step):
         lr = cosine_lr(r.lr, budget.progress(step), step, warmup_steps=100)
         for group in opt.param_groups:
@@ -220,16 +258,23 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         step += 1
         if step % 50 == 0:
+            history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
             print(f"step {step} loss {ema:.4f} lr {lr:.2e} pool {len(pool.captions)} "
                   f"{budget.elapsed() / 60:.1f} min", flush=True)
+        if checkpoint.due():
+            checkpoint.save(snapshot())
     train_minutes = (time.perf_counter() - t0) / 60
+    history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
+    checkpoint.save(snapshot())
     metrics = {"role": role, "steps": step, "train_minutes": round(train_minutes, 2), "final_loss_ema": ema,
                "parameters": n_params, "training_scenes_seen": step * r.batch_size,
-               "distinct_training_scenes": len(pool.captions), "recipe": asdict(r), "threads": threads, "seed": seed}
+               "distinct_training_scenes": len(pool.captions), "recipe": asdict(r), "threads": threads, "seed": seed,
+               "init_from": None if init_from is None else Path(init_from).name}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_fp16(model, out)  # saved before the evaluation, so a failing evaluation loses no training
     processor.save_pretrained(out)
+    plot_loss_curve(history, out / "loss_curve.png", f"captioner {role} (caption-token training loss)")
     metrics["size_bytes"] = dir_size_bytes(out)
     write_json(out / "metrics.json", metrics)
     model = model.float()  # evaluate the weights as shipped (fp16-rounded), in float32
@@ -281,12 +326,17 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ckpt", default=None, help="training-state file (saved every --ckpt-every s, resumed if present)")
+    ap.add_argument("--ckpt-every", type=float, default=300.0)
+    ap.add_argument("--init-from", default=None, help="a saved captioner folder of the same role to start from")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     args = ap.parse_args(argv)
     if args.role == "eval":
         return evaluate_saved(args.out)
     if not math.isfinite(args.minutes) or args.minutes <= 0:
         ap.error("--minutes must be > 0")
-    return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads)
+    return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.ckpt,
+                 args.ckpt_every, args.init_from, args.lr)
 
 
 if __name__ == "__main__":
