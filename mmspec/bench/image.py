@@ -48,6 +48,7 @@ METHODS = {
                                                        coupled=True, tree=(3, 2)),
     "self (layer-skip, calibrated, w6)": dict(decoding="self", window=6),
     "self (layer-skip, skips the last layer, w6)": dict(decoding="self", window=6, skip=[3]),
+    "self tree(4,5) (layer-skip, skips the last layer, w20)": dict(decoding="self", window=20, skip=[3], tree=(4, 5)),
 }
 
 
