@@ -128,6 +128,16 @@ def _add_tree_argument(p):
                    "level; --window counts every node)")
 
 
+def _add_skip_argument(p):
+    p.add_argument("--skip-layers", nargs="+", type=int, default=None, metavar="LAYER",
+                   help="--method self: the decoder layers the draft leaves out (default: calibrated on the prompt)")
+
+
+def _check_skip(p, args):
+    if args.skip_layers is not None and args.decoding != "self":
+        p.error("--skip-layers is only used with --method self")
+
+
 def _add_compile_arguments(p):
     p.add_argument("--cache", choices=["dynamic", "static"], default=None,
                    help="KV cache: dynamic (default) or static (preallocated, per-row lengths; default with --compile)")
@@ -164,6 +174,7 @@ def _image(argv):
                    help="coupled redraw of Jacobi drafts (lossless)")
     p.add_argument("--window", type=int, default=16, help="tokens verified per forward (anchor included)")
     _add_tree_argument(p)
+    _add_skip_argument(p)
     _add_compile_arguments(p)
     p.add_argument("--acceptance", choices=available(), default="exact",
                    help="acceptance criterion (exact is lossless; the others relax it)")
@@ -189,6 +200,7 @@ def _image(argv):
         p.error("--compare runs plain AR beside --decoding; choose jacobi or draft")
     if not args.output.lower().endswith(".png"):
         p.error("--output must end with .png")
+    _check_skip(p, args)
 
     torch = _setup_torch(args)
     from torchvision.utils import make_grid, save_image
@@ -201,6 +213,8 @@ def _image(argv):
     kw = dict(window=args.window, acceptance=args.acceptance)
     if args.tree is not None:
         kw.update(tree=tuple(args.tree))
+    if args.skip_layers is not None:
+        kw.update(skip=args.skip_layers)
     if args.decoding == "jacobi":
         kw.update(init=args.init, coupled=args.coupled)
     if draft is not None:
@@ -249,6 +263,7 @@ def _text(argv):
                    help="decoding method (draft: the bundled draft model; --decoding is an alias)")
     p.add_argument("--window", type=int, default=None, help="tokens verified per forward (default: per method)")
     _add_tree_argument(p)
+    _add_skip_argument(p)
     _add_compile_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample (exactly from the target) instead of greedy")
@@ -272,6 +287,7 @@ def _text(argv):
         p.error("--repeats must be >= 1")
     if args.compare and args.decoding == "ar":
         p.error("--compare runs plain AR beside --decoding; choose draft, lookup or jacobi")
+    _check_skip(p, args)
 
     torch = _setup_torch(args)
     from . import generate
@@ -287,6 +303,8 @@ def _text(argv):
             kw["window"] = args.window  # methods with a fixed window (ar) ignore it
         if args.tree is not None and method != "ar":
             kw["tree"] = tuple(args.tree)
+        if args.skip_layers is not None and method == "self":
+            kw["skip"] = args.skip_layers
         return generate(target, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
                         method=method, generator=torch.Generator().manual_seed(args.seed), cache=args.cache,
                         compile=args.compile, **sampling, **kw)

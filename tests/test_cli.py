@@ -48,6 +48,8 @@ def test_image_compare_reports_speedup_and_grid(tmp_path, capsys):
     (["text", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["text", "x", "--temperature", "0"], "--temperature must be > 0"),
     (["frobnicate"], "unknown command"),
+    (["image", PROMPT, "--skip-layers", "1"], "--skip-layers is only used with --method self"),
+    (["text", "x", "--method", "draft", "--skip-layers", "0"], "--skip-layers is only used with --method self"),
 ])
 def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -123,6 +125,13 @@ def test_help_lists_commands(capsys):
 def test_text_greedy_draft_equals_ar(capsys):
     assert main(["text", "def add(a, b):", "import os", "--max-new-tokens", "12", "--compare",
                  "--decoding", "draft"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to AR: True" in out and "target forwards" in out
+
+
+def test_text_self_tree_with_given_layers_equals_ar(capsys):
+    assert main(["text", "def add(a, b):", "--max-new-tokens", "12", "--compare", "--method", "self",
+                 "--skip-layers", "3", "--window", "9", "--tree", "3", "4", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "identical to AR: True" in out and "target forwards" in out
 
