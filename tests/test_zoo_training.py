@@ -64,6 +64,28 @@ def test_vq_run_resumes_from_checkpoint(tmp_path):
         vq.train(tmp_path / "c", minutes=60, max_steps=5, recipe=_tiny_vq(object_weight=1.0), threads=1, ckpt=ck)
 
 
+def test_vq_decoder_only_keeps_every_code(tmp_path):
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import vq
+    from mmspec.zoo.recipes.common import scene_batch
+
+    vq.train(tmp_path / "a", minutes=60, max_steps=2, recipe=_tiny_vq(), threads=1)
+    with pytest.raises(ValueError, match="pass init_from"):
+        vq.train(tmp_path / "x", minutes=60, max_steps=1, recipe=_tiny_vq(), threads=1, decoder_only=True)
+    m = vq.train(tmp_path / "b", minutes=60, max_steps=3, recipe=_tiny_vq(), threads=1, decoder_only=True,
+                 init_from=tmp_path / "a")
+    assert m["recipe"]["decoder_only"] and m["steps"] == 3
+    a, b = hub.load_vq(tmp_path / "a"), hub.load_vq(tmp_path / "b")
+    sa, sb = a.state_dict(), b.state_dict()
+    upstream = [k for k in sa if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert upstream and all(torch.equal(sa[k], sb[k]) for k in upstream)  # bit for bit
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))  # the decoder trained
+    x, _ = scene_batch(0, 4, 12345, 2)
+    codes = hub.encode_images(a, x)
+    assert torch.equal(codes, hub.encode_images(b, x))
+    assert not torch.equal(hub.decode_tokens(a, codes), hub.decode_tokens(b, codes))
+
+
 def test_vq_denoise_stream_targets_the_noise_free_render():
     from mmspec.zoo.data import image_to_tensor
     from mmspec.zoo.recipes.vq import _Stream
@@ -206,3 +228,19 @@ def test_captioner_evaluation_reads_the_first_object():
     for k in captioner.OBJECT_FIELDS:
         assert 0.0 <= metrics[f"object_{k}_accuracy"] <= 1.0
     assert metrics["well_formed"] > 0.5
+
+
+def test_zoo_train_forwards_resume_flags_to_the_captioner(monkeypatch, capsys):
+    from mmspec.zoo import train
+    from mmspec.zoo.recipes import captioner
+
+    real_main, seen = captioner.main, []
+    monkeypatch.setattr(captioner, "main", lambda argv: seen.append(argv))
+    train.main(["captioner", "--ckpt", "c.pt", "--init-from", "old", "--lr", "0.001", "--minutes", "5"])
+    argv = seen[0]
+    assert argv[0] == "target" and argv[argv.index("--ckpt") + 1] == "c.pt"
+    assert argv[argv.index("--init-from") + 1] == "old" and float(argv[argv.index("--lr") + 1]) == 0.001
+    argv[argv.index("--minutes") + 1] = "0"
+    with pytest.raises(SystemExit):  # the recipe's own parser takes every flag (then refuses the budget)
+        real_main(argv)
+    assert "--minutes must be > 0" in capsys.readouterr().err

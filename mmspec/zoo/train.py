@@ -53,13 +53,16 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--eval-n", type=int, default=None, help="vq/classifier: held-out images per evaluation set")
     ap.add_argument("--vq", default=None, help="classifier/t2i/c2i: tokenizer folder (default: the bundled one)")
     ap.add_argument("--tokenizer", default=None, help="text_draft: the target's folder, whose tokenizer it shares")
-    ap.add_argument("--ckpt", default=None, help="vq/t2i: training-state file, saved every --ckpt-every seconds; "
+    ap.add_argument("--ckpt", default=None, help="vq/t2i/captioner: training-state file, saved every --ckpt-every seconds; "
                     "an existing one is resumed (same recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
-    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i: continue training from this earlier run's folder")
+    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*: continue training from this earlier run's folder")
     ap.add_argument("--denoise", action="store_true", default=None,
                     help="vq: reconstruct the scenes' noise-free renders (see cards/vq.md)")
-    ap.add_argument("--lr", type=float, default=None, help="t2i_*: peak learning rate (default: the recipe's)")
+    ap.add_argument("--decoder-only", action="store_true", default=None,
+                    help="vq: train only the decoder of --init-from (every image keeps its codes, so the token models "
+                         "trained on them stay valid)")
+    ap.add_argument("--lr", type=float, default=None, help="t2i_*, captioner*: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
     args = ap.parse_args(argv)
@@ -76,11 +79,16 @@ def main(argv: list[str] | None = None):
             forwarded += ["--max-steps", str(args.max_steps)]
         if args.vq and module_name == "video":
             forwarded += ["--vq", args.vq]
+        if module_name == "captioner":  # resumable, and can start from a saved captioner
+            for flag, value in (("--ckpt", args.ckpt), ("--init-from", args.init_from), ("--lr", args.lr)):
+                if value is not None:
+                    forwarded += [flag, str(value)]
+            forwarded += ["--ckpt-every", str(args.ckpt_every)]
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
         return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
-                            denoise=args.denoise, **common)
+                            denoise=args.denoise, decoder_only=args.decoder_only, **common)
     if module_name == "classifier":
         return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
     if module_name == "t2i":

@@ -97,6 +97,10 @@ class VQRecipe:
     #: reconstruct the scene's render without sensor noise (``Scene.clean``) from the noisy image (natural
     #: crops are reconstructed as they are). Tried (cards/vq.md): it does *not* make the codes noise-invariant
     denoise: bool = False
+    #: train the decoder (and ``post_quant_conv``) only, from ``init_from``'s weights: the encoder, ``quant_conv``
+    #: and the codebook stay bit for bit, so every image keeps its codes and the token models trained on them stay
+    #: valid. Scenes are encoded from their noise-free render (the codes the t2i models learn) and decoded to it.
+    decoder_only: bool = False
     #: extra weight of the pixels within ``object_halo`` radii of a scene object's centre (0: none)
     object_weight: float = 4.0
     object_halo: float = 1.3
@@ -201,13 +205,17 @@ class _Stream:
 
     def batch(self, n: int) -> torch.Tensor:
         """``n`` inputs ``[n, 3, 64, 64]``, their reconstruction targets (3 channels: the noise-free
-        render with ``denoise``, else the input) and loss weights (1 channel): ``[n, 7, 64, 64]``."""
+        render with ``denoise`` or ``decoder_only``, else the input) and loss weights (1 channel): ``[n, 7, 64, 64]``;
+        with ``decoder_only`` a scene's input is its noise-free render too."""
         ns = int(round(n * self.r.scene_fraction))
         nc = n - ns
         parts = []
         if ns:
-            x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects, clean=self.r.denoise)
-            y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if self.r.denoise else x
+            clean = self.r.denoise or self.r.decoder_only
+            x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects, clean=clean)
+            y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if clean else x
+            if self.r.decoder_only:
+                x = y
             parts.append(torch.cat([x, y, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
             self.i_scene += ns
         if nc:
@@ -331,7 +339,7 @@ def classifier_accuracy(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, 
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2,
           ckpt: str | Path | None = None, ckpt_every_s: float = 300.0, init_from: str | Path | None = None,
-          denoise: bool | None = None) -> dict[str, Any]:
+          denoise: bool | None = None, decoder_only: bool | None = None) -> dict[str, Any]:
     """Train the tokenizer for ``minutes`` of wall clock (or ``max_steps``), save it in fp16 to
     ``out`` and return the metrics (also written to ``out/metrics.json``), with a loss curve
     ``out/loss_curve.png``.
@@ -342,11 +350,16 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
 
     ``init_from``: a saved tokenizer folder (same architecture) to start from instead of random
     weights; its codebook is the initial one (no autoencoder phase, no k-means), with equal hit rates,
-    so dead-code restarts move the codes the new objective leaves unused. ``denoise``: override
-    :attr:`VQRecipe.denoise`."""
+    so dead-code restarts move the codes the new objective leaves unused. ``denoise``, ``decoder_only``: override
+    :attr:`VQRecipe.denoise` / :attr:`VQRecipe.decoder_only` (the latter needs ``init_from``: only the decoder
+    trains, every code stays)."""
     r = recipe or VQRecipe()
     if denoise is not None:
         r = replace(r, denoise=denoise)
+    if decoder_only is not None:
+        r = replace(r, decoder_only=decoder_only)
+    if r.decoder_only and init_from is None:
+        raise ValueError("decoder_only trains the decoder of an existing tokenizer: pass init_from")
     if eval_n is not None:
         r.eval_n = eval_n
     setup_threads(threads)
@@ -356,6 +369,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     n_params = sum(p.numel() for p in vq.parameters())
     weight = vq.quantize.embedding.weight
     weight.requires_grad_(False)
+    if r.decoder_only:
+        for module in (vq.encoder, vq.quant_conv):
+            module.requires_grad_(False)
     codebook = EMACodebook(weight, r.ema_decay)
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=r.lr, betas=(0.9, 0.99))
@@ -422,10 +438,15 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         for g in opt.param_groups:
             g["lr"] = cosine_lr(r.lr, prog, step, r.warmup_steps)
 
-        z = _encode(vq, x)
+        with torch.set_grad_enabled(not r.decoder_only):
+            z = _encode(vq, x)
         b, d, h, w = z.shape
         zf = z.permute(0, 2, 3, 1).reshape(-1, d)
-        if quantizing:
+        if r.decoder_only:  # the codes as diffusers' lookup gives them; nothing upstream of them moves
+            idx = codebook.lookup(zf)
+            commit = torch.zeros(())
+            zq = weight.detach()[idx].view(b, h, w, d).permute(0, 3, 1, 2)
+        elif quantizing:
             idx = codebook.lookup(zf.detach())
             q = weight.detach()[idx]
             commit = F.mse_loss(zf, q)
@@ -445,7 +466,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         opt.step()
 
         stats = {k: v.item() for k, v in {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "commit": commit}.items()}
-        if quantizing:
+        if quantizing and not r.decoder_only:
             zd = zf.detach()
             codebook.update(zd, idx)
             stats["batch_perplexity"] = hub.code_statistics(idx, r.num_codes)["perplexity"]
