@@ -9,7 +9,8 @@ from mmspec.models.causal_lm import CausalLM
 from lm_fixtures import tiny_causal_lm
 
 
-def test_mask_mirror_grows_and_rolls_back():
+def test_mask_mirror_grows_and_rolls_back(monkeypatch):
+    monkeypatch.setattr(CausalLM, "SQUEEZE_MIN_HOLES", 10**9)  # holes stay (squeezing: tests/test_squeeze_holes.py)
     model = tiny_causal_lm("llama", dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 96, (3, 5), generator=gen)

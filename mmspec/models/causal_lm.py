@@ -404,6 +404,45 @@ class CausalLM:
         self._pos = self._pos[:, : self._cols]
         self._start = self._cols
         self._dense = bool(self._mbuf[:, : self._cols].all())
+        self._squeeze_holes()
+
+    #: the dynamic cache is re-laid out once its holes reach this fraction of the longest row's valid columns (and at
+    #: least ``SQUEEZE_MIN_HOLES``): rows that accept fewer drafts than the batch's best leave holes every step
+    SQUEEZE_RATIO = 0.25
+    SQUEEZE_MIN_HOLES = 32
+
+    def _squeeze_holes(self) -> None:
+        """Re-lay the dynamic cache out without its holes: each row's valid columns, in order, move to the end of
+        ``max(valid per row)`` columns (shorter rows get holes in front, like left padding). Position ids are kept
+        per token (RoPE is already in the keys; sliding windows read ``_pos``), so attention sees the same keys at
+        the same positions; only the cost of attending over holes goes. Batched speculative decoding with ragged
+        acceptance otherwise grows the cache by the *longest* acceptance per step: a batch of 16 images with SJD
+        carried ~3x its real length. One gather per layer, amortised (it runs when the holes reach a quarter of the
+        cache's live length).
+        """
+        from transformers.cache_utils import DynamicLayer
+
+        S = self._cols
+        valid = self._mbuf[:, :S]
+        counts = valid.sum(-1)
+        N = int(counts.max())
+        if S - N < max(self.SQUEEZE_RATIO * N, self.SQUEEZE_MIN_HOLES) or not all(type(layer) is DynamicLayer
+                                                              for layer in getattr(self.cache, "layers", [None])):
+            return
+        src = np.argsort(valid, axis=-1, kind="stable")[:, S - N:]  # [B, N]: some holes, then the valid columns
+        src_t = torch.from_numpy(src)
+        for layer in self.cache.layers:
+            if not layer.is_initialized or layer.keys is None or layer.keys.shape[-2] != S:
+                continue
+            idx = src_t.to(layer.keys.device)[:, None, :, None]
+            layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+            layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+        if self._pos is not None and self._pos.shape[1] == S:
+            self._pos = self._pos.gather(1, src_t.to(self._pos.device))
+        self._mbuf[:, :N] = np.arange(N) >= (N - counts)[:, None]
+        self._cols = self._start = N
+        self.mask = None  # built again from the host mirror when needed
+        self._dense = bool(self._mbuf[:, :N].all())
 
     def _compact(self, kept: np.ndarray) -> np.ndarray:
         """Move each row's kept columns since the checkpoint (bool [B, T], host; a tree's accepted path) to the front
