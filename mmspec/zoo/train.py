@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--decoder-only", action="store_true", default=None,
                     help="vq: train only the decoder of --init-from (every image keeps its codes, so the token models "
                          "trained on them stay valid)")
-    ap.add_argument("--lr", type=float, default=None, help="t2i_*, captioner*: peak learning rate (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, captioner*: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
     args = ap.parse_args(argv)
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None):
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
+        vq_recipe = None if args.lr is None else recipe.VQRecipe(lr=args.lr)
         return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
-                            denoise=args.denoise, decoder_only=args.decoder_only, **common)
+                            denoise=args.denoise, decoder_only=args.decoder_only, recipe=vq_recipe, **common)
     if module_name == "classifier":
         return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
     if module_name == "t2i":

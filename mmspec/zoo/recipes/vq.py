@@ -99,7 +99,8 @@ class VQRecipe:
     denoise: bool = False
     #: train the decoder (and ``post_quant_conv``) only, from ``init_from``'s weights: the encoder, ``quant_conv``
     #: and the codebook stay bit for bit, so every image keeps its codes and the token models trained on them stay
-    #: valid. Scenes are encoded from their noise-free render (the codes the t2i models learn) and decoded to it.
+    #: valid. Scenes decode to their noise-free render, from the codes of the noisy image or (every other scene) of
+    #: the noise-free render itself (the codes the t2i models learn).
     decoder_only: bool = False
     #: extra weight of the pixels within ``object_halo`` radii of a scene object's centre (0: none)
     object_weight: float = 4.0
@@ -206,7 +207,7 @@ class _Stream:
     def batch(self, n: int) -> torch.Tensor:
         """``n`` inputs ``[n, 3, 64, 64]``, their reconstruction targets (3 channels: the noise-free
         render with ``denoise`` or ``decoder_only``, else the input) and loss weights (1 channel): ``[n, 7, 64, 64]``;
-        with ``decoder_only`` a scene's input is its noise-free render too."""
+        with ``decoder_only`` every other scene's input is its noise-free render too."""
         ns = int(round(n * self.r.scene_fraction))
         nc = n - ns
         parts = []
@@ -214,8 +215,8 @@ class _Stream:
             clean = self.r.denoise or self.r.decoder_only
             x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects, clean=clean)
             y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if clean else x
-            if self.r.decoder_only:
-                x = y
+            if self.r.decoder_only:  # every other scene is coded from its noise-free render (the t2i models' codes)
+                x = torch.where((torch.arange(ns) % 2 == 0).view(-1, 1, 1, 1), y, x)
             parts.append(torch.cat([x, y, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
             self.i_scene += ns
         if nc:
