@@ -93,6 +93,7 @@ for dw in (2, 4):  # the branch as a draft tree (EAGLE-2 style) of dd + dw - 1 n
     configs[f"selfjd64-skip3-h-tree(3,2)-dd6-dw{dw}"] = dict(configs["selfjd64-skip3-h-tree(3,2)-dd6"], _draft_width=dw)
     configs[f"jd64-h-tree(3,2)-dd6-dw{dw}"] = dict(configs["jd64-h-tree(3,2)"], _draft_depth=6, _draft_width=dw)
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
+per_image = {}
 for name in sel:
     kw = dict(configs[name])
     mmspec.drafting.JACOBI_DRAFT_WIDTH = kw.pop("_draft_width", 1)
@@ -106,3 +107,11 @@ for name in sel:
     se = torch.tensor(per).std().item() / len(per) ** 0.5 if len(per) > 1 else float("nan")
     print(f"{name:28s} step compression {toks/fw:.2f} (+- {se:.2f} s.e. over images)  ({time.time()-t:.0f}s)",
           flush=True)
+    per_image[name] = per
+if len(per_image) > 1:  # paired with the first config (same prompts and seeds): mean ratio of per-image compression
+    first, *rest = per_image
+    a = torch.tensor(per_image[first])
+    for name in rest:
+        r = torch.tensor(per_image[name]) / a
+        print(f"{name} / {first}: {r.mean():.3f} +- {r.std().item() / len(r) ** 0.5:.3f} (paired, per image); "
+              f"higher on {int((r > 1).sum())} of {len(r)} images")
