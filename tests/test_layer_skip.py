@@ -217,7 +217,7 @@ def test_vlm_greedy_equals_generate():
     inputs = dict(family_batch("llava", processor, 3, seed=3))
     ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-    for kw in (dict(skip=[1]), dict(skip=[0], window=3), dict()):
+    for kw in (dict(skip=[1]), dict(skip=[0], window=3), dict(skip=[1], window=7, tree=(2, 3)), dict()):
         out = mmspec.generate(model, ids, attention_mask=mask, max_new_tokens=12, method="self", **kw, **inputs)
         assert torch.equal(out.sequences, ref), kw
 
