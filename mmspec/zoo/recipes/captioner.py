@@ -228,13 +228,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step, ema, elapsed, history = 0, None, 0.0, []
     checkpoint = Checkpoint(ckpt, ckpt_every_s)
-    state = checkpoint.load()
+    state = checkpoint.resume(model, opt, g, role=role, recipe=asdict(r))
     if state is not None:
-        if state["recipe"] != asdict(r) or state["role"] != role:
-            raise ValueError(f"checkpoint {ckpt} was made for another role or recipe; delete it or match them")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["gen"])
         step, ema, elapsed, history = (state[k] for k in ("step", "ema", "elapsed", "history"))
         print(f"captioner {role}: resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
     pool.grow(r.initial_pool + step * r.fresh_per_step)  # the pool as it stood (it grows by a fixed count per step)

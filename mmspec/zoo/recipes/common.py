@@ -138,6 +138,20 @@ class Checkpoint:
             return None
         return torch.load(self.path, map_location="cpu", weights_only=False)
 
+    def resume(self, model, opt, gen: torch.Generator, **identity) -> dict[str, Any] | None:
+        """Load a saved state into ``model``, ``opt`` and ``gen``, after checking that it was saved with the same
+        ``identity`` entries (``role=...``, ``recipe=asdict(r)``); return the whole state, or None without one."""
+        state = self.load()
+        if state is None:
+            return None
+        if any(state.get(k) != v for k, v in identity.items()):
+            raise ValueError(f"checkpoint {self.path} was made for another {' or '.join(identity)}; delete it or "
+                             "match them")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        return state
+
     def due(self) -> bool:
         return self.path is not None and time.perf_counter() - self.last >= self.every_s
 

@@ -206,13 +206,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     opt = adamw(model, r.lr, r.weight_decay)
     step, seen, elapsed, ema, history = 0, 0, 0.0, None, []
     checkpoint = Checkpoint(ckpt, ckpt_every_s)
-    state = checkpoint.load()
+    state = checkpoint.resume(model, opt, gen, role=role, recipe=asdict(r))
     if state is not None:
-        if state["recipe"] != asdict(r) or state["role"] != role:
-            raise ValueError(f"checkpoint {ckpt} was made for another role or recipe; delete it or match them")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
         step, seen, elapsed, ema, history = (state[k] for k in ("step", "seen", "elapsed", "ema", "history"))
         print(f"[t2i-{role}] resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
     budget = Budget(minutes, max_steps, elapsed_s=elapsed)

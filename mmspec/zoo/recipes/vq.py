@@ -390,15 +390,10 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     ema: dict[str, float] = {}
     history: list[dict[str, float]] = []
     checkpoint = Checkpoint(ckpt, ckpt_every_s)
-    state = checkpoint.load()
+    state = checkpoint.resume(vq, opt, gen, recipe=asdict(r))
     if state is not None:
-        if state["recipe"] != asdict(r):
-            raise ValueError(f"checkpoint {ckpt} was made with another recipe; delete it or pass the same recipe")
-        vq.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
         codebook.cluster_size, codebook.embed_sum = state["cluster_size"], state["embed_sum"]
         stream.i_scene, stream.i_crop = state["stream"]
-        gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         step, quantizing, restarts, images_seen, elapsed = (state[k] for k in ("step", "quantizing", "restarts", "images_seen", "elapsed"))
         ema, history = state["ema"], state["history"]
