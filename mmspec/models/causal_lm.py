@@ -117,7 +117,8 @@ class CausalLM:
 
     Args:
         model: a transformers causal LM.
-        cache: ``"dynamic"`` (a transformers ``DynamicCache`` with holes, cropped on rollback) or ``"static"``
+        cache: ``"dynamic"`` (a transformers ``DynamicCache`` with holes, cropped on rollback and re-laid out
+            without its holes once they pile up, ``_squeeze_holes``) or ``"static"``
             (preallocated with per-row lengths, ``mmspec.models.static_cache``; needs attention that takes a 4-D
             mask: ``"sdpa"`` or ``"eager"``).
         compile: run the window forward through ``torch.compile`` (static cache only; CUDA graphs on CUDA, one
