@@ -165,7 +165,7 @@ def evaluate(model, processor, n: int = 256, batch_size: int = 64, max_objects: 
     words, a missing word counts wrong), the mean caption length, the share of well-formed captions
     (``parse_caption`` accepts them), how often the background kind, its colour and the object count are
     right, and how often each attribute of the scene's first object (shape, colour, size, position) is said of the
-    caption's first object (a malformed caption counts wrong)."""
+    caption's object at that position (its first object when none is there; a malformed caption counts wrong)."""
     from ...pipelines.caption import CaptionPipeline
 
     model.eval()
@@ -188,8 +188,10 @@ def evaluate(model, processor, n: int = 256, batch_size: int = 64, max_objects: 
         fields["background"] += attrs["background"] == truth["background"]
         fields["background_colour"] += attrs["background_colour"] == truth["background_colour"]
         fields["objects"] += len(attrs["objects"]) == len(truth["objects"])
+        first = truth["objects"][0]  # compared with the caption's object at its position (objects may come in
+        said = next((o for o in attrs["objects"] if o["position"] == first["position"]), attrs["objects"][0])  # any order)
         for k in OBJECT_FIELDS:
-            fields[f"object_{k}"] += attrs["objects"][0][k] == truth["objects"][0][k]
+            fields[f"object_{k}"] += said[k] == first[k]
     return {"exact_match": exact / n, "word_accuracy": words_ok / words,
             "mean_caption_words": sum(len(c.split()) for c in out.captions) / n, "well_formed": parsed / n,
             **{f"{k}_accuracy": v / n for k, v in fields.items()}}
