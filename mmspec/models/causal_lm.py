@@ -427,14 +427,15 @@ class CausalLM:
         valid = self._mbuf[:, :S]
         counts = valid.sum(-1)
         N = int(counts.max())
-        if S - N < max(self.SQUEEZE_RATIO * N, self.SQUEEZE_MIN_HOLES) or not all(type(layer) is DynamicLayer
-                                                              for layer in getattr(self.cache, "layers", [None])):
+        if S - N < max(self.SQUEEZE_RATIO * N, self.SQUEEZE_MIN_HOLES):
             return
+        layers = [layer for layer in getattr(self.cache, "layers", [None])
+                  if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None]
+        if not layers or any(type(layer) is not DynamicLayer or layer.keys.shape[-2] != S for layer in layers):
+            return  # another cache layout (quantised, sliding, ...): keep the holes rather than half-move it
         src = np.argsort(valid, axis=-1, kind="stable")[:, S - N:]  # [B, N]: some holes, then the valid columns
         src_t = torch.from_numpy(src)
-        for layer in self.cache.layers:
-            if not layer.is_initialized or layer.keys is None or layer.keys.shape[-2] != S:
-                continue
+        for layer in layers:
             idx = src_t.to(layer.keys.device)[:, None, :, None]
             layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
             layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
