@@ -97,6 +97,11 @@ def _concat(outs):
                    stats=stats)
 
 
+def uses_draft(spec: dict) -> bool:
+    """Whether a method's pipeline kwargs decode with the draft model."""
+    return spec.get("decoding") in ("draft", "jacobi-draft")
+
+
 def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None, real_feats=None, batch_size=None,
         bootstrap=0, progress=True):
     """One row per method: ``methods`` is a list of names of :data:`METHODS` or a dict name -> pipeline kwargs.
@@ -114,7 +119,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
     for name, spec in specs.items():
         bar.set_postfix_str(name)
         kw = dict(spec)
-        if kw.get("decoding") in ("draft", "jacobi-draft"):
+        if uses_draft(kw):
             kw["draft_model"] = draft
         if "acceptance" in kw:
             kw["acceptance"] = _criterion(kw["acceptance"])
@@ -425,8 +430,11 @@ def _sweep(args, pipe, draft, argv):
     clf = hub.load_classifier()
     real_feats = hub.features(clf, scene_batch(0, max(n, 256), HELDOUT_SCENE_SEED + 8, 2)[0])
     batch = args.batch_size or min(n, 64)
-    key = dict(prompts=n, guidance=args.guidance, seed=args.seed, batch=batch, bootstrap=args.bootstrap,
-               weights=weights_fingerprint(pipe.model, draft))
+    # a point is reused only on the weights it was measured with: the target, the tokenizer and the classifier that
+    # scores it, and the draft only for the points that decode with it (retraining the draft keeps AR, SJD and GSD)
+    base = weights_fingerprint(pipe.model, pipe.vq, clf)
+    with_draft = weights_fingerprint(pipe.model, pipe.vq, clf, draft)
+    key = dict(prompts=n, guidance=args.guidance, seed=args.seed, batch=batch, bootstrap=args.bootstrap)
     store = Path(args.out) / "sweep_points"
     store.mkdir(parents=True, exist_ok=True)
     cmd = "mmspec bench image " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -434,14 +442,15 @@ def _sweep(args, pipe, draft, argv):
     for i, (name, spec) in enumerate(methods.items()):
         path = store / f"{_slug(name)}.pt"
         saved = torch.load(path, weights_only=False) if path.is_file() else None
-        if saved is not None and saved["key"] == key and saved["spec"] == repr(spec):
+        point_key = {**key, "weights": with_draft if uses_draft(spec) else base}
+        if saved is not None and saved["key"] == point_key and saved["spec"] == repr(spec):
             rows.append(saved["row"])
             reused.append(name)
         else:
             print(f"[{i + 1}/{len(methods)}] {name}", file=sys.stderr)
             row = run(pipe, draft, prompts, {name: spec}, args.repeats, args.guidance, args.seed, clf, real_feats,
                       batch, bootstrap=args.bootstrap)[0]
-            torch.save({"key": key, "spec": repr(spec), "row": row}, path)
+            torch.save({"key": point_key, "spec": repr(spec), "row": row}, path)
             rows.append(row)
         _sweep_report(args, rows, cmd, prompts, batch, methods, reused)
     return _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=True)
