@@ -247,11 +247,25 @@ def sweep_plot(rows, path):
     import matplotlib.pyplot as plt
 
     fams = {}
+    gsd = {r["method"]: re.match(r"GSD G=(\d+) d_max=(\S+)", r["method"]) for r in rows}
+    bounded_g = {m[1] for m in gsd.values() if m and m[2] != "inf"}  # the group size the d_max points use
     for r in rows:
-        fam = r["method"].split(" ")[0] if not r["lossless"] else "lossless"
-        fams.setdefault(fam, []).append(r)
+        m = gsd[r["method"]]
+        if r["lossless"]:
+            fams.setdefault("lossless", []).append(r)
+        elif m is None:
+            fams.setdefault(r["method"].split(" ")[0], []).append(r)
+        else:  # the GSD cross as two lines: group size without a bound, d_max at one group size
+            if m[2] == "inf":
+                fams.setdefault("GSD, group size (no d_max)", []).append(r)
+            if m[1] in bounded_g:
+                fams.setdefault(f"GSD, d_max at G={m[1]}", []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ar = next((r for r in rows if r["method"] == "AR"), None)
     for ax, key in zip(axes, ("adherence", "frechet")):
+        if ar is not None and key in ar:  # AR's interval as a band: a lossless point should sit inside it
+            lo, hi = ar.get(f"{key}_ci", [ar[key], ar[key]])
+            ax.axhspan(lo, hi, color="tab:blue", alpha=0.08, label="AR 95% interval")
         for fam, rs in fams.items():
             rs = sorted((r for r in rs if key in r), key=lambda r: r["step_compression"])
             if not rs:
@@ -263,6 +277,8 @@ def sweep_plot(rows, path):
             err = [[max(v - c[0], 0.0) for v, c in zip(y, ci)], [max(c[1] - v, 0.0) for v, c in zip(y, ci)]]
             ax.errorbar(x, y, yerr=err, fmt="o" if fam == "lossless" else "x-", capsize=3, label=fam)
             for r, xi, yi in zip(rs, x, y):
+                if fam.startswith("GSD, d_max") and r["method"].endswith("d_max=inf"):
+                    continue  # labelled on the group-size line
                 ax.annotate(r["method"].split(" ", 1)[-1] if fam != "lossless" else r["method"], (xi, yi), fontsize=6)
         ax.set_xlabel("step compression (tokens / target forward)")
         ax.set_ylabel("prompt adherence (%)" if key == "adherence" else "Frechet distance (classifier features)")
