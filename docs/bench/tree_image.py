@@ -73,7 +73,7 @@ for skip in ((3,), (2,), (1,), (0,), (2, 3), (1, 2), (1, 2, 3)):
         decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2),
         draft_model=layer_skip_model(pipe.model, list(skip)))
 # the layer-skip view drafting an EAGLE-2-style tree (method "self" with tree=(width, depth))
-for w, tree in ((12, (3, 4)), (20, (4, 5)), (32, (6, 5))):
+for w, tree in ((12, (3, 4)), (20, (4, 5)), (32, (6, 5)), (48, (8, 6)), (64, (8, 8)), (64, (12, 6))):
     for skip in ((3,), (2,)):
         name = "".join(map(str, skip))
         configs[f"self{w}-skip{name}-tree{tree[0]},{tree[1]}"] = dict(decoding="self", window=w, skip=list(skip),
