@@ -84,6 +84,31 @@ def test_bench_image_sweep_tiny_end_to_end(tmp_path, monkeypatch):
     assert [r["method"] for r in again] == [r["method"] for r in rows]
     assert [r["adherence"] for r in again] == [r["adherence"] for r in rows]
     assert f"reused from an earlier run: {len(rows)}" in (tmp_path / "image_sweep.md").read_text()
+    # Other draft weights: only the points that decode with the draft are generated again (AR, SJD, GSD are kept).
+    from mmspec.zoo import models as zoo_models
+
+    load = zoo_models.load_image_pipeline
+
+    def other_draft(*a, **k):
+        pipe, draft = load(*a, **k)
+        with torch.no_grad():
+            next(draft.parameters()).add_(1e-3)
+        return pipe, draft
+
+    redone = []
+
+    def record(pipe, draft, prompts, methods, *a, **k):
+        redone.extend(methods)
+        return [torch.load(tmp_path / "sweep_points" / f"{bi._slug(name)}.pt", weights_only=False)["row"]
+                for name in methods]
+
+    monkeypatch.setattr(zoo_models, "load_image_pipeline", other_draft)
+    monkeypatch.setattr(bi, "run", record)
+    bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path)])
+    assert redone and sorted(redone) == sorted(r["method"] for r in rows if bi.uses_draft(bi.sweep_methods(
+        torch.zeros(4, 2), tiny=True)[r["method"]]))
+    assert not any(m.startswith(("AR", "SJD", "GSD")) for m in redone)
+    monkeypatch.setattr(bi, "run", no_generation)  # (the draft points are now keyed by the other draft)
     some = bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--points", "lantern", "--out", str(tmp_path)])
     assert [r["method"] for r in some] == ["AR"] + [r["method"] for r in rows if "LANTERN" in r["method"]]
     with pytest.raises(SystemExit, match="matches none"):
