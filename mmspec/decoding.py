@@ -140,7 +140,7 @@ class State(ABC):
     def kept(self, result, active: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
         """What the target keeps of this step's block (``rollback``'s argument): LongTensor [B] counts for a chain
         (the anchor and the accepted drafts), or BoolTensor [B, K+1] block columns (a tree's accepted path)."""
-        return torch.from_numpy(np.where(active.numpy(), num_accepted.numpy() + 1, 0))
+        return torch.where(active, num_accepted + 1, 0)
 
     @abstractmethod
     def commit(self, result) -> torch.Tensor:
@@ -176,9 +176,11 @@ class DecodeState(State):
         self.valid[:, :T] = attention_mask.cpu().bool()
         self.num_new = torch.zeros(B, dtype=torch.long)
         self.active = torch.full((B,), max_new_tokens > 0, dtype=torch.bool)
-        self._tokens_np, self._valid_np = self.tokens.numpy(), self.valid.numpy()  # shared memory
-        eos = None if eos_token_ids is None else eos_token_ids.cpu().numpy().ravel()
-        self._eos = eos if eos is not None and eos.size else None
+        # numpy views that share memory with the tensors (host bookkeeping writes through them)
+        self._tokens_np, self._valid_np = self.tokens.numpy(), self.valid.numpy()
+        self._num_new_np, self._active_np = self.num_new.numpy(), self.active.numpy()
+        eos = None if eos_token_ids is None else set(eos_token_ids.flatten().tolist())
+        self._eos = eos or None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -233,55 +235,60 @@ class DecodeState(State):
 
     def commit(self, result):
         self._path = None
-        if getattr(result, "path", None) is not None:  # a tree: the path's node mask rides on the same copy
-            L = result.tokens.shape[1]
-            packed = torch.cat([result.tokens, result.accepted.long()], dim=1).cpu().numpy()
-            emitted, self._path = packed[:, :L], torch.from_numpy(packed[:, L:] != 0)
-        elif getattr(result, "invalid", None) is None:
-            emitted = result.tokens.cpu().numpy()  # [B, K+1], -1 padded: the one device -> host sync of the step
-        else:  # the tokens and each row's validity code in that one copy
-            emitted = torch.cat([result.tokens, result.invalid.unsqueeze(1)], dim=1).cpu().numpy()
-            if emitted[:, -1].any():
-                check_rows(torch.from_numpy(emitted[:, -1]), self.active)
-            emitted = emitted[:, :-1]
-        emitted_count = (emitted >= 0).sum(-1)
-        self.append(emitted, emitted_count)
+        L = result.tokens.shape[1]
+        tree = getattr(result, "path", None) is not None
+        extra = result.accepted.long() if tree else getattr(result, "invalid", None)
+        # the step's one device -> host copy: the tokens, with the tree's path mask or each row's validity code
+        # riding on it; the few values per row are then handled as Python lists (after a forward has flushed the
+        # CPU's caches, every distinct numpy or torch op on a handful of values costs tens of microseconds)
+        rows = (result.tokens if extra is None else torch.cat([result.tokens, extra.view(-1, 1)
+                                                                if extra.dim() == 1 else extra], dim=1)).tolist()
+        if tree:
+            self._path = torch.tensor([r[L:] for r in rows], dtype=torch.bool)
+        elif extra is not None and any(r[L] for r in rows):
+            check_rows(torch.tensor([r[L] for r in rows]), self.active)
+        emitted = [r[:L] if len(r) > L else r for r in rows]
+        self.append(emitted)
         self.anchor = result.next_token
-        return torch.from_numpy(emitted_count - 1)
+        return torch.tensor([sum(t >= 0 for t in r) - 1 for r in emitted])
 
     def kept(self, result, active, num_accepted):
         if self._path is None:
             return super().kept(result, active, num_accepted)
         return torch.cat([active.unsqueeze(1), self._path & active.unsqueeze(1)], dim=1)
 
-    def append(self, emitted, emitted_count=None) -> torch.Tensor:
-        """Append emitted tokens [B, L] (-1 padded, CPU tensor or numpy array; ``emitted_count`` [B] of them per
-        row if known) to the active rows.
+    def append(self, emitted) -> torch.Tensor:
+        """Append emitted tokens [B, L] (-1 padded: a tensor, array or list of rows) to the active rows.
 
         Truncates at the first EOS (kept) and at ``max_new_tokens``; updates ``active``.
         Returns the number of tokens committed per row, LongTensor [B].
 
-        Host bookkeeping runs in numpy on views that share memory with ``tokens``, ``valid``, ``num_new`` and
-        ``active`` (a numpy op on a few values costs a fraction of a torch op's dispatch).
+        Host bookkeeping on a few values per row, in Python over the rows, writing through numpy views that share
+        memory with ``tokens``, ``valid``, ``num_new`` and ``active``.
         """
-        emitted = np.asarray(emitted)
-        B, L = emitted.shape
-        num_new, active = self.num_new.numpy(), self.active.numpy()
-        count = (emitted >= 0).sum(-1) if emitted_count is None else np.asarray(emitted_count)
-        count = np.minimum(count, (self.max_new_tokens - num_new) * active)
-        pos = np.arange(L)
-        if self._eos is not None:
-            is_eos = np.isin(emitted, self._eos) & (pos < count[:, None])
-            hit_eos = is_eos.any(-1)
-            count = np.where(hit_eos, is_eos.argmax(-1) + 1, count)  # the first EOS ends the row
-            active &= ~hit_eos
-        rows, cols = np.nonzero(pos < count[:, None])
-        dest = self.prompt_length + num_new[rows] + cols
-        self._tokens_np[rows, dest] = emitted[rows, cols]
-        self._valid_np[rows, dest] = True
-        num_new += count  # in place: the torch tensors see it
-        active &= num_new < self.max_new_tokens
-        return torch.from_numpy(count)
+        if not isinstance(emitted, list):
+            emitted = np.asarray(emitted).tolist()
+        num_new, active = self._num_new_np, self._active_np
+        T, budget, eos = self.prompt_length, self.max_new_tokens, self._eos
+        counts = []
+        for b, row in enumerate(emitted):
+            n, count = int(num_new[b]), 0
+            if active[b]:
+                for t in row:
+                    if t < 0 or n + count >= budget:
+                        break
+                    count += 1
+                    if eos is not None and t in eos:  # the first EOS ends the row
+                        active[b] = False
+                        break
+            if count:
+                self._tokens_np[b, T + n : T + n + count] = row[:count]
+                self._valid_np[b, T + n : T + n + count] = True
+                num_new[b] = n + count
+                if n + count >= budget:
+                    active[b] = False
+            counts.append(count)
+        return torch.tensor(counts)
 
 
 @torch.no_grad()
@@ -318,14 +325,14 @@ def decode(
     """
     t0 = time.perf_counter()
     stats = GenerationStats(accepted_histogram=[0] * window)
-    row_forwards = np.zeros(state.batch_size, dtype=np.int64)
+    row_forwards = [0] * state.batch_size
     bar = tqdm(total=state.max_new_tokens, disable=not progress, desc="tokens", leave=False)
     verify_step = state.verifier(target, proposer, criterion, kernels)
 
     if bool(state.active.any()):
         out = target.prefill(*state.prompt, **(model_kwargs or {}))  # the last position's output, [B, ...]
         stats.target_forwards += 1
-        row_forwards += 1
+        row_forwards = [1] * state.batch_size
         result, _ = verify_step(state.no_drafts(), None, out.unsqueeze(1))  # the first token: nothing to verify
         state.commit(result)
         bar.update(1)
@@ -334,11 +341,12 @@ def decode(
             callback(0, state)
 
     histogram = stats.accepted_histogram
-    while state.active.numpy().any():  # host bookkeeping in numpy (views of the state's CPU tensors)
+    # per-row host bookkeeping on Python lists: a few values per row, and a forward flushes the CPU caches that
+    # small numpy or torch ops would run from
+    while any(active_rows := state.active.tolist()):
         active = state.active.clone()
-        active_np = active.numpy()
         if window > 1:
-            remaining = int(((state.max_new_tokens - state.num_new.numpy()) * active_np).max())
+            remaining = max(state.max_new_tokens - n for n, a in zip(state.num_new.tolist(), active_rows) if a)
             max_drafts = max(0, min(window - 1, remaining - 1))
         else:
             max_drafts = 0
@@ -352,12 +360,13 @@ def decode(
         else:
             out = target.forward(block, valid)  # [B, K+1, ...]
         stats.target_forwards += 1
-        row_forwards += active_np
+        row_forwards = [f + a for f, a in zip(row_forwards, active_rows)]
         result, rows = verify_step(drafts, draft_q, out)
         before = int(state.num_new.max()) if progress else 0
         num_accepted = state.commit(result)  # [B] (CPU)
-        for k in num_accepted.numpy()[active_np]:
-            histogram[k] += 1
+        for k, a in zip(num_accepted.tolist(), active_rows):
+            if a:
+                histogram[k] += 1
         if progress:
             bar.update(int(state.num_new.max()) - before)
         target.rollback(state.kept(result, active, num_accepted))
@@ -371,7 +380,7 @@ def decode(
     stats.draft_forwards = proposer.draft_forwards
     stats.new_tokens_per_row = state.num_new.tolist()
     stats.new_tokens = int(state.num_new.sum())
-    stats.row_forwards = row_forwards.tolist()
+    stats.row_forwards = row_forwards
     stats.wall_time = time.perf_counter() - t0
     return state, stats
 

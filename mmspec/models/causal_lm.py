@@ -149,6 +149,7 @@ class CausalLM:
         self.mask = None  # [B, S] long on the model's device
         self._pos = None  # [B, S] the position of every cache column (any value at holes), on the device
         self._mbuf, self._cols = None, 0  # host mirror of the mask: numpy bool [B, capacity], columns used
+        self._true_from = None  # columns from here to ``_cols`` are valid in every row but not yet written
         self._start = 0
         self._dense = False
         #: LongTensor [B] added to decode positions (set by adapters whose models number positions otherwise)
@@ -180,23 +181,35 @@ class CausalLM:
     def _mask_cpu(self) -> torch.Tensor | None:
         """BoolTensor [B, S] (CPU): the host mirror of the cache's mask (a view of a growing numpy buffer, so
         appending a block is one slice write rather than a copy of the whole mask)."""
-        return None if self._mbuf is None else torch.from_numpy(self._mbuf[:, : self._cols])
+        return None if self._mbuf is None else torch.from_numpy(self._host_mask())
 
     @_mask_cpu.setter
     def _mask_cpu(self, mask: torch.Tensor) -> None:
         mask = mask.detach().to("cpu", torch.bool).numpy()
         self._mbuf = np.empty((mask.shape[0], max(64, 2 * mask.shape[1])), dtype=bool)
-        self._cols = mask.shape[1]
+        self._cols, self._true_from = mask.shape[1], None
         self._mbuf[:, : self._cols] = mask
 
-    def _append_mask(self, valid: np.ndarray) -> None:
-        """Append block columns [B, L] to the host mirror (amortised O(L))."""
-        S, L = self._cols, valid.shape[1]
+    def _host_mask(self) -> np.ndarray:
+        """The host mirror, bool [B, S] (a view): blocks appended without holes are written here, on first read."""
+        if self._true_from is not None:
+            self._mbuf[:, self._true_from : self._cols] = True
+            self._true_from = None
+        return self._mbuf[:, : self._cols]
+
+    def _append_mask(self, valid: np.ndarray | None, length: int) -> None:
+        """Append ``length`` block columns to the host mirror (amortised O(L)): ``valid`` [B, L], or None when every
+        place is valid (then nothing is written until the mirror is read: plain decoding never reads it)."""
+        S, L = self._cols, length
         if S + L > self._mbuf.shape[1]:
             grown = np.empty((self._mbuf.shape[0], 2 * (S + L)), dtype=bool)
             grown[:, :S] = self._mbuf[:, :S]
             self._mbuf = grown
-        self._mbuf[:, S : S + L] = valid
+        if valid is None:
+            self._true_from = S if self._true_from is None else self._true_from
+        else:
+            self._host_mask()
+            self._mbuf[:, S : S + L] = valid
         self._cols = S + L
 
     @property
@@ -210,7 +223,7 @@ class CausalLM:
         """LongTensor [B] (CPU): valid tokens per row in the cache."""
         if self.static:
             return self._lens - self._pad
-        return torch.from_numpy(self._mbuf[:, : self._cols].sum(-1))
+        return torch.from_numpy(self._host_mask().sum(-1))
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_kwargs) -> torch.Tensor:
@@ -282,8 +295,7 @@ class CausalLM:
         cache_position = torch.arange(S, S + L, device=dev)
         # Without padding or holes (``dense``) every row holds S valid tokens, and the 2-D mask says nothing
         # causality does not: the model takes its fast (mask-free) attention path and no mask is kept.
-        valid_np = valid.numpy()
-        dense = self._dense and bool(valid_np.all())
+        dense = self._dense and all(map(all, valid.tolist()))  # Python on a few values: see DecodeState.commit
         valid_dev = valid.to(dev, non_blocking=True).long() if not dense or self.mask is not None else None
         if tree is None:
             if dense:
@@ -298,7 +310,7 @@ class CausalLM:
             start = self.num_valid().to(dev, non_blocking=True)
             parents = block_parents(tree.parents.to(dev))
             position_ids = start.unsqueeze(1) + block_depth(parents, tree.depth)
-        self._append_mask(valid_np)
+        self._append_mask(None if dense else valid.numpy(), L)
         if dense and tree is None and self.sliding_window is None:
             self.mask = None  # built again from the host mirror when needed
         elif self.mask is None:
@@ -377,7 +389,10 @@ class CausalLM:
         if self.static:
             return self._static_rollback(keep)
         start = self._start
-        tail = self._mbuf[:, start : self._cols]  # host bookkeeping in numpy: a few values, many steps
+        if self._dense and keep.dtype != torch.bool and min(keep.tolist()) >= self._cols - start:
+            self._start = self._cols  # a block without holes, kept whole (plain AR, or every draft accepted)
+            return
+        tail = self._host_mask()[:, start:]  # host bookkeeping in numpy: a few values, many steps
         keep = keep.numpy()
         if keep.dtype == bool:
             kept = tail & keep[:, : tail.shape[1]]
@@ -404,7 +419,7 @@ class CausalLM:
             self.mask = torch.cat([self.mask[:, :start], kept_dev], dim=1)
         self._pos = self._pos[:, : self._cols]
         self._start = self._cols
-        self._dense = bool(self._mbuf[:, : self._cols].all())
+        self._dense = bool(self._host_mask().all())
         self._squeeze_holes()
 
     #: the dynamic cache is re-laid out once its holes reach this fraction of the longest row's valid columns (and at
@@ -424,7 +439,7 @@ class CausalLM:
         from transformers.cache_utils import DynamicLayer
 
         S = self._cols
-        valid = self._mbuf[:, :S]
+        valid = self._host_mask()
         counts = valid.sum(-1)
         N = int(counts.max())
         if S - N < max(self.SQUEEZE_RATIO * N, self.SQUEEZE_MIN_HOLES):
