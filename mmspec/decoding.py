@@ -181,6 +181,7 @@ class DecodeState(State):
         self._num_new_np, self._active_np = self.num_new.numpy(), self.active.numpy()
         eos = None if eos_token_ids is None else set(eos_token_ids.flatten().tolist())
         self._eos = eos or None
+        self._lists = None  # see ``token_lists``
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -191,6 +192,15 @@ class DecodeState(State):
         """LongTensor [B, n] (CPU): the last ``n`` committed tokens of each row."""
         idx = (self.lengths.unsqueeze(1) - n + torch.arange(n)).clamp_min(0)
         return self.tokens.gather(1, idx)
+
+    def token_lists(self) -> list[list[int]]:
+        """Each row's valid tokens (the prompt's, then the committed ones) as a Python list, for proposers that
+        search them on the host (prompt lookup); built on first use, then extended as tokens are committed. Do
+        not modify."""
+        if self._lists is None:
+            end = self.prompt_length + self._num_new_np
+            self._lists = [row[:e][ok[:e]].tolist() for row, ok, e in zip(self._tokens_np, self._valid_np, end)]
+        return self._lists
 
     def no_drafts(self) -> torch.Tensor:
         return torch.empty(self.batch_size, 0, dtype=torch.long, device=self.device)
@@ -282,6 +292,8 @@ class DecodeState(State):
                         active[b] = False
                         break
             if count:
+                if self._lists is not None:
+                    self._lists[b].extend(row[:count])
                 self._tokens_np[b, T + n : T + n + count] = row[:count]
                 self._valid_np[b, T + n : T + n + count] = True
                 num_new[b] = n + count

@@ -9,15 +9,14 @@ rule instead (the longest n-gram, then its first occurrence with any continuatio
 proposes exactly the drafts of ``model.generate(prompt_lookup_num_tokens=K)``, which makes the two loops
 comparable step for step.
 
-Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Vectorised over the batch, in numpy
-on the CPU copy of the committed tokens; rows without a match get a shorter (or empty) draft,
+Deterministic drafts (one-hot ``q``), so exact acceptance stays exact. Host-side work on each row's committed
+tokens as a Python list (``DecodeState.token_lists``); rows without a match get a shorter (or empty) draft,
 padded with -1 so the batch shares one window while each row verifies only its own drafts. A row's draft
 length cap is its own (``row_limits``), so its matches and drafts are those it would get alone.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..tree import DraftTree, parse_tree
@@ -54,33 +53,31 @@ class LookupProposer(Proposer):
                 f"use window >= {self.tree[0] * self.tree[1] + 1}."
             )
 
-    def _matches(self, state, K, cap):
-        """Every usable match in one pass -> numpy (score [B, P], continuation length [B, P]) over the continuation
-        starts ``s = 0..P-1``, where a higher score is a longer n-gram (up to ``max_ngram``) ending right before
-        ``s``, then a longer continuation (up to K, and ``cap[b]`` [B] in row b), then a later start (``match=
-        "earliest"``: then an earlier start, whatever the continuation's length); -1 where nothing usable matches.
-        Host-side integer work on the committed tokens, in numpy (a few microseconds)."""
-        N, B = self.max_ngram, state.batch_size
-        end = state.lengths.numpy()
-        P = int(end.max())  # nothing after the longest row's committed tokens can match
-        tokens = np.full((B, N + P), -1, dtype=np.int64)  # N invalid columns in front: every start has N before it
-        valid = np.zeros((B, N + P), dtype=bool)
-        tokens[:, N:], valid[:, N:] = state.tokens[:, :P].numpy(), state.valid[:, :P].numpy()
-        rows, last = np.arange(B)[:, None], end[:, None] + np.arange(N)  # the last N committed tokens (padded index)
-        pattern = np.where(valid[rows, last], tokens[rows, last], -2)  # [B, N]
-        # the n-gram match length at s counts equal tokens backwards from s - 1
-        ngram, run = np.zeros((B, P), dtype=np.int64), np.ones((B, P), dtype=bool)
-        for k in range(1, N + 1):  # token s - k against the k-th last
-            run &= (tokens[:, N - k : N - k + P] == pattern[:, N - k, None]) & valid[:, N - k : N - k + P]
-            ngram += run
-        start = np.arange(P)
-        available = np.minimum(end[:, None] - start, cap[:, None])  # continuation length
-        ok = (ngram >= self.min_ngram) & (available > 0)
-        if self.match == "earliest":
-            score = ngram * P + (P - 1 - start)
-        else:
-            score = (ngram * (K + 1) + available) * P + start
-        return np.where(ok, score, -1), np.maximum(available, 0)
+    def _candidates(self, seq: list, cap: int) -> list[tuple[tuple, int, int]]:
+        """Every usable match in one row -> [(key, start, length)]: ``start`` is where a continuation begins in
+        ``seq`` (the row's tokens), ``length`` its usable length (up to ``cap``), ``key`` orders them (higher is
+        better): a longer n-gram (up to ``max_ngram``) ending right before ``start``, then a longer continuation,
+        then a later start (``match="earliest"``: then an earlier start, whatever the continuation's length).
+
+        Host-side work on a Python list: ``list.index`` finds each occurrence of the row's last token at C speed,
+        and only those are extended backwards (cheaper than array ops on a few hundred tokens, each of which pays
+        for the CPU caches a forward has flushed)."""
+        E, N = len(seq), self.max_ngram
+        if cap <= 0 or E < 2:
+            return []
+        last, out, i = seq[-1], [], -1
+        while True:
+            try:
+                i = seq.index(last, i + 1, E - 1)  # an earlier occurrence: its continuation starts at i + 1 < E
+            except ValueError:
+                return out
+            start, n = i + 1, 1
+            while n < N and n < start and seq[start - 1 - n] == seq[E - 1 - n]:
+                n += 1
+            if n >= self.min_ngram:
+                length = min(E - start, cap)
+                key = (n, -start) if self.match == "earliest" else (n, length, start)
+                out.append((key, start, length))
 
     def propose(self, state, max_tokens):
         if self.tree is not None:
@@ -88,44 +85,43 @@ class LookupProposer(Proposer):
         K = min(self.num_drafts, max_tokens)
         if K <= 0:
             return torch.empty(state.batch_size, 0, dtype=torch.long, device=state.device), None
-        score, available = self._matches(state, K, row_limits(state, K).numpy())
-        rows = np.arange(state.batch_size)
-        best = score.argmax(-1)  # the longest n-gram, then the longest continuation, then the latest
-        # (finished rows have no usable match: their cap is 0)
-        length = np.where(score[rows, best] >= 0, available[rows, best], 0)
-        K = int(length.max())
-        idx = np.minimum(best[:, None] + np.arange(K), state.tokens.shape[1] - 1)  # the continuation
-        drafts = np.where(np.arange(K) < length[:, None], state.tokens.numpy()[rows[:, None], idx], -1)
-        return torch.from_numpy(drafts).to(state.device), None
+        drafts = []
+        for seq, cap in zip(state.token_lists(), row_limits(state, K).tolist()):
+            found = self._candidates(seq, cap)
+            _, start, length = max(found) if found else (None, 0, 0)
+            drafts.append(seq[start : start + length])
+        K = max(map(len, drafts))
+        padded = torch.tensor([d + [-1] * (K - len(d)) for d in drafts], dtype=torch.long)
+        return padded.view(state.batch_size, K).to(state.device), None
 
     def _propose_tree(self, state, max_tokens):
         """Up to ``width`` continuations with different first tokens, each a branch of up to ``depth`` tokens."""
         width, depth = self.tree
         D = min(depth, max_tokens)
-        B, tokens = state.batch_size, state.tokens
+        B = state.batch_size
         if D <= 0:
             return torch.empty(B, 0, dtype=torch.long, device=state.device), None
-        score, avail = map(torch.from_numpy, self._matches(state, D, row_limits(state, D).numpy()))
-        start = torch.arange(score.shape[1]).expand_as(score)
-        branch_start, branch_len = [], []
-        for _ in range(width):  # best remaining match, then drop every match with the same first token
-            best = score.max(-1)
-            found = (best.values >= 0) & state.active
-            s = start.gather(1, best.indices.unsqueeze(1)).squeeze(1)
-            branch_start.append(s)
-            branch_len.append(torch.where(found, avail.gather(1, best.indices.unsqueeze(1)).squeeze(1), 0))
-            first = tokens.gather(1, s.clamp(max=tokens.shape[1] - 1).unsqueeze(1))
-            same = tokens.gather(1, start.clamp(max=tokens.shape[1] - 1)) == first
-            score = torch.where(same | ~found.unsqueeze(1), -1, score)
-        if not branch_len or int(torch.stack(branch_len).max()) == 0:
+        branches = []  # per row: up to ``width`` token lists
+        for seq, cap in zip(state.token_lists(), row_limits(state, D).tolist()):
+            row, firsts = [], set()
+            for _, start, length in sorted(self._candidates(seq, cap), reverse=True):
+                if seq[start] not in firsts:  # the best match per first token
+                    firsts.add(seq[start])
+                    row.append(seq[start : start + length])
+                    if len(row) == width:
+                        break
+            branches.append(row)
+        D = max((len(b) for row in branches for b in row), default=0)
+        if D == 0:
             return torch.empty(B, 0, dtype=torch.long, device=state.device), None
-        W = len(branch_len)
-        lengths = torch.stack(branch_len, 1)  # [B, W]
-        D = int(lengths.max())
+        W = width
+        node_tokens = torch.zeros(B, W * D, dtype=torch.long)
+        valid = torch.zeros(B, W * D, dtype=torch.bool)
+        for b, row in enumerate(branches):
+            for w, branch in enumerate(row):
+                node_tokens[b, w * D : w * D + len(branch)] = torch.tensor(branch)
+                valid[b, w * D : w * D + len(branch)] = True
         offs = torch.arange(D)
-        idx = torch.stack(branch_start, 1).unsqueeze(-1) + offs  # [B, W, D]
-        node_tokens = tokens.gather(1, idx.view(B, -1).clamp(max=tokens.shape[1] - 1))  # [B, W * D]
-        valid = (offs < lengths.unsqueeze(-1)).view(B, -1)
         node = torch.arange(W * D).view(W, D)
         parents = torch.where(offs == 0, -1, node - 1).view(-1).expand(B, -1).contiguous()
         return DraftTree(node_tokens.to(state.device), parents.to(state.device), None, valid, depth=D, width=W)
