@@ -166,3 +166,27 @@ def test_continuous_tokens_run_through_decode_with_one_callback_signature():
     ids_state = DecodeState(IDS, torch.ones_like(IDS), 2, 48, mmspec.LogitsPipeline(), None, torch.device("cpu"))
     with pytest.raises(ValueError, match="verifies continuous tokens"):
         decode(None, NoDraft(), ids_state, window=1, criterion="continuous")
+
+
+def test_token_lists_follow_the_committed_tokens():
+    """``DecodeState.token_lists`` (host-side proposers search it) equals each row's valid tokens after every append:
+    left padding, EOS ends a row, the budget truncates, finished rows take nothing, built before or mid-decode."""
+    from mmspec.sampling import LogitsPipeline
+
+    ids = torch.tensor([[0, 0, 7, 8], [5, 6, 7, 8], [0, 9, 9, 9]])
+    mask = (ids != 0).long()
+    gen = torch.Generator().manual_seed(0)
+    states = [DecodeState(ids, mask, 9, 32, LogitsPipeline(), None, torch.device("cpu"),
+                          eos_token_ids=torch.tensor([31])) for _ in range(2)]
+    states[0].token_lists()  # built at the start; the other one lazily, mid-way
+    for step in range(8):
+        emitted = torch.randint(1, 33, (3, 4), generator=gen)
+        emitted[torch.rand(3, 4, generator=gen) < 0.3] = -1
+        emitted[:, 1:][emitted[:, :-1] < 0] = -1  # -1 padded after each row's tokens
+        counts = [s.append(emitted) for s in states]
+        assert torch.equal(counts[0], counts[1])
+        if step == 3:
+            states[1].token_lists()
+        for s in states:
+            assert s.token_lists() == [row[ok].tolist() for row, ok in zip(s.tokens, s.valid)], step
+    assert not states[0].active.all()  # some row finished (EOS or budget) on the way
