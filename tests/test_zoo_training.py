@@ -159,6 +159,21 @@ def test_t2i_cli_checkpoint_resume(tmp_path):
     assert saved["steps"] == 2 and (tmp_path / "d" / "loss_curve.png").is_file()
 
 
+def test_c2i_cli_checkpoint_resume(tmp_path):
+    from mmspec.zoo.train import main
+
+    ck = str(tmp_path / "c2i.pt")
+    args = ["c2i", "--minutes", "60", "--threads", "1", "--out", str(tmp_path / "c"), "--ckpt", ck, "--eval-n", "8"]
+    assert main(args + ["--max-steps", "1"])["steps"] == 1
+    again = main(args + ["--max-steps", "2"])
+    assert again["steps"] == 2 and again["images_seen"] == 2 * 32
+    assert (tmp_path / "c" / "loss_curve.png").is_file()
+    from mmspec.zoo import hub
+
+    with pytest.raises(ValueError, match="another"):  # a state saved for another codebook is not resumed
+        main(args + ["--max-steps", "3", "--vq", str(hub.weights_path("vq_v1"))])
+
+
 def test_t2i_init_from_a_saved_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,6 @@ scales, so the model sees natural-image statistics (texture, smooth gradients) r
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,18 @@ from .common import (
     HELDOUT_CROP_SEED,
     TRAIN_CROP_SEED,
     Budget,
+    Checkpoint,
     adamw,
     cosine_lr,
     dir_size_bytes,
+    plot_loss_curve,
     seed_everything,
     setup_threads,
     write_json,
 )
 
-#: the bundled tokenizer the shipped c2i model was trained on (the first one, ``weights/vq_v1``; retrain c2i on
-#: ``vq`` and change this together)
+#: the bundled tokenizer the shipped c2i model was trained on (the pipeline decodes with it; the first one,
+#: ``weights/vq_v1``, until c2i is retrained on ``vq``)
 VQ_NAME = "vq_v1"
 
 
@@ -96,11 +97,22 @@ def evaluate(model, vq, n: int, batch_size: int = 64) -> dict[str, float]:
     return {"heldout_loss": loss / count, "mean_token_entropy_nats": ent / count}
 
 
-def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
-          vq_path: str | None = None, init_from: str | None = None) -> dict[str, Any]:
-    """Train the class-conditional model; save fp16 safetensors + config + metrics in ``out``.
+def _codebook_id(vq) -> str:
+    """A fingerprint of the tokenizer's codebook (what the model learns the codes of; the decoder may change)."""
+    import hashlib
 
-    ``init_from``: continue from an earlier run's folder (a second budget; the schedule restarts)."""
+    return hashlib.sha1(hub.codebook(vq).detach().float().numpy().tobytes()).hexdigest()[:16]
+
+
+def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
+          vq_path: str | None = None, init_from: str | None = None, ckpt: str | Path | None = None,
+          ckpt_every_s: float = 300.0, eval_n: int | None = None) -> dict[str, Any]:
+    """Train the class-conditional model; save fp16 safetensors + config + metrics + loss curve in ``out``.
+
+    ``init_from``: continue from an earlier run's folder (a second budget; the schedule restarts). ``ckpt``: a
+    training-state file written every ``ckpt_every_s`` seconds and resumed when present (its time counts against
+    ``minutes``, so a stopped run continues where it was with the same schedule); it is tied to the tokenizer's
+    codebook. ``eval_n``: held-out crops for the final evaluation (default: the recipe's)."""
     r = C2IRecipe()
     setup_threads(threads)
     gen = seed_everything(seed)
@@ -114,8 +126,20 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    budget = Budget(minutes, max_steps)
-    step, seen, ema, t0 = 0, 0, None, time.perf_counter()
+    step, seen, elapsed, ema, history = 0, 0, 0.0, None, []
+    checkpoint = Checkpoint(ckpt, ckpt_every_s)
+    codebook_id = _codebook_id(vq)
+    state = checkpoint.resume(model, opt, gen, recipe=asdict(r), codebook=codebook_id)
+    if state is not None:
+        step, seen, elapsed, ema, history = (state[k] for k in ("step", "seen", "elapsed", "ema", "history"))
+        print(f"[c2i] resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
+    budget = Budget(minutes, max_steps, elapsed_s=elapsed)
+
+    def training_state():
+        return {"recipe": asdict(r), "codebook": codebook_id, "model": model.state_dict(),
+                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "seen": seen,
+                "elapsed": budget.elapsed(), "ema": ema, "history": history}
+
     bar = tqdm(desc="c2i", unit="step", mininterval=10)
     while not budget.done(step):
         lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
@@ -133,14 +157,21 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1)
+        if step % 25 == 0:
+            history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
         if step % 50 == 0:
             print(f"[c2i] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
+        if checkpoint.due():
+            checkpoint.save(training_state())
     bar.close()
-    metrics = {"steps": step, "images_seen": seen, "train_seconds": time.perf_counter() - t0, "params": n_params,
+    history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
+    checkpoint.save(training_state())
+    metrics = {"steps": step, "images_seen": seen, "train_seconds": round(budget.elapsed(), 1), "params": n_params,
                "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed, "init_from": init_from, "classes": list(NATURAL_CLASSES)}
-    metrics.update(evaluate(model, vq, r.eval_n))
+    metrics.update(evaluate(model, vq, r.eval_n if eval_n is None else eval_n))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    plot_loss_curve(history, out / "loss_curve.png", "c2i (training loss)")
     model.to(torch.float16).save_pretrained(out)
     metrics["bytes"] = dir_size_bytes(out)
     write_json(out / "metrics.json", metrics)
