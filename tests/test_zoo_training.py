@@ -169,9 +169,25 @@ def test_c2i_cli_checkpoint_resume(tmp_path):
     assert again["steps"] == 2 and again["images_seen"] == 2 * 32
     assert (tmp_path / "c" / "loss_curve.png").is_file()
     from mmspec.zoo import hub
+    from mmspec.zoo.recipes.c2i import VQ_NAME
 
+    other = hub.load_vq(hub.weights_path(VQ_NAME))
+    with torch.no_grad():
+        other.quantize.embedding.weight.add_(0.5)
+    other.save_pretrained(tmp_path / "other_vq")
     with pytest.raises(ValueError, match="another"):  # a state saved for another codebook is not resumed
-        main(args + ["--max-steps", "3", "--vq", str(hub.weights_path("vq_v1"))])
+        main(args + ["--max-steps", "3", "--vq", str(tmp_path / "other_vq")])
+
+
+def test_video_cli_checkpoint_resume(tmp_path):
+    from mmspec.zoo.train import main
+
+    args = ["video", "--minutes", "60", "--threads", "1", "--out", str(tmp_path / "v"), "--ckpt",
+            str(tmp_path / "v.pt")]
+    assert main(args + ["--max-steps", "1"])["steps"] == 1
+    again = main(args + ["--max-steps", "2"])
+    assert again["steps"] == 2 and again["clips_seen"] == 2 * 4
+    assert (tmp_path / "v" / "loss_curve.png").is_file()
 
 
 def test_t2i_init_from_a_saved_model(tmp_path):

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--eval-n", type=int, default=None, help="vq/classifier/c2i: held-out images per evaluation set")
     ap.add_argument("--vq", default=None, help="classifier/t2i/c2i: tokenizer folder (default: the bundled one)")
     ap.add_argument("--tokenizer", default=None, help="text_draft: the target's folder, whose tokenizer it shares")
-    ap.add_argument("--ckpt", default=None, help="vq/t2i/c2i/captioner: training-state file, saved every --ckpt-every seconds; "
+    ap.add_argument("--ckpt", default=None, help="vq/t2i/c2i/video/captioner: training-state file, saved every --ckpt-every seconds; "
                     "an existing one is resumed (same recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*: continue training from this earlier run's folder")
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None):
             forwarded += ["--max-steps", str(args.max_steps)]
         if args.vq and module_name == "video":
             forwarded += ["--vq", args.vq]
-        if module_name == "captioner":  # resumable, and can start from a saved captioner
-            for flag, value in (("--ckpt", args.ckpt), ("--init-from", args.init_from), ("--lr", args.lr)):
+        if module_name in ("captioner", "video"):  # resumable; the captioner can also start from a saved one
+            flags = (("--ckpt", args.ckpt),) + ((("--init-from", args.init_from), ("--lr", args.lr))
+                                                 if module_name == "captioner" else ())
+            for flag, value in flags:
                 if value is not None:
                     forwarded += [flag, str(value)]
             forwarded += ["--ckpt-every", str(args.ckpt_every)]

@@ -24,12 +24,10 @@ from ..data import NATURAL_CLASSES, NaturalCropDataset
 from .common import (
     HELDOUT_CROP_SEED,
     TRAIN_CROP_SEED,
-    Budget,
-    Checkpoint,
+    ResumableRun,
     adamw,
-    cosine_lr,
+    codebook_id,
     dir_size_bytes,
-    plot_loss_curve,
     seed_everything,
     setup_threads,
     write_json,
@@ -97,13 +95,6 @@ def evaluate(model, vq, n: int, batch_size: int = 64) -> dict[str, float]:
     return {"heldout_loss": loss / count, "mean_token_entropy_nats": ent / count}
 
 
-def _codebook_id(vq) -> str:
-    """A fingerprint of the tokenizer's codebook (what the model learns the codes of; the decoder may change)."""
-    import hashlib
-
-    return hashlib.sha1(hub.codebook(vq).detach().float().numpy().tobytes()).hexdigest()[:16]
-
-
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
           vq_path: str | None = None, init_from: str | None = None, ckpt: str | Path | None = None,
           ckpt_every_s: float = 300.0, eval_n: int | None = None) -> dict[str, Any]:
@@ -126,27 +117,12 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    step, seen, elapsed, ema, history = 0, 0, 0.0, None, []
-    checkpoint = Checkpoint(ckpt, ckpt_every_s)
-    codebook_id = _codebook_id(vq)
-    state = checkpoint.resume(model, opt, gen, recipe=asdict(r), codebook=codebook_id)
-    if state is not None:
-        step, seen, elapsed, ema, history = (state[k] for k in ("step", "seen", "elapsed", "ema", "history"))
-        print(f"[c2i] resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
-    budget = Budget(minutes, max_steps, elapsed_s=elapsed)
-
-    def training_state():
-        return {"recipe": asdict(r), "codebook": codebook_id, "model": model.state_dict(),
-                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "seen": seen,
-                "elapsed": budget.elapsed(), "ema": ema, "history": history}
-
-    bar = tqdm(desc="c2i", unit="step", mininterval=10)
-    while not budget.done(step):
-        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        codes, labels = crop_codes(vq, seen, r.batch_size, TRAIN_CROP_SEED + seed)
-        seen += r.batch_size
+    run = ResumableRun("c2i", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=asdict(r),
+                       codebook=codebook_id(vq))
+    bar = tqdm(desc="c2i", unit="step", mininterval=10, initial=run.step)
+    while not run.done():
+        run.lr(r.lr, r.warmup_steps)
+        codes, labels = crop_codes(vq, run.seen, r.batch_size, TRAIN_CROP_SEED + seed)
         drop = torch.rand(r.batch_size, generator=gen) < r.class_dropout_prob
         logits = _logits(model, codes, labels, drop)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
@@ -154,24 +130,15 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        run.record(loss.item(), r.batch_size)
         bar.update(1)
-        if step % 25 == 0:
-            history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
-        if step % 50 == 0:
-            print(f"[c2i] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
-        if checkpoint.due():
-            checkpoint.save(training_state())
     bar.close()
-    history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
-    checkpoint.save(training_state())
-    metrics = {"steps": step, "images_seen": seen, "train_seconds": round(budget.elapsed(), 1), "params": n_params,
-               "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed, "init_from": init_from, "classes": list(NATURAL_CLASSES)}
-    metrics.update(evaluate(model, vq, r.eval_n if eval_n is None else eval_n))
     out = Path(out)
+    train_seconds = run.finish(out / "loss_curve.png", "c2i (training loss)")
+    metrics = {"steps": run.step, "images_seen": run.seen, "train_seconds": round(train_seconds, 1), "params": n_params,
+               "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed, "init_from": init_from, "classes": list(NATURAL_CLASSES)}
+    metrics.update(evaluate(model, vq, r.eval_n if eval_n is None else eval_n))
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss_curve(history, out / "loss_curve.png", "c2i (training loss)")
     model.to(torch.float16).save_pretrained(out)
     metrics["bytes"] = dir_size_bytes(out)
     write_json(out / "metrics.json", metrics)

@@ -189,3 +189,77 @@ def plot_loss_curve(history: list[dict[str, float]], path: str | os.PathLike, ti
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def codebook_id(vq) -> str:
+    """A fingerprint of a VQ tokenizer's codebook: the codes a token model learns (its decoder may change)."""
+    import hashlib
+
+    from .. import hub
+
+    return hashlib.sha1(hub.codebook(vq).detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+class ResumableRun:
+    """What the recipes' training loops share: the step and sample counters, the loss EMA and its history (the loss
+    curve), the wall-clock budget (time of a resumed run counts against it) and the checkpoint file.
+
+    ``identity`` entries (e.g. ``recipe=asdict(r)``) are saved with the state and must match on resume. Use::
+
+        run = ResumableRun("c2i", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=asdict(r))
+        while not run.done():
+            lr = run.lr(r.lr, r.warmup_steps)
+            ...  # one optimiser step on a batch of n samples, starting at sample run.seen
+            run.record(loss.item(), n)
+        run.finish(out / "loss_curve.png", "c2i (training loss)")
+    """
+
+    def __init__(self, name: str, model, opt, gen: torch.Generator, minutes: float, max_steps: int | None,
+                 ckpt: str | os.PathLike | None, ckpt_every_s: float = 300.0, **identity):
+        self.name, self.model, self.opt, self.gen, self.identity = name, model, opt, gen, identity
+        self.checkpoint = Checkpoint(ckpt, ckpt_every_s)
+        self.step, self.seen, self.ema, self.history, elapsed = 0, 0, None, [], 0.0
+        state = self.checkpoint.resume(model, opt, gen, **identity)
+        if state is not None:
+            self.step, self.seen, elapsed, self.ema, self.history = (
+                state[k] for k in ("step", "seen", "elapsed", "ema", "history"))
+            print(f"[{name}] resumed from {ckpt} at step {self.step} ({elapsed:.0f} s trained)", flush=True)
+        self.budget = Budget(minutes, max_steps, elapsed_s=elapsed)
+
+    def done(self) -> bool:
+        return self.budget.done(self.step)
+
+    def lr(self, base: float, warmup_steps: int) -> float:
+        """The cosine schedule's learning rate for this step, set on the optimiser."""
+        lr = cosine_lr(base, self.budget.progress(self.step), self.step, warmup_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def record(self, loss: float, samples: int, log_every: int = 50) -> None:
+        """Count one optimiser step over ``samples`` samples with training loss ``loss``; log, keep the curve and
+        write the checkpoint when due."""
+        self.step += 1
+        self.seen += samples
+        self.ema = loss if self.ema is None else 0.98 * self.ema + 0.02 * loss
+        if self.step % 25 == 0:
+            self.history.append({"step": self.step, "seconds": self.budget.elapsed(), "loss": self.ema})
+        if self.step % log_every == 0:
+            print(f"[{self.name}] step {self.step} t={self.budget.elapsed():.0f}s loss={self.ema:.4f} "
+                  f"lr={self.opt.param_groups[0]['lr']:.2e}", flush=True)
+        if self.checkpoint.due():
+            self.checkpoint.save(self.state())
+
+    def state(self) -> dict[str, Any]:
+        return {**self.identity, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state(), "step": self.step, "seen": self.seen, "elapsed": self.budget.elapsed(),
+                "ema": self.ema, "history": self.history}
+
+    def finish(self, curve: str | os.PathLike, title: str) -> float:
+        """Close the curve, save the final state and draw the loss-curve PNG at ``curve``; returns the seconds
+        trained (resumed time included)."""
+        seconds = self.budget.elapsed()
+        self.history.append({"step": self.step, "seconds": seconds, "loss": self.ema})
+        self.checkpoint.save(self.state())
+        plot_loss_curve(self.history, curve, title)
+        return seconds

@@ -21,7 +21,6 @@ the same step::
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import hub
 from ..data import image_to_tensor, make_moving_scene, scene_seed
-from .common import Budget, adamw, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import ResumableRun, adamw, codebook_id, dir_size_bytes, seed_everything, setup_threads, write_json
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
@@ -145,8 +144,12 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4) -> dict[str, flo
 
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
-          vq_path: str | None = None, recipe: VideoRecipe | None = None) -> dict[str, Any]:
-    """Train the video model; save fp16 safetensors + tokenizer + ``metrics.json`` in ``out``."""
+          vq_path: str | None = None, recipe: VideoRecipe | None = None, ckpt: str | Path | None = None,
+          ckpt_every_s: float = 300.0) -> dict[str, Any]:
+    """Train the video model; save fp16 safetensors + tokenizer + ``metrics.json`` + ``loss_curve.png`` in ``out``.
+
+    ``ckpt``: a training-state file written every ``ckpt_every_s`` seconds and resumed when present (same recipe
+    and tokenizer codebook; its time counts against ``minutes``)."""
     r = recipe or VideoRecipe()
     setup_threads(threads)
     gen = seed_everything(seed)
@@ -156,15 +159,12 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    budget = Budget(minutes, max_steps)
-    step, seen, ema, t0 = 0, 0, None, time.perf_counter()
-    while not budget.done(step):
-        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ids, target, _ = make_batch(tokenizer, vq, model.config, seen, r.batch_size, VIDEO_TRAIN_SEED + seed,
+    run = ResumableRun("video", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=asdict(r),
+                       codebook=codebook_id(vq))
+    while not run.done():
+        run.lr(r.lr, r.warmup_steps)
+        ids, target, _ = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size, VIDEO_TRAIN_SEED + seed,
                                     r.max_objects, r.caption_dropout, gen)
-        seen += r.batch_size
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
         loss = F.cross_entropy(logits[tgt], ids[:, 1:][tgt])
@@ -172,14 +172,12 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 10 == 0:
-            print(f"[video] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
-    metrics = {"steps": step, "clips_seen": seen, "train_seconds": time.perf_counter() - t0, "params": n_params,
-               "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed, "threads": threads}
-    metrics.update(evaluate(model, tokenizer, vq, r.eval_n))
+        run.record(loss.item(), r.batch_size, log_every=10)
     out = Path(out)
+    train_seconds = run.finish(out / "loss_curve.png", "video (training loss)")
+    metrics = {"steps": run.step, "clips_seen": run.seen, "train_seconds": round(train_seconds, 1), "params": n_params,
+               "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed, "threads": threads}
+    metrics.update(evaluate(model, tokenizer, vq, r.eval_n))
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -222,13 +220,15 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=VideoRecipe.frames)
     ap.add_argument("--frame-size", type=int, default=VideoRecipe.frame_size, help="pixels per side (multiple of 4)")
     ap.add_argument("--vq", default=None, help="VQ tokenizer folder (default: the bundled one)")
+    ap.add_argument("--ckpt", default=None, help="training-state file (saved every --ckpt-every s, resumed if present)")
+    ap.add_argument("--ckpt-every", type=float, default=300.0)
     args = ap.parse_args(argv)
     if args.frames < 2:
         ap.error("--frames must be >= 2")
     if args.frame_size < 8 or args.frame_size % VQ_DOWNSAMPLE:
         ap.error(f"--frame-size must be a multiple of {VQ_DOWNSAMPLE}, at least 8")
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
-                 VideoRecipe(frames=args.frames, frame_size=args.frame_size))
+                 VideoRecipe(frames=args.frames, frame_size=args.frame_size), args.ckpt, args.ckpt_every)
 
 
 if __name__ == "__main__":
