@@ -146,7 +146,11 @@ def verify(
             f"got shape {tuple(draft_probs.shape)}."
         )
 
-    if greedy:
+    if greedy and K == 0:  # plain AR: the argmax; the row is flagged when its maximum is -inf (nothing allowed) or NaN
+        top, next_token = target_probs[:, 0].max(-1)
+        accepted, num_accepted = draft_tokens.bool(), torch.zeros_like(next_token)
+        invalid = torch.where(top > float("-inf"), 0, 1)
+    elif greedy:
         accepted, num_accepted, next_token, best = greedy_step(
             draft_tokens, target_probs, _acceptance.get(criterion), with_scores=True)
         invalid = invalid_rows(draft_tokens, None, target_probs, num_accepted, greedy=True, best=best)
