@@ -25,12 +25,9 @@ from ..data import SCENE_VOCAB, image_to_tensor
 from .common import (
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
-    Budget,
-    Checkpoint,
+    ResumableRun,
     adamw,
-    cosine_lr,
     dir_size_bytes,
-    plot_loss_curve,
     scene_batch,
     seed_everything,
     setup_threads,
@@ -204,51 +201,29 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    step, seen, elapsed, ema, history = 0, 0, 0.0, None, []
-    checkpoint = Checkpoint(ckpt, ckpt_every_s)
-    state = checkpoint.resume(model, opt, gen, role=role, recipe=asdict(r))
-    if state is not None:
-        step, seen, elapsed, ema, history = (state[k] for k in ("step", "seen", "elapsed", "ema", "history"))
-        print(f"[t2i-{role}] resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
-    budget = Budget(minutes, max_steps, elapsed_s=elapsed)
-    bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0)
-    while not budget.done(step):
-        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ids, target, _, weights = make_batch(tokenizer, vq, model.config, seen, r.batch_size, TRAIN_SCENE_SEED + seed,
-                                             r.max_objects, r.caption_dropout, gen, r.object_weight, r.object_halo,
-                                             r.noise_free)
-        seen += r.batch_size
+    run = ResumableRun(f"t2i-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
+                       recipe=asdict(r))
+    bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0, initial=run.step)
+    while not run.done():
+        run.lr(r.lr, r.warmup_steps)
+        ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
+                                             TRAIN_SCENE_SEED + seed, r.max_objects, r.caption_dropout, gen,
+                                             r.object_weight, r.object_halo, r.noise_free)
         loss = _loss(model, ids, target, weights if r.object_weight else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        value = loss.item()
-        ema = value if ema is None else 0.98 * ema + 0.02 * value
+        run.record(loss.item(), r.batch_size, log_every=25)
         bar.update(1)
-        if step % 25 == 0:
-            history.append({"step": step, "seconds": budget.elapsed(), "loss": ema})
-            print(f"[t2i-{role}] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
-        if checkpoint.due():
-            checkpoint.save({"role": role, "recipe": asdict(r), "model": model.state_dict(), "opt": opt.state_dict(),
-                             "gen": gen.get_state(), "step": step, "seen": seen, "elapsed": budget.elapsed(),
-                             "ema": ema, "history": history})
     bar.close()
-    train_seconds = budget.elapsed()
-    history.append({"step": step, "seconds": train_seconds, "loss": ema})
-    checkpoint.save({"role": role, "recipe": asdict(r), "model": model.state_dict(), "opt": opt.state_dict(),
-                     "gen": gen.get_state(), "step": step, "seen": seen, "elapsed": train_seconds, "ema": ema,
-                     "history": history})
-    metrics = {"role": role, "steps": step, "images_seen": seen, "train_seconds": round(train_seconds, 1),
-               "params": n_params, "final_train_loss_ema": ema, "recipe": asdict(r), "seed": seed,
+    out = Path(out)
+    train_seconds = run.finish(out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)")
+    metrics = {"role": role, "steps": run.step, "images_seen": run.seen, "train_seconds": round(train_seconds, 1),
+               "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
                "init_from": None if init_from is None else Path(init_from).name}
     metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss_curve(history, out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)")
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics["bytes"] = dir_size_bytes(out)
