@@ -45,3 +45,52 @@ def test_bundled_t2i_models_are_exact_and_load_offline():
     dr = pipe(prompts, decoding="draft", draft_model=draft, window=5, **kw)
     assert torch.equal(ar.tokens, jac.tokens) and torch.equal(ar.tokens, dr.tokens)
     assert jac.stats.target_forwards < ar.stats.target_forwards
+
+
+@pytest.mark.skipif(not HAS_VQ, reason="bundled VQ tokenizer not present")
+def test_t2i_draft_distillation(tmp_path):
+    """The draft recipe's distillation: unconditional rows hold the same codes without the caption, the loss is
+    zero for a copy of the teacher and falls with training, and the saved metrics report the agreement."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes import t2i
+    from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
+
+    tok, vq = t2i.build_tokenizer(), hub.load_vq()
+    torch.manual_seed(0)
+    t2i.build_model(t2i.PRESETS["draft"], len(tok), int(hub.codebook(vq).shape[0])).save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32).eval()
+    ids, target, captions = t2i.make_batch(tok, vq, teacher.config, 0, 4, HELDOUT_SCENE_SEED, 2, 0.0, None,
+                                           noise_free=True)
+    ids_u, target_u = t2i._uncond_rows(ids, target, teacher.config.boi_token_id)
+    for i in range(4):
+        cond = ids[i][target[i]]
+        assert torch.equal(ids_u[i][target_u[i]], cond) and cond.numel() == 257  # 256 codes + EOI
+        assert ids_u[i, :2].tolist() == [1, teacher.config.boi_token_id]  # <bos> BOI: the empty caption
+    assert ids_u.shape[1] < ids.shape[1]
+
+    copy = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert float(t2i.distill_loss(copy, teacher, ids, target)) < 1e-6
+    same = t2i.agreement(copy, teacher, tok, vq, n=4)
+    assert same["mean_tv_guided"] < 1e-5 and same["expected_acceptance"] > 1 - 1e-5
+
+    student = t2i.build_model(t2i.PRESETS["draft"], len(tok), teacher.config.image_layout["codebook_size"])
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = t2i.distill_loss(student, teacher, ids, target, guidance=3.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+    metrics = t2i.train(tmp_path / "kd", role="draft", minutes=5, max_steps=1, threads=1,
+                        distill_from=tmp_path / "teacher", guidance=2.0)
+    d = metrics["distill"]
+    assert d["from"] == "teacher" and d["guidance"] == 2.0
+    for a in (d["agreement_before"], d["agreement"]):
+        assert a["n_scenes"] == 128 and 0 < a["expected_acceptance"] <= 1 and a["mean_kl_guided"] >= 0
+        assert a["expected_acceptance"] == pytest.approx(1 - a["mean_tv_guided"])

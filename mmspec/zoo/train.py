@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, captioner*: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
+    ap.add_argument("--distill-from", default=None, metavar="TARGET",
+                    help="t2i_draft: distil this saved target (KL to its guided and conditional code distributions) "
+                         "instead of learning the data's codes")
+    ap.add_argument("--guidance", type=float, default=3.0, help="t2i_draft with --distill-from: the guidance scale distilled at")
     args = ap.parse_args(argv)
     module_name, role, default_minutes, _ = MODELS[args.model]
     minutes = default_minutes if args.minutes is None else args.minutes
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None):
         return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
     if module_name == "t2i":
         return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
-                            lr=args.lr, noise_free=args.noise_free, **common)
+                            lr=args.lr, noise_free=args.noise_free, distill_from=args.distill_from,
+                            guidance=args.guidance, **common)
     if module_name == "text_lm":
         return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, **common)
     if module_name == "c2i":

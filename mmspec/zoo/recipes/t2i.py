@@ -144,6 +144,70 @@ def _loss(model, ids, target, weights=None):
     return (F.cross_entropy(logits[tgt].float(), ids[:, 1:][tgt], reduction="none") * w).sum() / w.sum()
 
 
+def _uncond_rows(ids: torch.Tensor, target: torch.Tensor, boi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a batch with their captions dropped, ``[bos, BOI, codes, EOI]`` (right padded): the
+    unconditional branch of guidance. ``ids``, ``target``: [n, L] from :func:`make_batch`."""
+    starts = (ids == boi).long().argmax(1).tolist()
+    L = ids.shape[1] - min(starts) + 1
+    ids_u = torch.zeros(len(starts), L, dtype=ids.dtype)
+    target_u = torch.zeros(len(starts), L, dtype=torch.bool)
+    for i, s in enumerate(starts):
+        ids_u[i, 0] = 1
+        ids_u[i, 1 : 1 + ids.shape[1] - s] = ids[i, s:]
+        target_u[i, 1 : 1 + ids.shape[1] - s] = target[i, s:]
+    return ids_u, target_u
+
+
+def _code_logits(model, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Raw logits [n, 256, codebook] of the image codes (teacher forced; the EOI prediction left out)."""
+    layout = model.config.image_layout
+    offset, k = layout["image_token_offset"], layout["codebook_size"]
+    logits = model(input_ids=ids, attention_mask=(ids != 0) | target).logits[:, :-1][target[:, 1:]]
+    return logits.view(ids.shape[0], -1, logits.shape[-1])[:, : GRID * GRID, offset : offset + k].float()
+
+
+def _guided_pairs(student, teacher, ids, target, guidance: float):
+    """(teacher, student) raw code logits, each [2, n, 256, codebook]: guided (``u + s (c - u)``, what the image
+    pipeline samples from) and conditional."""
+    ids_u, target_u = _uncond_rows(ids, target, teacher.config.boi_token_id)
+    with torch.no_grad():
+        tc, tu = _code_logits(teacher, ids, target), _code_logits(teacher, ids_u, target_u)
+    sc, su = _code_logits(student, ids, target), _code_logits(student, ids_u, target_u)
+    return (torch.stack([tu + guidance * (tc - tu), tc]), torch.stack([su + guidance * (sc - su), sc]))
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position, from raw logits [..., V] -> [...]."""
+    logp = p_logits.log_softmax(-1)
+    return (logp.exp() * (logp - q_logits.log_softmax(-1))).sum(-1)
+
+
+def distill_loss(student, teacher, ids, target, guidance: float = 3.0) -> torch.Tensor:
+    """Knowledge distillation of a draft for speculative decoding (DistillSpec's forward KL): the mean over the
+    image codes of KL(teacher || student) on the guided distributions at ``guidance`` (what both sample from
+    when decoding) plus the same on the conditional ones; teacher forced on the batch's codes."""
+    t, s = _guided_pairs(student, teacher, ids, target, guidance)
+    return _kl(t, s).mean(dim=(1, 2)).sum()
+
+
+@torch.no_grad()
+def agreement(student, teacher, tokenizer, vq, n: int = 128, guidance: float = 3.0, batch_size: int = 32,
+              noise_free: bool = True) -> dict[str, float]:
+    """How well ``student`` drafts for ``teacher`` on held-out scenes, teacher forced, at guidance ``guidance``:
+    the mean total-variation distance of their guided code distributions (``1 - TV`` is the probability that
+    exact acceptance keeps a draft token sampled from the student) and the mean guided KL(teacher || student)."""
+    tv = kl = count = 0.0
+    for start in range(0, n, batch_size):
+        ids, target, _ = make_batch(tokenizer, vq, teacher.config, start, min(batch_size, n - start),
+                                    HELDOUT_SCENE_SEED, 2, 0.0, None, noise_free=noise_free)
+        t, s = _guided_pairs(student, teacher, ids, target, guidance)
+        tv += float(0.5 * (t[0].softmax(-1) - s[0].softmax(-1)).abs().sum(-1).sum())
+        kl += float(_kl(t[0], s[0]).sum())
+        count += t[0].shape[0] * t[0].shape[1]
+    return {"guidance": guidance, "n_scenes": n, "mean_tv_guided": tv / count, "expected_acceptance": 1 - tv / count,
+            "mean_kl_guided": kl / count}
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64, noise_free: bool = False) -> dict[str, float]:
     """Held-out loss and mean per-token entropy (nats) of the image-code predictions (conditional), on the
@@ -170,7 +234,8 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 64, noise_free: boo
 def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: int = 0, max_steps: int | None = None,
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
           ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
-          noise_free: bool | None = None) -> dict[str, Any]:
+          noise_free: bool | None = None, distill_from: str | Path | None = None,
+          guidance: float = 3.0) -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
     resumed from when it exists (same role and recipe; its time counts against ``minutes``).
@@ -178,7 +243,11 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     ``init_from``: a saved model folder of the same role and vocabulary size to start from (fresh
     optimiser and schedule; a checkpoint, when present, still wins). ``lr``: peak learning rate instead
     of the preset's (a warm start wants a smaller one). ``noise_free``: override the preset's
-    :attr:`T2IRecipe.noise_free`."""
+    :attr:`T2IRecipe.noise_free`.
+
+    ``distill_from``: a saved target folder to distil (draft role): the loss is :func:`distill_loss` against it at
+    ``guidance`` instead of the cross-entropy of the data's codes (the batches' codes still come from the data);
+    the metrics then hold :func:`agreement` before and after."""
     r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
     if noise_free is not None:
         r = replace(r, noise_free=noise_free)
@@ -198,18 +267,31 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
             raise ValueError(f"init_from={str(init_from)!r} is not a {role} model over this vocabulary")
         model.load_state_dict(start.state_dict())
         print(f"[t2i-{role}] initialised from {init_from}", flush=True)
+    teacher = None
+    if distill_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(distill_from, dtype=torch.float32).eval().requires_grad_(False)
+        if teacher.config.vocab_size != model.config.vocab_size or teacher.config.image_layout != model.config.image_layout:
+            raise ValueError(f"distill_from={str(distill_from)!r} is not a target over this vocabulary and layout")
+        before = agreement(model, teacher, tokenizer, vq, guidance=guidance, noise_free=r.noise_free)
+        print(f"[t2i-{role}] distilling {distill_from}; agreement before: {before}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
+    distill = None if teacher is None else {"from": Path(distill_from).name, "guidance": guidance}
     run = ResumableRun(f"t2i-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
-                       recipe=asdict(r))
+                       recipe=asdict(r), **({} if distill is None else {"distill": distill}))
     bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0, initial=run.step)
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
         ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
                                              TRAIN_SCENE_SEED + seed, r.max_objects, r.caption_dropout, gen,
                                              r.object_weight, r.object_halo, r.noise_free)
-        loss = _loss(model, ids, target, weights if r.object_weight else None)
+        if teacher is None:
+            loss = _loss(model, ids, target, weights if r.object_weight else None)
+        else:
+            loss = distill_loss(model, teacher, ids, target, guidance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,11 +300,17 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
         bar.update(1)
     bar.close()
     out = Path(out)
-    train_seconds = run.finish(out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)")
+    train_seconds = run.finish(out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)" if teacher is None
+                               else f"t2i_{role} (distillation loss: guided + conditional KL)")
     metrics = {"role": role, "steps": run.step, "images_seen": run.seen, "train_seconds": round(train_seconds, 1),
                "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
                "init_from": None if init_from is None else Path(init_from).name}
     metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
+    if teacher is not None:
+        model.eval()
+        metrics["distill"] = {**distill, "agreement_before": before,
+                              "agreement": agreement(model, teacher, tokenizer, vq, guidance=guidance,
+                                                     noise_free=r.noise_free)}
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -329,6 +417,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="learn the codes of the noise-free renders (default: the preset's)")
+    ap.add_argument("--distill-from", default=None, metavar="TARGET",
+                    help="distil this saved target (draft role): KL to its guided and conditional code distributions")
+    ap.add_argument("--guidance", type=float, default=3.0, help="the guidance scale distilled at (with --distill-from)")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
@@ -346,7 +437,7 @@ def main(argv=None):
         print(res, flush=True)
         return res
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vq, args.ckpt,
-                 args.ckpt_every, args.init_from, args.lr, args.noise_free)
+                 args.ckpt_every, args.init_from, args.lr, args.noise_free, args.distill_from, args.guidance)
 
 
 if __name__ == "__main__":
