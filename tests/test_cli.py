@@ -143,6 +143,19 @@ def test_bench_text_tiny_writes_json_and_markdown(tmp_path):
     assert all(r["identical"] for r in data["rows"])
     assert "| method |" in (tmp_path / "text.md").read_text()
     assert rows == 0
+    by = {r["method"]: r for r in data["rows"]}
+    raw, ar = by["raw forward loop"]["times"], by["mmspec ar"]["times"]
+    assert by["mmspec ar"]["vs_raw"] == pytest.approx(sorted(a / b for a, b in zip(raw, ar))[len(ar) // 2])
+
+
+def test_paired_ratio_pairs_rounds():
+    from mmspec.bench.common import paired_ratio
+
+    # round 2 ran on a slowed machine: both methods took 3x; per round the method is 2x faster than the base
+    assert paired_ratio([1.0, 3.0, 1.0], [0.5, 1.5, 0.5]) == 2.0
+    assert paired_ratio([1.0, 3.0, 1.2], [0.5, 0.5, 1.2]) == 2.0  # median of 2, 6, 1
+    with pytest.raises(ValueError, match="as many repeats"):
+        paired_ratio([1.0], [1.0, 2.0])
 
 
 @pytest.mark.slow

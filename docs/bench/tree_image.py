@@ -1,8 +1,10 @@
 """Step compression of Jacobi / draft chains and token trees on the bundled t2i zoo model (the BENCHMARKS.md tree
 tables). Usage: python docs/bench/tree_image.py N_PROMPTS "name;name;..." (names: see `configs`); prompts are the
 held-out captions of `mmspec bench image`, image i drawn with seed i, guidance 3, batch 1. The s.e. printed is the
-spread of per-image step compression over sqrt(N_PROMPTS): with 16 prompts it is about 5%."""
+spread of per-image step compression over sqrt(N_PROMPTS): with 16 prompts it is about 5%. T2I_DRAFT=FOLDER: use the
+draft model saved there instead of the bundled one."""
 
+import os
 import sys
 import time
 
@@ -15,6 +17,10 @@ from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
 
 torch.set_num_threads(1)
 pipe, draft = load_image_pipeline()
+if os.environ.get("T2I_DRAFT"):  # another draft model folder (e.g. a distilled one before it ships)
+    from transformers import AutoModelForCausalLM
+
+    draft = AutoModelForCausalLM.from_pretrained(os.environ["T2I_DRAFT"], dtype=torch.float32).eval()
 pipe.set_progress_bar_config(disable=True)
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
@@ -92,6 +98,13 @@ for w in (48, 64):
 for dw in (2, 4):  # the branch as a draft tree (EAGLE-2 style) of dd + dw - 1 nodes
     configs[f"selfjd64-skip3-h-tree(3,2)-dd6-dw{dw}"] = dict(configs["selfjd64-skip3-h-tree(3,2)-dd6"], _draft_width=dw)
     configs[f"jd64-h-tree(3,2)-dd6-dw{dw}"] = dict(configs["jd64-h-tree(3,2)"], _draft_depth=6, _draft_width=dw)
+# deeper and wider trees of the separate draft model, and deeper draft branches of jacobi-draft (for a draft that
+# agrees with the target more often, e.g. a distilled one)
+for w, tree in ((48, (8, 6)), (64, (8, 8)), (64, (12, 6))):
+    configs[f"draft{w}-tree{tree[0]},{tree[1]}"] = dict(decoding="draft", window=w, draft_model=draft, tree=tree)
+for w in (48, 64):
+    for dd in (6, 8):
+        configs[f"jd{w}-h-tree(3,2)-dd{dd}"] = dict(configs[f"jd{w}-h-tree(3,2)"], _draft_depth=dd)
 sel = sys.argv[2].split(";") if len(sys.argv) > 2 else list(configs)
 per_image = {}
 for name in sel:

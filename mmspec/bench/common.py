@@ -76,6 +76,15 @@ def interleaved_times(runs: dict, repeats: int = 3, warmup: int = 1):
     return results, times
 
 
+def paired_ratio(base_times: list[float], times: list[float]) -> float:
+    """Speed of a method relative to ``base``: the median over repeats of ``base_i / t_i``, with both timed in the same
+    round of an interleaved run (a shared or throttled machine slows a whole round: the pair moves together, a
+    ratio of the two medians would mix rounds)."""
+    if len(base_times) != len(times):
+        raise ValueError(f"paired timings need as many repeats on both sides, got {len(base_times)} and {len(times)}")
+    return statistics.median(b / t for b, t in zip(base_times, times))
+
+
 def speedup_summary(times: dict, base: str, other: str) -> str:
     """One line: median times, the ratio of the medians and the spread of the per-round ratios."""
     ratios = [b / o for b, o in zip(times[base], times[other])]

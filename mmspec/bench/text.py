@@ -16,7 +16,7 @@ import torch
 from .. import generate
 from ..drafting.layer_skip import calibrate_skip, decoder_layers
 from ..models.compat import cache_keyword
-from .common import environment, markdown_table, timed, write_report
+from .common import environment, markdown_table, paired_ratio, timed, write_report
 
 __all__ = ["main", "run", "assisted_generate", "raw_greedy_loop", "random_pair"]
 
@@ -152,6 +152,7 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
                        tree_nodes=stats.tree_nodes_per_step)
         rows.append(row)
     by = {r["method"]: r["median_s"] for r in rows}
+    ratio = lambda base, name: paired_ratio(times[base], times[name])  # noqa: E731 -- same rounds, see paired_ratio
     per_forward = by["mmspec ar"] / max_new_tokens  # one target forward, measured by plain AR
     for r in rows:
         if r.get("draft_forwards"):  # what one draft forward costs, in target forwards (timing residual)
@@ -163,14 +164,14 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
                      measured_draft_cost=calibration.draft_costs[calibration.skip],
                      window_cost=list(calibration.window_cost))
     for r in rows:
-        r["vs_raw"] = by["raw forward loop"] / r["median_s"]
-        r["vs_mmspec_ar"] = by["mmspec ar"] / r["median_s"]
+        r["vs_raw"] = ratio("raw forward loop", r["method"])
+        r["vs_mmspec_ar"] = ratio("mmspec ar", r["method"])
         if r["method"].endswith("]"):  # a cache variant: against the same method on the dynamic cache, eager
-            r["vs_dynamic"] = by[r["method"].rsplit(" [", 1)[0]] / r["median_s"]
+            r["vs_dynamic"] = ratio(r["method"].rsplit(" [", 1)[0], r["method"])
     if "transformers assisted" in by:
-        rows[[r["method"] for r in rows].index("mmspec draft")]["vs_peer"] = by["transformers assisted"] / by["mmspec draft"]
+        rows[[r["method"] for r in rows].index("mmspec draft")]["vs_peer"] = ratio("transformers assisted", "mmspec draft")
         for name in ("mmspec lookup", "mmspec lookup (transformers' rule)"):
-            rows[[r["method"] for r in rows].index(name)]["vs_peer"] = by["transformers prompt lookup"] / by[name]
+            rows[[r["method"] for r in rows].index(name)]["vs_peer"] = ratio("transformers prompt lookup", name)
     return rows
 
 
@@ -229,7 +230,9 @@ def main(argv=None):
         rows += run(target, draft, make_prompts(b), max_new_tokens=args.new, repeats=args.repeats,
                     cache_variants=args.cache_variants)
     md = (f"# mmspec bench text ({args.models} weights)\n\n`mmspec bench text {' '.join(argv or sys.argv[1:])}`\n\n"
-          f"{markdown_table(rows, COLUMNS)}\n\nEnvironment: {environment()}\n")
+          f"{markdown_table(rows, COLUMNS)}\n\nSpeed ratios are paired: the median over repeats of the two methods' "
+          "times in the same round of the interleaved run (`mmspec.bench.common.paired_ratio`).\n\n"
+          f"Environment: {environment()}\n")
     js, mdp = write_report(args.out, "text", {"args": vars(args), "env": environment(), "rows": rows}, md)
     print(md)
     print(f"wrote {js} and {mdp}")
