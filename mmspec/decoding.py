@@ -258,7 +258,7 @@ class DecodeState(State):
         elif extra is not None and any(r[L] for r in rows):
             check_rows(torch.tensor([r[L] for r in rows]), self.active)
         emitted = [r[:L] if len(r) > L else r for r in rows]
-        self.append(emitted)
+        self._append(emitted)
         self.anchor = result.next_token
         return torch.tensor([sum(t >= 0 for t in r) - 1 for r in emitted])
 
@@ -276,6 +276,10 @@ class DecodeState(State):
         Host bookkeeping on a few values per row, in Python over the rows, writing through numpy views that share
         memory with ``tokens``, ``valid``, ``num_new`` and ``active``.
         """
+        return torch.tensor(self._append(emitted))
+
+    def _append(self, emitted) -> list[int]:
+        """``append`` without building the counts' tensor (``commit`` does not need it): a list of B counts."""
         if not isinstance(emitted, list):
             emitted = np.asarray(emitted).tolist()
         num_new, active = self._num_new_np, self._active_np
@@ -300,7 +304,7 @@ class DecodeState(State):
                 if n + count >= budget:
                     active[b] = False
             counts.append(count)
-        return torch.tensor(counts)
+        return counts
 
 
 @torch.no_grad()

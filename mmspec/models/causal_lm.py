@@ -332,7 +332,8 @@ class CausalLM:
         logits, self.cache = self.call_model(tokens, mask, position_ids, self.cache, **kwargs)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return logits.to(dev)  # no-op unless the model is sharded over devices (logits on the last one)
+        # logits on the last device of a model sharded over devices
+        return logits if logits.device == dev else logits.to(dev)
 
     def _check_4d_mask(self, what: str) -> None:
         if self._attn not in (None, "sdpa", "eager"):
