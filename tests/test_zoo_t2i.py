@@ -71,20 +71,25 @@ def test_t2i_draft_distillation(tmp_path):
 
     copy = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32).eval()
     with torch.no_grad():
-        assert float(t2i.distill_loss(copy, teacher, ids, target)) < 1e-6
+        for divergence in ("kl", "tv"):
+            assert float(t2i.distill_loss(copy, teacher, ids, target, divergence=divergence)) < 1e-6
+        with pytest.raises(ValueError, match="divergence must be one of"):
+            t2i.distill_loss(copy, teacher, ids, target, divergence="js")
     same = t2i.agreement(copy, teacher, tok, vq, n=4)
     assert same["mean_tv_guided"] < 1e-5 and same["expected_acceptance"] > 1 - 1e-5
 
-    student = t2i.build_model(t2i.PRESETS["draft"], len(tok), teacher.config.image_layout["codebook_size"])
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = t2i.distill_loss(student, teacher, ids, target, guidance=3.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.8 * losses[0]
+    for divergence in ("kl", "tv"):
+        torch.manual_seed(1)
+        student = t2i.build_model(t2i.PRESETS["draft"], len(tok), teacher.config.image_layout["codebook_size"])
+        opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(8):
+            loss = t2i.distill_loss(student, teacher, ids, target, guidance=3.0, divergence=divergence)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        assert losses[-1] < 0.8 * losses[0], (divergence, losses)
     assert not any(p.grad is not None for p in teacher.parameters())
 
     metrics = t2i.train(tmp_path / "kd", role="draft", minutes=5, max_steps=1, threads=1,

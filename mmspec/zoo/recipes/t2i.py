@@ -182,12 +182,24 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - q_logits.log_softmax(-1))).sum(-1)
 
 
-def distill_loss(student, teacher, ids, target, guidance: float = 3.0) -> torch.Tensor:
-    """Knowledge distillation of a draft for speculative decoding (DistillSpec's forward KL): the mean over the
-    image codes of KL(teacher || student) on the guided distributions at ``guidance`` (what both sample from
-    when decoding) plus the same on the conditional ones; teacher forced on the batch's codes."""
+def _tv(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Total-variation distance per position, from raw logits [..., V] -> [...]."""
+    return 0.5 * (p_logits.softmax(-1) - q_logits.softmax(-1)).abs().sum(-1)
+
+
+DIVERGENCES = {"kl": _kl, "tv": _tv}
+
+
+def distill_loss(student, teacher, ids, target, guidance: float = 3.0, divergence: str = "kl") -> torch.Tensor:
+    """Knowledge distillation of a draft for speculative decoding (DistillSpec): the mean over the image codes of
+    a divergence between teacher and student on the guided distributions at ``guidance`` (what both sample from
+    when decoding) plus the same on the conditional ones; teacher forced on the batch's codes. ``divergence``:
+    ``"kl"`` (forward KL(teacher || student)) or ``"tv"`` (total variation: ``1 - TV`` is the probability that
+    exact acceptance keeps a sampled draft token, so this is the rejection rate itself)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
     t, s = _guided_pairs(student, teacher, ids, target, guidance)
-    return _kl(t, s).mean(dim=(1, 2)).sum()
+    return DIVERGENCES[divergence](t, s).mean(dim=(1, 2)).sum()
 
 
 @torch.no_grad()
@@ -201,7 +213,7 @@ def agreement(student, teacher, tokenizer, vq, n: int = 128, guidance: float = 3
         ids, target, _ = make_batch(tokenizer, vq, teacher.config, start, min(batch_size, n - start),
                                     HELDOUT_SCENE_SEED, 2, 0.0, None, noise_free=noise_free)
         t, s = _guided_pairs(student, teacher, ids, target, guidance)
-        tv += float(0.5 * (t[0].softmax(-1) - s[0].softmax(-1)).abs().sum(-1).sum())
+        tv += float(_tv(t[0], s[0]).sum())
         kl += float(_kl(t[0], s[0]).sum())
         count += t[0].shape[0] * t[0].shape[1]
     return {"guidance": guidance, "n_scenes": n, "mean_tv_guided": tv / count, "expected_acceptance": 1 - tv / count,
@@ -235,7 +247,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
           ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
           noise_free: bool | None = None, distill_from: str | Path | None = None,
-          guidance: float = 3.0) -> dict[str, Any]:
+          guidance: float = 3.0, divergence: str = "kl") -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
     resumed from when it exists (same role and recipe; its time counts against ``minutes``).
@@ -246,8 +258,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     :attr:`T2IRecipe.noise_free`.
 
     ``distill_from``: a saved target folder to distil (draft role): the loss is :func:`distill_loss` against it at
-    ``guidance`` instead of the cross-entropy of the data's codes (the batches' codes still come from the data);
-    the metrics then hold :func:`agreement` before and after."""
+    ``guidance`` with ``divergence`` instead of the cross-entropy of the data's codes (the batches' codes still
+    come from the data); the metrics then hold :func:`agreement` before and after."""
     r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
     if noise_free is not None:
         r = replace(r, noise_free=noise_free)
@@ -279,7 +291,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    distill = None if teacher is None else {"from": Path(distill_from).name, "guidance": guidance}
+    distill = None if teacher is None else {"from": Path(distill_from).name, "guidance": guidance,
+                                            **({} if divergence == "kl" else {"divergence": divergence})}
     run = ResumableRun(f"t2i-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
                        recipe=asdict(r), **({} if distill is None else {"distill": distill}))
     bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0, initial=run.step)
@@ -291,7 +304,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
         if teacher is None:
             loss = _loss(model, ids, target, weights if r.object_weight else None)
         else:
-            loss = distill_loss(model, teacher, ids, target, guidance)
+            loss = distill_loss(model, teacher, ids, target, guidance, divergence)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -301,7 +314,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     bar.close()
     out = Path(out)
     train_seconds = run.finish(out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)" if teacher is None
-                               else f"t2i_{role} (distillation loss: guided + conditional KL)")
+                               else f"t2i_{role} (distillation loss: guided + conditional {divergence.upper()})")
     metrics = {"role": role, "steps": run.step, "images_seen": run.seen, "train_seconds": round(train_seconds, 1),
                "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
                "init_from": None if init_from is None else Path(init_from).name}
@@ -420,6 +433,7 @@ def main(argv=None):
     ap.add_argument("--distill-from", default=None, metavar="TARGET",
                     help="distil this saved target (draft role): KL to its guided and conditional code distributions")
     ap.add_argument("--guidance", type=float, default=3.0, help="the guidance scale distilled at (with --distill-from)")
+    ap.add_argument("--divergence", choices=["kl", "tv"], default="kl", help="what --distill-from minimises")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
@@ -437,7 +451,8 @@ def main(argv=None):
         print(res, flush=True)
         return res
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vq, args.ckpt,
-                 args.ckpt_every, args.init_from, args.lr, args.noise_free, args.distill_from, args.guidance)
+                 args.ckpt_every, args.init_from, args.lr, args.noise_free, args.distill_from, args.guidance,
+                 args.divergence)
 
 
 if __name__ == "__main__":
