@@ -93,9 +93,54 @@ def test_t2i_draft_distillation(tmp_path):
     assert not any(p.grad is not None for p in teacher.parameters())
 
     metrics = t2i.train(tmp_path / "kd", role="draft", minutes=5, max_steps=1, threads=1,
-                        distill_from=tmp_path / "teacher", guidance=2.0)
+                        distill_from=tmp_path / "teacher", guidance=2.0, on_policy=0.5)
     d = metrics["distill"]
-    assert d["from"] == "teacher" and d["guidance"] == 2.0
+    assert d["from"] == "teacher" and d["guidance"] == 2.0 and d["on_policy"] == 0.5
     for a in (d["agreement_before"], d["agreement"]):
-        assert a["n_scenes"] == 128 and 0 < a["expected_acceptance"] <= 1 and a["mean_kl_guided"] >= 0
-        assert a["expected_acceptance"] == pytest.approx(1 - a["mean_tv_guided"])
+        assert a["on_policy"]["on_policy"] and "on_policy" not in a["data"]
+        for b in a.values():
+            assert b["n_scenes"] == 128 and 0 < b["expected_acceptance"] <= 1 and b["mean_kl_guided"] >= 0
+            assert b["expected_acceptance"] == pytest.approx(1 - b["mean_tv_guided"])
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="on_policy must be a share"):
+            t2i.train(tmp_path / "bad", role="draft", max_steps=1, threads=1, distill_from=tmp_path / "teacher",
+                      on_policy=share)
+    with pytest.raises(ValueError, match="on_policy needs distill_from"):
+        t2i.train(tmp_path / "bad", role="draft", max_steps=1, threads=1, on_policy=1.0)
+
+
+def test_t2i_teacher_codes_on_policy(tmp_path):
+    """On-policy distillation data: the first rows' codes become the teacher's own guided samples (the image
+    pipeline's, same generator -> same codes), dropped captions are sampled from the empty prompt, and everything
+    outside the code span is left as it was."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.pipelines import SpeculativeImagePipeline
+    from mmspec.zoo.recipes import t2i
+    from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
+
+    tok, vq = t2i.build_tokenizer(), hub.load_vq()
+    torch.manual_seed(0)
+    t2i.build_model(t2i.PRESETS["draft"], len(tok), int(hub.codebook(vq).shape[0])).save_pretrained(tmp_path / "t")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "t", dtype=torch.float32).eval()
+    ids, target, captions = t2i.make_batch(tok, vq, teacher.config, 0, 4, HELDOUT_SCENE_SEED, 2, 0.5,
+                                           torch.Generator().manual_seed(2), noise_free=True)
+    boi = teacher.config.boi_token_id
+    starts = (ids == boi).long().argmax(1)
+    dropped = (starts == 1).tolist()
+    assert any(dropped[:3]) and not all(dropped[:3])  # this seed drops some of the first three captions
+    new = t2i.teacher_codes(ids, captions, teacher, tok, vq, 3, 2.0, torch.Generator().manual_seed(7))
+    assert new.shape == ids.shape and torch.equal(new[3], ids[3])
+    offset = teacher.config.image_layout["image_token_offset"]
+    span = torch.zeros_like(target)
+    for i in range(4):
+        span[i, starts[i] + 1 : starts[i] + 257] = True
+    assert torch.equal(new[~span], ids[~span])  # prompts, BOI, EOI, padding
+    assert not torch.equal(new[:3][span[:3]], ids[:3][span[:3]])
+    pipe = SpeculativeImagePipeline(model=teacher, vq=vq, tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    texts = ["" if d else c for c, d in zip(captions[:3], dropped[:3])]
+    ref = pipe(texts, guidance_scale=2.0, output_type="latent", generator=torch.Generator().manual_seed(7),
+               decoding="ar").images.reshape(3, -1)
+    assert torch.equal(new[:3][span[:3]].view(3, -1), ref + offset)
+    assert torch.equal(t2i.teacher_codes(ids, captions, teacher, tok, vq, 0, 2.0, None), ids)

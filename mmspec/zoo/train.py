@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--guidance", type=float, default=3.0, help="t2i_draft with --distill-from: the guidance scale distilled at")
     ap.add_argument("--divergence", choices=["kl", "tv"], default="kl",
                     help="t2i_draft with --distill-from: forward KL or total variation (the rejection rate)")
+    ap.add_argument("--on-policy", type=float, default=0.0, metavar="SHARE",
+                    help="t2i_draft with --distill-from: this share of each batch is the target's own guided samples")
     args = ap.parse_args(argv)
     module_name, role, default_minutes, _ = MODELS[args.model]
     minutes = default_minutes if args.minutes is None else args.minutes
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None):
     if module_name == "t2i":
         return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
                             lr=args.lr, noise_free=args.noise_free, distill_from=args.distill_from,
-                            guidance=args.guidance, divergence=args.divergence, **common)
+                            guidance=args.guidance, divergence=args.divergence, on_policy=args.on_policy,
+                            **common)
     if module_name == "text_lm":
         return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, **common)
     if module_name == "c2i":

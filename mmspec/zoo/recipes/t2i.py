@@ -203,21 +203,49 @@ def distill_loss(student, teacher, ids, target, guidance: float = 3.0, divergenc
 
 
 @torch.no_grad()
+def teacher_codes(ids: torch.Tensor, captions: list[str], teacher, tokenizer, vq, rows: int, guidance: float,
+                  gen: torch.Generator | None) -> torch.Tensor:
+    """``ids`` [n, L] from :func:`make_batch` with the codes of its first ``rows`` rows replaced by the teacher's own
+    samples for the same prompts (plain AR, guidance ``guidance``, the image pipeline's default sampling: what a
+    draft sees as its prefix when decoding, "on-policy" data for distillation). Rows whose caption was dropped are
+    sampled from the empty prompt. Returns a new tensor; the sequences' layout is unchanged."""
+    if rows <= 0:
+        return ids
+    from ...pipelines import SpeculativeImagePipeline
+
+    layout = teacher.config.image_layout
+    starts = (ids[:rows] == teacher.config.boi_token_id).long().argmax(1)  # the BOI column of each row
+    texts = ["" if int(b) == 1 else c for b, c in zip(starts, captions)]  # [bos, BOI, ...]: the caption was dropped
+    pipe = SpeculativeImagePipeline(model=teacher, vq=vq, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    codes = pipe(texts, guidance_scale=guidance, output_type="latent", generator=gen, decoding="ar").images
+    cols = starts[:, None] + 1 + torch.arange(GRID * GRID)
+    out = ids.clone()
+    out[:rows] = out[:rows].scatter(1, cols, codes.reshape(rows, -1).to(ids.dtype) + layout["image_token_offset"])
+    return out
+
+
+@torch.no_grad()
 def agreement(student, teacher, tokenizer, vq, n: int = 128, guidance: float = 3.0, batch_size: int = 32,
-              noise_free: bool = True) -> dict[str, float]:
+              noise_free: bool = True, on_policy: bool = False, seed: int = 0) -> dict[str, float]:
     """How well ``student`` drafts for ``teacher`` on held-out scenes, teacher forced, at guidance ``guidance``:
     the mean total-variation distance of their guided code distributions (``1 - TV`` is the probability that
-    exact acceptance keeps a draft token sampled from the student) and the mean guided KL(teacher || student)."""
+    exact acceptance keeps a draft token sampled from the student) and the mean guided KL(teacher || student).
+    ``on_policy``: along the teacher's own samples for the held-out captions (:func:`teacher_codes`, ``seed``)
+    instead of the data's codes: the prefixes a draft meets when decoding."""
     tv = kl = count = 0.0
+    gen = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch_size):
-        ids, target, _ = make_batch(tokenizer, vq, teacher.config, start, min(batch_size, n - start),
-                                    HELDOUT_SCENE_SEED, 2, 0.0, None, noise_free=noise_free)
+        ids, target, captions = make_batch(tokenizer, vq, teacher.config, start, min(batch_size, n - start),
+                                           HELDOUT_SCENE_SEED, 2, 0.0, None, noise_free=noise_free)
+        if on_policy:
+            ids = teacher_codes(ids, captions, teacher, tokenizer, vq, len(captions), guidance, gen)
         t, s = _guided_pairs(student, teacher, ids, target, guidance)
         tv += float(_tv(t[0], s[0]).sum())
         kl += float(_kl(t[0], s[0]).sum())
         count += t[0].shape[0] * t[0].shape[1]
-    return {"guidance": guidance, "n_scenes": n, "mean_tv_guided": tv / count, "expected_acceptance": 1 - tv / count,
-            "mean_kl_guided": kl / count}
+    return {"guidance": guidance, "n_scenes": n, **({"on_policy": True} if on_policy else {}),
+            "mean_tv_guided": tv / count, "expected_acceptance": 1 - tv / count, "mean_kl_guided": kl / count}
 
 
 @torch.no_grad()
@@ -247,7 +275,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
           ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
           noise_free: bool | None = None, distill_from: str | Path | None = None,
-          guidance: float = 3.0, divergence: str = "kl") -> dict[str, Any]:
+          guidance: float = 3.0, divergence: str = "kl", on_policy: float = 0.0) -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
     resumed from when it exists (same role and recipe; its time counts against ``minutes``).
@@ -259,7 +287,13 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
 
     ``distill_from``: a saved target folder to distil (draft role): the loss is :func:`distill_loss` against it at
     ``guidance`` with ``divergence`` instead of the cross-entropy of the data's codes (the batches' codes still
-    come from the data); the metrics then hold :func:`agreement` before and after."""
+    come from the data); the metrics then hold :func:`agreement` before and after, on the data's codes and on the
+    teacher's samples. ``on_policy``: the share of each batch whose codes are the teacher's own guided samples for
+    the batch's captions (:func:`teacher_codes`; the prefixes the draft meets when decoding) instead of the data's."""
+    if not 0.0 <= on_policy <= 1.0:
+        raise ValueError(f"on_policy must be a share in [0, 1], got {on_policy}")
+    if on_policy and distill_from is None:
+        raise ValueError("on_policy needs distill_from (the teacher whose samples are the data)")
     r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
     if noise_free is not None:
         r = replace(r, noise_free=noise_free)
@@ -286,21 +320,26 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
         teacher = AutoModelForCausalLM.from_pretrained(distill_from, dtype=torch.float32).eval().requires_grad_(False)
         if teacher.config.vocab_size != model.config.vocab_size or teacher.config.image_layout != model.config.image_layout:
             raise ValueError(f"distill_from={str(distill_from)!r} is not a target over this vocabulary and layout")
-        before = agreement(model, teacher, tokenizer, vq, guidance=guidance, noise_free=r.noise_free)
+        before = {"data": agreement(model, teacher, tokenizer, vq, guidance=guidance, noise_free=r.noise_free),
+                  "on_policy": agreement(model, teacher, tokenizer, vq, guidance=guidance, noise_free=r.noise_free,
+                                         on_policy=True)}
         print(f"[t2i-{role}] distilling {distill_from}; agreement before: {before}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
     distill = None if teacher is None else {"from": Path(distill_from).name, "guidance": guidance,
-                                            **({} if divergence == "kl" else {"divergence": divergence})}
+                                            **({} if divergence == "kl" else {"divergence": divergence}),
+                                            **({"on_policy": on_policy} if on_policy else {})}
     run = ResumableRun(f"t2i-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
                        recipe=asdict(r), **({} if distill is None else {"distill": distill}))
     bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0, initial=run.step)
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
-        ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
-                                             TRAIN_SCENE_SEED + seed, r.max_objects, r.caption_dropout, gen,
-                                             r.object_weight, r.object_halo, r.noise_free)
+        ids, target, captions, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
+                                                    TRAIN_SCENE_SEED + seed, r.max_objects, r.caption_dropout, gen,
+                                                    r.object_weight, r.object_halo, r.noise_free)
+        if on_policy:
+            ids = teacher_codes(ids, captions, teacher, tokenizer, vq, round(on_policy * r.batch_size), guidance, gen)
         if teacher is None:
             loss = _loss(model, ids, target, weights if r.object_weight else None)
         else:
@@ -322,8 +361,10 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     if teacher is not None:
         model.eval()
         metrics["distill"] = {**distill, "agreement_before": before,
-                              "agreement": agreement(model, teacher, tokenizer, vq, guidance=guidance,
-                                                     noise_free=r.noise_free)}
+                              "agreement": {"data": agreement(model, teacher, tokenizer, vq, guidance=guidance,
+                                                              noise_free=r.noise_free),
+                                            "on_policy": agreement(model, teacher, tokenizer, vq, guidance=guidance,
+                                                                   noise_free=r.noise_free, on_policy=True)}}
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -434,6 +475,8 @@ def main(argv=None):
                     help="distil this saved target (draft role): KL to its guided and conditional code distributions")
     ap.add_argument("--guidance", type=float, default=3.0, help="the guidance scale distilled at (with --distill-from)")
     ap.add_argument("--divergence", choices=["kl", "tv"], default="kl", help="what --distill-from minimises")
+    ap.add_argument("--on-policy", type=float, default=0.0, metavar="SHARE",
+                    help="with --distill-from: this share of each batch is the target's own samples (0-1)")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out captions "
                          "to --out/adherence.json")
@@ -452,7 +495,7 @@ def main(argv=None):
         return res
     return train(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vq, args.ckpt,
                  args.ckpt_every, args.init_from, args.lr, args.noise_free, args.distill_from, args.guidance,
-                 args.divergence)
+                 args.divergence, args.on_policy)
 
 
 if __name__ == "__main__":
