@@ -33,9 +33,8 @@ from .common import (
     write_json,
 )
 
-#: the bundled tokenizer the shipped c2i model was trained on (the pipeline decodes with it; the first one,
-#: ``weights/vq_v1``, until c2i is retrained on ``vq``)
-VQ_NAME = "vq_v1"
+#: the bundled tokenizer the shipped c2i model was trained on (the pipeline decodes with it)
+VQ_NAME = "vq"
 
 
 @dataclass
@@ -144,3 +143,42 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     write_json(out / "metrics.json", metrics)
     print({k: v for k, v in metrics.items() if k not in ("recipe", "classes")}, flush=True)
     return metrics
+
+
+@torch.no_grad()
+def sample_grid(path: str | Path, classes: tuple[int, ...] = (0, 2, 5, 9, 12, 16), guidance: float = 3.0,
+                seed: int = 0) -> Path:
+    """The card's picture: for each class in ``classes`` (indices into ``NATURAL_CLASSES``), a held-out crop of its
+    photograph, that crop's tokenizer reconstruction and two AR samples of the bundled model (guidance ``guidance``,
+    seeds ``seed + 2 i`` and ``seed + 2 i + 1``), one row each; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..models import load_c2i_pipeline
+
+    pipe = load_c2i_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    crops = NaturalCropDataset(len(NATURAL_CLASSES), 64, HELDOUT_CROP_SEED)
+    real = torch.stack([crops[c]["image"] for c in classes])  # item c has label c
+    recon = hub.decode_tokens(pipe.vq, hub.encode_images(pipe.vq, real))
+    labels = [c for c in classes for _ in range(2)]
+    out = pipe(class_labels=labels, guidance_scale=guidance, decoding="ar", output_type="pt",
+               generator=[torch.Generator().manual_seed(seed + i) for i in range(len(labels))])
+    samples = (out.images * 2 - 1).view(len(classes), 2, *out.images.shape[1:])
+    fig, axes = plt.subplots(len(classes), 4, figsize=(8.2, 2.1 * len(classes)))
+    for i, c in enumerate(classes):
+        row = ((real[i], "held-out crop"), (recon[i], "reconstruction"), (samples[i, 0], "AR sample"),
+               (samples[i, 1], "AR sample"))
+        for j, (img, title) in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(((img.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+        axes[i, 0].set_ylabel(NATURAL_CLASSES[c], fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
