@@ -52,3 +52,15 @@ def test_c2i_model_loads_and_jacobi_equals_ar():
     assert torch.equal(ar.tokens, jac.tokens) and jac.stats.target_forwards < ar.stats.target_forwards
     metrics = json.loads((hub.WEIGHTS_DIR / "c2i" / "metrics.json").read_text())
     assert metrics["heldout_loss"] < 6.5  # below uniform over 1024 codes (6.93)
+
+
+def test_c2i_sample_grid(tmp_path):
+    """The card's picture: one row per class (crop, reconstruction, two samples), written as a PNG."""
+    from PIL import Image
+
+    from mmspec.zoo.recipes.c2i import sample_grid
+
+    path = sample_grid(tmp_path / "grid.png", classes=(1, 3))
+    with Image.open(path) as im:
+        w, h = im.size
+    assert path.exists() and w > 600 and 300 < h < 600  # 2 rows of 4 panels at 100 dpi
