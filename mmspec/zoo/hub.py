@@ -47,13 +47,11 @@ __all__ = [
 
 #: Directory of the bundled weights (inside the installed package).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-#: ``vq_v1`` is the first image tokenizer, kept for the zoo models trained on its codes (``c2i``, ``video``)
-#: until they are retrained on ``vq``.
-_BUNDLED = ("vq", "vq_v1", "classifier")
+_BUNDLED = ("vq", "classifier")
 
 
 def weights_path(name: str) -> Path:
-    """Directory of bundled model ``name`` (``"vq"``, ``"vq_v1"`` or ``"classifier"``)."""
+    """Directory of bundled model ``name`` (``"vq"`` or ``"classifier"``)."""
     if name not in _BUNDLED:
         raise ValueError(f"unknown bundled model {name!r}; expected one of {_BUNDLED}")
     path = WEIGHTS_DIR / name

@@ -39,9 +39,8 @@ __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "loa
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
 VIDEO_TRAIN_SEED = 20
 VIDEO_HELDOUT_SEED = 10_020
-#: the bundled tokenizer the shipped video model was trained on (the first one, ``weights/vq_v1``; retrain the
-#: video model on ``vq`` and change this together)
-VQ_NAME = "vq_v1"
+#: the bundled tokenizer the shipped video model was trained on (retrain the video model when it changes)
+VQ_NAME = "vq"
 VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
 
 
