@@ -7,6 +7,9 @@ Drafts: the shipped draft, model folders given on the command line, layer-skip v
 some layers), and the target itself at a temperature above 1 (its LM head scaled by 1 / tau): synthetic drafts of
 graded quality that only place points on the curve (each costs a whole target forward per draft token).
 
+Step compression is pooled (all tokens / all target forwards), with the s.e. of the per-image values; the ratio to
+SJD is the mean of per-image ratios (paired), as in tree_image.py.
+
 Usage: python docs/bench/draft_quality.py N_PROMPTS N_AGREEMENT [DRAFT_FOLDER ...]
 """
 
@@ -41,20 +44,23 @@ for tau in (4.0, 2.5, 1.8, 1.4):
 
 
 def compression(**kw):
-    per = []
+    """Per-image step compression [n] and the pooled one (all tokens / all target forwards, as tree_image.py)."""
+    per, toks, fw = [], 0, 0
     for i, p in enumerate(prompts):
         out = pipe(p, guidance_scale=3.0, output_type="latent", generator=torch.Generator().manual_seed(i), **kw)
+        toks, fw = toks + out.stats.new_tokens, fw + sum(out.stats.row_forwards)
         per.append(out.stats.new_tokens / sum(out.stats.row_forwards))
-    return torch.tensor(per)
+    return torch.tensor(per), toks / fw
 
 
-sjd = compression(decoding="jacobi", window=16, init="random")
-print(f"SJD as published (w16): {sjd.mean():.2f}", flush=True)
+sjd, sjd_pooled = compression(decoding="jacobi", window=16, init="random")
+print(f"SJD as published (w16): {sjd_pooled:.2f}", flush=True)
 print("| draft | on-policy expected acceptance | jd48-h-tree(3,2) step compression | vs SJD (paired) |")
 print("|---|---|---|---|")
 for name, d in drafts.items():
     acc = t2i.agreement(d, pipe.model, tok, vq, n=n_agree, on_policy=True)["expected_acceptance"]
-    r = compression(decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2), draft_model=d)
+    r, pooled = compression(decoding="jacobi-draft", window=48, init="horizontal", coupled=True, tree=(3, 2),
+                            draft_model=d)
     ratio = r / sjd
-    print(f"| {name} | {acc:.3f} | {r.mean():.2f} +- {r.std().item() / n ** 0.5:.2f} | "
+    print(f"| {name} | {acc:.3f} | {pooled:.2f} +- {r.std().item() / n ** 0.5:.2f} | "
           f"{ratio.mean():.2f} +- {ratio.std().item() / n ** 0.5:.2f} |", flush=True)
