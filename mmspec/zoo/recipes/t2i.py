@@ -215,7 +215,8 @@ def teacher_codes(ids: torch.Tensor, captions: list[str], teacher, tokenizer, vq
 
     layout = teacher.config.image_layout
     starts = (ids[:rows] == teacher.config.boi_token_id).long().argmax(1)  # the BOI column of each row
-    texts = ["" if int(b) == 1 else c for b, c in zip(starts, captions)]  # [bos, BOI, ...]: the caption was dropped
+    empty = len(tokenizer("", add_special_tokens=True)["input_ids"])  # where BOI stands when the caption was dropped
+    texts = ["" if b == empty else c for b, c in zip(starts.tolist(), captions)]
     pipe = SpeculativeImagePipeline(model=teacher, vq=vq, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     codes = pipe(texts, guidance_scale=guidance, output_type="latent", generator=gen, decoding="ar").images
