@@ -129,6 +129,8 @@ def test_calibration_deterministic_and_cached():
     assert runs[0] == runs[1]
     assert 1 <= len(runs[0].skip) < LAYERS and 1 <= runs[0].num_drafts
     assert all(0.0 <= a <= 1.0 for a, _ in runs[0].scores.values())
+    # every early exit (the first e layers kept) is among the scored sets
+    assert all(tuple(range(e, LAYERS)) in runs[0].scores for e in range(1, LAYERS))
     # The chosen set is the best scored one under the cost model.
     assert runs[0].speedup == pytest.approx(max(s for _, s in runs[0].scores.values()))
     cached = calibrate_skip(target, ids, mask, greedy=True)

@@ -275,3 +275,31 @@ def test_zoo_train_forwards_resume_flags_to_the_captioner(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # the recipe's own parser takes every flag (then refuses the budget)
         real_main(argv)
     assert "--minutes must be > 0" in capsys.readouterr().err
+
+
+def test_text_early_exit_training_resumes_and_reports_agreement(tmp_path, monkeypatch):
+    """The text recipe trains early exits (LayerSkip), resumes from its checkpoint and reports exit agreement."""
+    from mmspec.zoo.recipes import text_lm
+    from mmspec.zoo.train import main
+    from mmspec.zoo.models import TEXT_TARGET, _folder
+
+    tiny = text_lm.TextRecipe(hidden=32, layers=3, heads=2, kv_heads=1, intermediate=64, seq_len=16, batch_size=2,
+                              corpus_chars=40_000, eval_batches=1, exit_layers=(1, 2), exit_weight=0.3)
+    monkeypatch.setitem(text_lm.PRESETS, "target", tiny)
+    model = text_lm.build_model(tiny, __import__("transformers").AutoTokenizer.from_pretrained(_folder(TEXT_TARGET)))
+    x = torch.randint(0, 4000, (2, 17))
+    loss, parts = text_lm.training_loss(model, x, tiny)
+    plain, _ = text_lm.training_loss(model, x, replace(tiny, exit_layers=()))
+    assert set(parts) == {"last", "exit1", "exit2"} and loss.item() > plain.item() == pytest.approx(parts["last"])
+    loss.backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+    ck = str(tmp_path / "text.pt")
+    args = ["text_target", "--minutes", "60", "--threads", "1", "--out", str(tmp_path / "t"), "--ckpt", ck,
+            "--tokenizer", str(_folder(TEXT_TARGET))]
+    assert main(args + ["--max-steps", "1"])["steps"] == 1
+    again = main(args + ["--max-steps", "2"])
+    assert again["steps"] == 2 and again["tokens_seen"] == 2 * 2 * 16
+    assert set(again["heldout_exit_agreement"]) == {"exit1", "exit2"}
+    assert all(0.0 <= a <= 1.0 for a in again["heldout_exit_agreement"].values())
+    assert (tmp_path / "t" / "loss_curve.png").is_file() and (tmp_path / "t" / "tokenizer.json").is_file()

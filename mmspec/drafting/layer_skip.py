@@ -18,7 +18,9 @@ forcing apply to the draft rows exactly as to the target's).
 Calibration (``calibrate_skip``) chooses the skipped set when none is given: the target decodes a short
 continuation of a few prompts (sampled from a seeded generator, so the choice is deterministic given the
 seed); each layer is scored by the draft/target agreement when it alone is skipped; nested sets of the
-least important layers are then scored by the bench's expected tokens per unit cost. Costs are *measured*
+least important layers, and the early exits (the first ``e`` layers kept, the draft a model trained with
+early-exit losses is built for: LayerSkip, Elhoushi et al. 2024), are then scored by the bench's expected tokens
+per unit cost. Costs are *measured*
 by default (``costs="measure"``): on this device, the target's forward over a window of 1..k+1 tokens and each
 candidate draft's one-token forward, timed on the calibration prompts, so a fixed per-forward cost (embedding,
 LM head, the framework's own overhead: about half of a small model's forward on a CPU) is not mistaken for
@@ -311,8 +313,8 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
             ``seed``).
 
     Returns:
-        ``SkipCalibration``. Cost: ``new_tokens`` target forwards plus about ``2 L`` teacher-forced draft
-        forwards (``L`` layers), and with ``costs="measure"`` about ``5 (max_drafts + 1 + L)`` timed forwards.
+        ``SkipCalibration``. Cost: ``new_tokens`` target forwards plus about ``3 L`` teacher-forced draft
+        forwards (``L`` layers), and with ``costs="measure"`` about ``5 (max_drafts + 1 + 2 L)`` timed forwards.
     """
     from ..models.vlm import adapter_for
 
@@ -353,16 +355,19 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
             scores[skip] = (alpha, *expected_speedup(alpha, draft_costs[skip], max_drafts, window_cost))
         return scores[skip]
 
-    # Importance of each layer alone, then nested sets of the least important ones (ties: later layers first).
+    # Importance of each layer alone, then nested sets of the least important ones (ties: later layers first),
+    # then the early exits (keep the first e layers: what a model trained with early-exit losses is built for).
     order = sorted(range(L), key=lambda i: (-score([i])[0], -i))
-    best = None
+    nested = []
     for n in range(1, L):
-        skip = tuple(sorted(order[:n]))
+        nested.append(tuple(sorted(order[:n])))
+        if score(nested[-1])[0] < 1e-3:
+            break
+    best = None
+    for skip in nested + [tuple(range(e, L)) for e in range(1, L)]:
         alpha, speedup, k = score(skip)
         if best is None or speedup > best.speedup + 1e-12:
             best = SkipCalibration(skip, k, alpha, speedup, {})
-        if alpha < 1e-3:
-            break
     result = SkipCalibration(best.skip, best.num_drafts if best.speedup > 1.0 else 0, best.alpha, best.speedup,
                              {s: (a, sp) for s, (a, sp, _) in scores.items()}, dict(draft_costs), window_cost)
     if cache:

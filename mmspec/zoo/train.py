@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--eval-n", type=int, default=None, help="vq/classifier/c2i: held-out images per evaluation set")
     ap.add_argument("--vq", default=None, help="classifier/t2i/c2i: tokenizer folder (default: the bundled one)")
     ap.add_argument("--tokenizer", default=None, help="text_draft: the target's folder, whose tokenizer it shares")
-    ap.add_argument("--ckpt", default=None, help="vq/t2i/c2i/video/captioner: training-state file, saved every --ckpt-every seconds; "
+    ap.add_argument("--ckpt", default=None, help="vq/t2i/c2i/video/captioner/text_*: training-state file, saved every --ckpt-every seconds; "
                     "an existing one is resumed (same recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*: continue training from this earlier run's folder")
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None):
                             guidance=args.guidance, divergence=args.divergence, on_policy=args.on_policy,
                             **common)
     if module_name == "text_lm":
-        return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, **common)
+        return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, ckpt=args.ckpt,
+                            ckpt_every_s=args.ckpt_every, **common)
     if module_name == "c2i":
         return recipe.train(out, vq_path=args.vq, init_from=args.init_from, ckpt=args.ckpt,
                             ckpt_every_s=args.ckpt_every, eval_n=args.eval_n, **common)

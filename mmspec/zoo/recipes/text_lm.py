@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import text_corpus_splits
-from .common import Budget, adamw, cosine_lr, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import ResumableRun, adamw, dir_size_bytes, seed_everything, setup_threads, write_json
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
@@ -46,10 +46,20 @@ class TextRecipe:
     corpus_chars: int = 6_000_000
     tokenizer_chars: int = 2_000_000
     eval_batches: int = 16
+    #: early exits trained beside the last layer (LayerSkip, Elhoushi et al. 2024): after each of these many
+    #: decoder layers the model's own final norm and LM head read the hidden state, and that prediction is trained
+    #: too, so that the target with its later layers skipped (``method="self"``) is a good draft of itself
+    exit_layers: tuple[int, ...] = ()
+    #: weight of each early exit's loss (added to the last layer's cross-entropy)
+    exit_weight: float = 0.0
+    #: share of an exit's loss that is cross-entropy against the last layer's (detached) distribution rather than
+    #: against the data: self-distillation, which trains the exit to *agree* with the model it drafts for
+    exit_distill: float = 0.5
 
 
 PRESETS = {
-    "target": TextRecipe(),
+    # deep and narrow, with early exits after 1, 2 and 3 layers: the shape where layer skipping pays
+    "target": TextRecipe(layers=12, lr=2e-3, exit_layers=(1, 2, 3), exit_weight=0.3),
     "draft": TextRecipe(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=352, lr=4e-3),
 }
 
@@ -117,12 +127,55 @@ def evaluate(model, ids: torch.Tensor, r: TextRecipe) -> dict[str, float]:
     return {"heldout_loss": loss / r.eval_batches, "mean_token_entropy_nats": ent / r.eval_batches}
 
 
+def training_loss(model, x: torch.Tensor, r: TextRecipe) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch of windows ``x`` ``[B, seq_len + 1]``: next-token cross-entropy at the last layer, plus
+    ``exit_weight`` x each early exit's loss (``exit_layers``; the exit reads the hidden state after that many layers
+    through the model's final norm and LM head, as the layer-skip draft does). Returns ``(loss, per-part values)``."""
+    labels = x[:, 1:].flatten()
+    out = model(input_ids=x[:, :-1], output_hidden_states=bool(r.exit_layers))
+    logits = out.logits.flatten(0, 1).float()
+    loss = F.cross_entropy(logits, labels)
+    parts = {"last": loss.item()}
+    if r.exit_layers:
+        soft = logits.detach().softmax(-1)
+        norm, head = model.get_decoder().norm, model.get_output_embeddings()
+        for e in r.exit_layers:
+            exit_logits = head(norm(out.hidden_states[e])).flatten(0, 1).float()
+            data = F.cross_entropy(exit_logits, labels)
+            distill = F.cross_entropy(exit_logits, soft) if r.exit_distill else torch.zeros(())
+            loss = loss + r.exit_weight * ((1 - r.exit_distill) * data + r.exit_distill * distill)
+            parts[f"exit{e}"] = data.item()
+    return loss, parts
+
+
+@torch.no_grad()
+def exit_agreement(model, ids: torch.Tensor, r: TextRecipe, batches_n: int = 4) -> dict[str, float]:
+    """Share of held-out positions where each early exit's argmax equals the last layer's (the greedy acceptance rate
+    of the layer-skip draft that keeps the first ``e`` layers), keyed ``"exit{e}"``."""
+    if not r.exit_layers:
+        return {}
+    model.eval()
+    it = batches(ids, r.seq_len, r.batch_size, torch.Generator().manual_seed(4321))
+    hits = {e: 0.0 for e in r.exit_layers}
+    norm, head = model.get_decoder().norm, model.get_output_embeddings()
+    for _ in range(batches_n):
+        out = model(input_ids=next(it)[:, :-1], output_hidden_states=True)
+        top = out.logits.argmax(-1)
+        for e in r.exit_layers:
+            hits[e] += float((head(norm(out.hidden_states[e])).argmax(-1) == top).float().mean())
+    model.train()
+    return {f"exit{e}": hits[e] / batches_n for e in r.exit_layers}
+
+
 def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: int = 0, max_steps: int | None = None,
-          threads: int = 1, tokenizer_path: str | None = None, init_from: str | None = None) -> dict[str, Any]:
-    """Train the ``role`` ("target" or "draft") text LM; save fp16 safetensors + tokenizer + metrics.
+          threads: int = 1, tokenizer_path: str | None = None, init_from: str | None = None,
+          ckpt: str | Path | None = None, ckpt_every_s: float = 300.0) -> dict[str, Any]:
+    """Train the ``role`` ("target" or "draft") text LM; save fp16 safetensors + tokenizer + metrics + loss curve.
 
     ``init_from``: continue from the weights (and tokenizer) of an earlier run's folder instead of a fresh
-    initialisation (a second budget; the learning-rate schedule restarts)."""
+    initialisation (a second budget; the learning-rate schedule restarts). ``ckpt``: training-state file written
+    every ``ckpt_every_s`` seconds; an existing one is resumed (same role and recipe; its time counts against
+    ``minutes``)."""
     from transformers import AutoTokenizer
 
     r = PRESETS[role]
@@ -146,33 +199,29 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    budget = Budget(minutes, max_steps)
+    run = ResumableRun(f"text-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
+                       recipe=asdict(r))
     data = batches(train_ids, r.seq_len, r.batch_size, gen)
-    step, ema, t0 = 0, None, time.perf_counter()
-    bar = tqdm(desc=f"text-{role}", unit="step", mininterval=10)
-    while not budget.done(step):
-        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = next(data)
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+    bar = tqdm(desc=f"text-{role}", unit="step", mininterval=10, initial=run.step)
+    while not run.done():
+        run.lr(r.lr, r.warmup_steps)
+        loss, _ = training_loss(model, next(data), r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        run.record(loss.item(), r.batch_size)
         bar.update(1)
-        if step % 50 == 0:
-            print(f"[text-{role}] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
     bar.close()
-    metrics = {"role": role, "steps": step, "tokens_seen": step * r.batch_size * r.seq_len,
-               "train_seconds": time.perf_counter() - t0, "params": n_params, "final_train_loss_ema": ema,
-               "recipe": asdict(r), "seed": seed, "init_from": init_from}
-    metrics.update(evaluate(model, val_ids, r))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    train_seconds = run.finish(out / "loss_curve.png", f"text_{role} (training loss{', early exits included' if r.exit_layers else ''})")
+    metrics = {"role": role, "steps": run.step, "tokens_seen": run.seen * r.seq_len, "train_seconds": round(train_seconds, 1),
+               "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
+               "init_from": init_from}
+    metrics.update(evaluate(model, val_ids, r))
+    if r.exit_layers:
+        metrics["heldout_exit_agreement"] = exit_agreement(model, val_ids, r)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics["bytes"] = dir_size_bytes(out)
