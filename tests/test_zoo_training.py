@@ -303,3 +303,25 @@ def test_text_early_exit_training_resumes_and_reports_agreement(tmp_path, monkey
     assert set(again["heldout_exit_agreement"]) == {"exit1", "exit2"}
     assert all(0.0 <= a <= 1.0 for a in again["heldout_exit_agreement"].values())
     assert (tmp_path / "t" / "loss_curve.png").is_file() and (tmp_path / "t" / "tokenizer.json").is_file()
+
+
+def test_mar_vae_and_target_resume_from_checkpoints(tmp_path, monkeypatch):
+    """The continuous-token recipes are resumable (--ckpt) and draw a loss curve, through `zoo.train`."""
+    from mmspec.zoo.recipes import mar
+    from mmspec.zoo.train import main
+
+    default = mar.VAERecipe()
+    monkeypatch.setattr(mar, "VAERecipe", lambda: replace(default, batch_size=2, eval_n=4))
+    vae_args = ["mar_vae", "--minutes", "60", "--threads", "1", "--out", str(tmp_path / "vae"), "--ckpt",
+                str(tmp_path / "vae.pt")]
+    assert main(vae_args + ["--max-steps", "1"])["steps"] == 1
+    again = main(vae_args + ["--max-steps", "2"])
+    assert again["steps"] == 2 and again["images_seen"] == 4 and (tmp_path / "vae" / "loss_curve.png").is_file()
+
+    monkeypatch.setitem(mar.PRESETS, "draft", replace(mar.PRESETS["draft"], train_images=6, batch_size=4, eval_n=4))
+    args = ["draft", "--minutes", "60", "--threads", "1", "--out", str(tmp_path / "d"), "--ckpt", str(tmp_path / "d.pt"),
+            "--vae", str(tmp_path / "vae")]
+    assert mar.main(args + ["--max-steps", "1"])["steps"] == 1
+    again = mar.main(args + ["--max-steps", "3"])  # 12 images: the second epoch starts inside a batch
+    assert again["steps"] == 3 and again["epochs"] == pytest.approx(10 / 6)
+    assert (tmp_path / "d" / "loss_curve.png").is_file()

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None):
             forwarded += ["--max-steps", str(args.max_steps)]
         if args.vq and module_name == "video":
             forwarded += ["--vq", args.vq]
-        if module_name in ("captioner", "video"):  # resumable; the captioner can also start from a saved one
+        if module_name in ("captioner", "video", "mar"):  # resumable; the captioner can also start from a saved one
             flags = (("--ckpt", args.ckpt),) + ((("--init-from", args.init_from), ("--lr", args.lr))
                                                  if module_name == "captioner" else ())
             for flag, value in flags:

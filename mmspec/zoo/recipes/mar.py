@@ -34,9 +34,8 @@ from ..data import COLOURS, image_to_tensor, make_scene, scene_seed
 from .common import (
     HELDOUT_SCENE_SEED,
     TRAIN_SCENE_SEED,
-    Budget,
+    ResumableRun,
     adamw,
-    cosine_lr,
     dir_size_bytes,
     psnr,
     save_fp16,
@@ -107,20 +106,17 @@ def evaluate_vae(vae, n: int, batch_size: int = 64) -> dict[str, float]:
             "latent_mean": float(lat.mean())}
 
 
-def train_vae(out, minutes: float, seed: int = 0, max_steps: int | None = None, threads: int = 1) -> dict[str, Any]:
+def train_vae(out, minutes: float, seed: int = 0, max_steps: int | None = None, threads: int = 1,
+              ckpt: str | None = None, ckpt_every_s: float = 300.0) -> dict[str, Any]:
     r = VAERecipe()
     setup_threads(threads)
     gen = seed_everything(seed)
     vae = build_vae(r).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=r.lr, weight_decay=0.0)
-    budget = Budget(minutes, max_steps)
-    step, seen, ema, t0 = 0, 0, None, time.perf_counter()
-    while not budget.done(step):
-        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        images, _ = scene_batch(seen, r.batch_size, TRAIN_SCENE_SEED + seed)
-        seen += r.batch_size
+    run = ResumableRun("mar-vae", vae, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role="vae", recipe=asdict(r))
+    while not run.done():
+        run.lr(r.lr, r.warmup_steps)
+        images, _ = scene_batch(run.seen, r.batch_size, TRAIN_SCENE_SEED + seed)
         dist = vae.encode(images).latent_dist
         recon = vae.decode(dist.sample(generator=gen)).sample
         rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
@@ -130,17 +126,16 @@ def train_vae(out, minutes: float, seed: int = 0, max_steps: int | None = None, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0:
-            print(f"[mar-vae] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
-    metrics = {"role": "vae", "steps": step, "images_seen": seen, "train_seconds": time.perf_counter() - t0,
+        run.record(loss.item(), r.batch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_seconds = run.finish(out / "loss_curve.png", "mar_vae (training loss)")
+    step, seen, ema = run.step, run.seen, run.ema
+    metrics = {"role": "vae", "steps": step, "images_seen": seen, "train_seconds": round(train_seconds, 1),
                "params": sum(p.numel() for p in vae.parameters()), "final_train_loss_ema": ema,
                "recipe": asdict(r), "seed": seed}
     metrics.update(evaluate_vae(vae, r.eval_n))
     vae.register_to_config(scaling_factor=1.0 / metrics["latent_std"])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     save_fp16(vae, out)
     metrics["bytes"] = dir_size_bytes(out)
     write_json(out / "metrics.json", metrics)
@@ -166,7 +161,7 @@ class MARRecipe:
     warmup_steps: int = 100
     weight_decay: float = 0.02
     label_dropout: float = 0.1
-    train_images: int = 6144
+    train_images: int = 16384
     eval_n: int = 256
 
 
@@ -204,7 +199,7 @@ def evaluate_mar(model, tokens, labels, gen, batch_size: int = 64) -> dict[str, 
 
 
 def train_mar(out, role: str, minutes: float, seed: int = 0, max_steps: int | None = None, threads: int = 1,
-              vae_path: str | None = None) -> dict[str, Any]:
+              vae_path: str | None = None, ckpt: str | None = None, ckpt_every_s: float = 300.0) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
     from ...models.mar import ContinuousARModel
@@ -228,17 +223,14 @@ def train_mar(out, role: str, minutes: float, seed: int = 0, max_steps: int | No
     if grid * grid != n_tokens:
         raise ValueError(f"the autoencoder gives {n_tokens} tokens, not a {grid}x{grid} grid")
     opt = adamw(model, r.lr, r.weight_decay)
-    budget = Budget(minutes, max_steps)
-    step, seen, ema = 0, 0, None
-    perm = torch.randperm(r.train_images, generator=gen)
-    while not budget.done(step):
-        lr = cosine_lr(r.lr, budget.progress(step), step, r.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if seen + r.batch_size > r.train_images:
-            perm, seen = torch.randperm(r.train_images, generator=gen), 0
-        idx = perm[seen : seen + r.batch_size]
-        seen += r.batch_size
+    run = ResumableRun(f"mar-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
+                       recipe=asdict(r))
+    while not run.done():
+        run.lr(r.lr, r.warmup_steps)
+        # epoch e visits the images in a permutation seeded by (seed, e): a resumed run continues where it stopped
+        epoch, offset = divmod(run.seen, r.train_images)
+        perm = torch.randperm(r.train_images, generator=torch.Generator().manual_seed(1000 * seed + epoch))
+        idx = perm[offset : offset + r.batch_size]
         labels = train_labels[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < r.label_dropout
         labels[drop] = model.null_class
@@ -247,17 +239,16 @@ def train_mar(out, role: str, minutes: float, seed: int = 0, max_steps: int | No
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 100 == 0:
-            print(f"[mar-{role}] step {step} t={budget.elapsed():.0f}s loss={ema:.4f} lr={lr:.2e}", flush=True)
-    metrics = {"role": role, "steps": step, "epochs": step * r.batch_size / r.train_images,
-               "train_seconds": time.perf_counter() - t0, "encode_seconds": encode_seconds,
+        run.record(loss.item(), len(idx), log_every=100)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_seconds = run.finish(out / "loss_curve.png", f"mar_{role} (diffusion loss)")
+    step, ema = run.step, run.ema
+    metrics = {"role": role, "steps": step, "epochs": run.seen / r.train_images,
+               "train_seconds": round(train_seconds, 1), "encode_seconds": encode_seconds,
                "params": sum(p.numel() for p in model.parameters()), "final_train_loss_ema": ema,
                "recipe": asdict(r), "seed": seed}
     metrics.update(evaluate_mar(model, eval_tokens, eval_labels, torch.Generator().manual_seed(1)))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     save_fp16(model, out)
     metrics["bytes"] = dir_size_bytes(out)
     write_json(out / "metrics.json", metrics)
@@ -276,10 +267,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae", default=None, help="target/draft: autoencoder folder (default: the bundled mar_vae)")
+    ap.add_argument("--ckpt", default=None, help="training-state file, saved every --ckpt-every seconds; an existing "
+                    "one is resumed (same role and recipe; its time counts against --minutes)")
+    ap.add_argument("--ckpt-every", type=float, default=300.0)
     args = ap.parse_args(argv)
+    resume = dict(ckpt=args.ckpt, ckpt_every_s=args.ckpt_every)
     if args.role == "vae":
-        return train_vae(args.out, args.minutes, args.seed, args.max_steps, args.threads)
-    return train_mar(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vae)
+        return train_vae(args.out, args.minutes, args.seed, args.max_steps, args.threads, **resume)
+    return train_mar(args.out, args.role, args.minutes, args.seed, args.max_steps, args.threads, args.vae, **resume)
 
 
 if __name__ == "__main__":
