@@ -515,3 +515,20 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     write_json(out / "metrics.json", metrics)
     print(json.dumps({k: metrics[k] for k in ("params", "steps", "train_seconds", "heldout", "weights_bytes")}, indent=2), flush=True)
     return metrics
+
+
+def reconstruction_grid(path: str | Path, tokenizers: dict[str, str | Path | None], n: int = 8, scale: int = 3) -> None:
+    """The card's picture: ``n`` held-out scenes (1-2 objects, stream ``HELDOUT_SCENE_SEED``; top row) and their
+    reconstruction by each tokenizer folder in ``tokenizers`` (one row each, in order; None = the bundled one),
+    upscaled ``scale`` times, written as a PNG to ``path``. The row labels are printed, not drawn."""
+    from torchvision.utils import save_image
+
+    x, _ = scene_batch(0, n, HELDOUT_SCENE_SEED, 2)
+    rows = [x]
+    for name, folder in tokenizers.items():
+        vq = hub.load_vq(folder)
+        rows.append(hub.decode_tokens(vq, hub.encode_images(vq, x)))
+        print(f"row {len(rows)}: {name}", flush=True)
+    grid = (torch.cat(rows).clamp(-1, 1) + 1) / 2
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(F.interpolate(grid, scale_factor=scale, mode="nearest"), str(path), nrow=n, padding=2)
