@@ -111,8 +111,10 @@ def run(target, draft, input_ids, max_new_tokens=64, repeats=3, window_draft=5, 
         target, input_ids, method="self", skip=list(calibration.skip), window=3, **common))] \
         if calibration.num_drafts == 0 else []
     cases += [
+        # the calibrated set and length, as reported in the row (no second calibration inside generate)
         ("mmspec self (calibrated)", "mmspec", lambda: _mm(target, input_ids, method="self", window=self_window,
-                                                           **common)),
+                                                           skip=list(calibration.skip), **common)
+         if calibration.num_drafts else _mm(target, input_ids, method="ar", **common)),
         ("mmspec lookahead", "mmspec", lambda: _mm(target, input_ids, method="lookahead", **common)),
     ]
     if B == 1:  # transformers' assisted generation and prompt lookup support batch size 1 only

@@ -215,7 +215,7 @@ def _forward_seconds(adapter, batch: int, width: int, device, repeats: int = 5) 
     valid = torch.ones(batch, width, dtype=torch.bool)
     none = torch.zeros(batch, dtype=torch.long)
     best = float("inf")
-    for _ in range(repeats):
+    for i in range(repeats + 2):  # the first two are warm-up (lazy allocations, first kernels at this shape)
         adapter.checkpoint()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -223,7 +223,8 @@ def _forward_seconds(adapter, batch: int, width: int, device, repeats: int = 5) 
         adapter.forward(block, valid)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
         adapter.rollback(none)
     return best
 
@@ -302,7 +303,8 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
             ``mmspec.models.vlm.adapter_for`` by default.
         prefill_kwargs: extra prefill arguments (processor outputs, unconditional prompts), already sliced to
             the calibration rows.
-        new_tokens: continuation length decoded by the target (sampled from ``seed`` unless ``greedy``).
+        new_tokens: continuation length decoded by the target (sampled from ``seed`` unless ``greedy``) when
+            ``max_prompts`` rows are given; with fewer rows it grows so that as many tokens are scored.
         max_drafts: the longest draft considered by the cost model.
         greedy: score argmax agreement (greedy decoding) rather than ``sum min(p, q)`` (sampling).
         seed: seeds the sampled continuation; the agreements are deterministic given it.
@@ -332,6 +334,8 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
         raise ValueError("layer skipping needs a model with at least 2 decoder layers.")
     ids = input_ids[:max_prompts]
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask[:max_prompts]
+    # the same number of scored tokens (new_tokens x max_prompts) however few prompts there are
+    new_tokens = -(-new_tokens * max_prompts // ids.shape[0])
     kwargs = dict(prefill_kwargs or {})
     generator = torch.Generator().manual_seed(seed)
     target = make_adapter(model)
@@ -340,8 +344,9 @@ def calibrate_skip(model, input_ids, attention_mask=None, *, make_adapter=None, 
     B, device = ids.shape[0], tokens.device
     if measure:  # the target's forward over 1..max_drafts+1 tokens, in one-token forwards
         one = _forward_seconds(target, B, 1, device)
-        window_cost = tuple([1.0] + [_forward_seconds(target, B, k + 1, device) / one
-                                     for k in range(1, max_drafts + 1)])
+        windows = [_forward_seconds(target, B, k + 1, device) for k in range(1, max_drafts + 1)]
+        one = min(one, _forward_seconds(target, B, 1, device))  # again after the windows: the faster of the two
+        window_cost = tuple([1.0] + [w / one for w in windows])
     else:
         window_cost = tuple([1.0] * (max_drafts + 1))
     scores, draft_costs = {}, {}

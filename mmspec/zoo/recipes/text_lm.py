@@ -215,7 +215,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 15.0, seed: in
     bar.close()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_seconds = run.finish(out / "loss_curve.png", f"text_{role} (training loss{', early exits included' if r.exit_layers else ''})")
+    train_seconds = run.finish(out / "loss_curve.png", f"text_{role} (loss{' + exits' if r.exit_layers else ''})")
     metrics = {"role": role, "steps": run.step, "tokens_seen": run.seen * r.seq_len, "train_seconds": round(train_seconds, 1),
                "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
                "init_from": init_from}
