@@ -311,3 +311,17 @@ def test_video_pipeline_self_equals_ar(layer_costs):
     ref = pipe(PROMPTS, do_sample=False, decoding="ar", guidance_scale=2.5, output_type="latent")
     out = pipe(PROMPTS, do_sample=False, decoding="self", guidance_scale=2.5, output_type="latent")
     assert torch.equal(out.tokens, ref.tokens) and out.stats.draft_forwards > 0
+
+
+def test_calibration_scores_as_many_tokens_with_fewer_prompts(monkeypatch):
+    """One calibration prompt is decoded max_prompts times longer: the agreement rests on as many tokens."""
+    import mmspec.drafting.layer_skip as ls
+
+    seen, rollout = [], ls._rollout
+    monkeypatch.setattr(ls, "_rollout", lambda adapter, prompts, kw, n, greedy, gen: seen.append(
+        (prompts[0].shape[0], n)) or rollout(adapter, prompts, kw, n, greedy, gen))
+    target = tiny_causal_lm("llama", layers=LAYERS, sharpen=4.0, seed=3)
+    ids, mask = ragged_prompts(3, 96, seed=1)
+    calibrate_skip(target, ids[:1], mask[:1], new_tokens=6, max_prompts=4, cache=False, costs="layers")
+    calibrate_skip(target, ids, mask, new_tokens=6, max_prompts=2, cache=False, costs="layers")
+    assert seen == [(1, 24), (2, 6)]
