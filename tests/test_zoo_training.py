@@ -279,9 +279,9 @@ def test_zoo_train_forwards_resume_flags_to_the_captioner(monkeypatch, capsys):
 
 def test_text_early_exit_training_resumes_and_reports_agreement(tmp_path, monkeypatch):
     """The text recipe trains early exits (LayerSkip), resumes from its checkpoint and reports exit agreement."""
+    from mmspec.zoo.models import TEXT_TARGET, _folder
     from mmspec.zoo.recipes import text_lm
     from mmspec.zoo.train import main
-    from mmspec.zoo.models import TEXT_TARGET, _folder
 
     tiny = text_lm.TextRecipe(hidden=32, layers=3, heads=2, kv_heads=1, intermediate=64, seq_len=16, batch_size=2,
                               corpus_chars=40_000, eval_batches=1, exit_layers=(1, 2), exit_weight=0.3)
