@@ -25,14 +25,14 @@ MODELS = {
     "classifier": ("classifier", None, 25.0, "evaluation classifier of the procedural scenes"),
     "t2i_target": ("t2i", "target", 50.0, "text-to-image token model (Llama, joint vocabulary)"),
     "t2i_draft": ("t2i", "draft", 12.0, "its draft"),
-    "text_target": ("text_lm", "target", 15.0, "text LM on the Python standard library's source"),
+    "text_target": ("text_lm", "target", 110.0, "text LM on the Python standard library's source (12 layers, early exits)"),
     "text_draft": ("text_lm", "draft", 10.0, "its draft (shares the target's tokenizer)"),
     "c2i": ("c2i", None, 20.0, "class-conditional LlamaGen GPT on natural-image crops"),
     "captioner": ("captioner", "target", 15.0, "LLaVA-architecture captioner of the scenes"),
     "captioner_draft": ("captioner", "draft", 12.0, "its draft (a smaller LLaVA, same processor)"),
-    "mar_vae": ("mar", "vae", 10.0, "diffusers AutoencoderKL for the continuous-token models"),
-    "mar_target": ("mar", "target", 12.0, "MAR-style continuous AR model with a diffusion head"),
-    "mar_draft": ("mar", "draft", 8.0, "its draft"),
+    "mar_vae": ("mar", "vae", 20.0, "diffusers AutoencoderKL for the continuous-token models"),
+    "mar_target": ("mar", "target", 30.0, "MAR-style continuous AR model with a diffusion head"),
+    "mar_draft": ("mar", "draft", 14.0, "its draft"),
     "video": ("video", None, 20.0, "caption-to-video token model (8 frames of 8x8 codes)"),
 }
 

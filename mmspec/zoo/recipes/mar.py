@@ -1,6 +1,6 @@
 """Recipe: the zoo's continuous-token models (a KL autoencoder, a MAR-style target and a smaller draft).
 
-``python -m mmspec.zoo.recipes.mar vae|target|draft --minutes M --threads 1 --out DIR``
+``python -m mmspec.zoo.recipes.mar vae|target|draft [--minutes M] --threads 1 --out DIR [--ckpt FILE]``
 
 * ``vae``: a diffusers :class:`~diffusers.AutoencoderKL`, 32x32 RGB scenes <-> an 8x8 grid of 4-channel
   latents (64 continuous tokens per image). 32x32 rather than the zoo's 64x64 keeps CPU training to
@@ -261,7 +261,8 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m mmspec.zoo.recipes.mar", description=__doc__.split("\n\n")[0])
     ap.add_argument("role", choices=ROLES)
-    ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock training budget (default: 20 / 30 / 14 for vae / target / draft)")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -271,6 +272,8 @@ def main(argv=None):
                     "one is resumed (same role and recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0)
     args = ap.parse_args(argv)
+    if args.minutes is None:
+        args.minutes = {"vae": 20.0, "target": 30.0, "draft": 14.0}[args.role]
     resume = dict(ckpt=args.ckpt, ckpt_every_s=args.ckpt_every)
     if args.role == "vae":
         return train_vae(args.out, args.minutes, args.seed, args.max_steps, args.threads, **resume)

@@ -6,8 +6,11 @@ on the same text. Code is repetitive and structured, which is what makes prompt 
 draft-verify pay off on real code models; the pair exists so that the text benchmark measures acceptance
 on models that were really trained rather than on random weights.
 
-    python -m mmspec.zoo.train text_target --minutes 15 --threads 1 --out mmspec/zoo/weights/text_target
+    python -m mmspec.zoo.train text_target --minutes 110 --threads 1 --out mmspec/zoo/weights/text_target --ckpt ckpt/text.pt
     python -m mmspec.zoo.train text_draft --minutes 10 --threads 1 --out mmspec/zoo/weights/text_draft
+
+The target is deep (12 layers) and trains early exits after its first layers (``TextRecipe.exit_layers``), so
+that layer-skip self-drafting (``method="self"``) pays on it; see ``cards/text.md``.
 
 The draft loads the target's tokenizer (``--tokenizer``) so the two share ids exactly; when none is given
 the tokenizer is trained afresh (deterministic for a given Python installation).
