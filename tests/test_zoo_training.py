@@ -325,3 +325,83 @@ def test_mar_vae_and_target_resume_from_checkpoints(tmp_path, monkeypatch):
     again = mar.main(args + ["--max-steps", "3"])  # 12 images: the second epoch starts inside a batch
     assert again["steps"] == 3 and again["epochs"] == pytest.approx(10 / 6)
     assert (tmp_path / "d" / "loss_curve.png").is_file()
+
+
+def _tiny_mar(seed, **kw):
+    from mmspec.models.mar import ContinuousARModel
+
+    torch.manual_seed(seed)
+    cfg = dict(token_dim=4, grid_size=2, num_classes=3, hidden_size=16, num_layers=1, num_heads=2, head_width=16,
+               head_depth=1)
+    model = ContinuousARModel(**{**cfg, **kw}).eval()
+    for p in model.head.parameters():  # the adaLN-zero head starts as zero: give it something to predict
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def test_mar_distillation_loss_and_expected_acceptance():
+    """A copy of the teacher has zero distillation loss and acceptance 1; another model has neither, and only the
+    student gets gradients."""
+    from mmspec.zoo.recipes.mar import distill_loss, expected_acceptance
+
+    teacher, other = _tiny_mar(0), _tiny_mar(1)
+    copy = _tiny_mar(7)
+    copy.load_state_dict(teacher.state_dict())
+    tokens, labels = torch.randn(5, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    g = torch.Generator().manual_seed(0)
+    assert distill_loss(copy, teacher, tokens, labels, g).item() < 1e-10
+    loss = distill_loss(other, teacher, tokens, labels, torch.Generator().manual_seed(0))
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert other.head.out.weight.grad.abs().sum() > 0 and other.blocks[0].qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert expected_acceptance(copy, teacher, tokens, labels, steps=4) == pytest.approx(1.0)
+    acc = expected_acceptance(other, teacher, tokens, labels, steps=4)
+    assert 0.0 <= acc < 0.99
+    # a closer draft (the teacher with slightly perturbed head) is accepted more often
+    near = _tiny_mar(7)
+    near.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        near.head.out.bias.add_(0.02)
+    assert acc < expected_acceptance(near, teacher, tokens, labels, steps=4) < 1.0
+
+
+def test_mar_draft_distillation_run(tmp_path, monkeypatch):
+    """`mar_draft --distill-from T --on-policy N --init-from D` runs through `zoo.train`, samples the teacher and
+    reports the expected acceptance before and after; a bad combination is refused."""
+    from mmspec.zoo.recipes import mar
+    from mmspec.zoo.train import main
+
+    default = mar.VAERecipe()
+    monkeypatch.setattr(mar, "VAERecipe", lambda: replace(default, batch_size=2, eval_n=4))
+    vae = str(tmp_path / "vae")
+    mar.main(["vae", "--max-steps", "1", "--out", vae])
+    monkeypatch.setitem(mar.PRESETS, "draft", replace(mar.PRESETS["draft"], train_images=6, batch_size=4, eval_n=4))
+    monkeypatch.setitem(mar.PRESETS, "target", replace(mar.PRESETS["target"], hidden=32, layers=1, heads=2,
+                                                       head_width=32, head_depth=1, train_images=6, batch_size=4,
+                                                       eval_n=4))
+    mar.main(["target", "--max-steps", "1", "--out", str(tmp_path / "t"), "--vae", vae])
+    mar.main(["draft", "--max-steps", "1", "--out", str(tmp_path / "d"), "--vae", vae])
+    monkeypatch.setattr(mar, "teacher_samples", _fake_samples(mar.teacher_samples))
+    monkeypatch.setattr(mar, "_acceptances", lambda *a: {"data_steps10": 0.5})
+    with pytest.raises(SystemExit):
+        mar.main(["target", "--max-steps", "1", "--out", str(tmp_path / "x"), "--distill-from", str(tmp_path / "t")])
+    # zoo.train forwards to the recipe, whose --vae default is the bundled one: point the recipe at the tiny one
+    monkeypatch.setattr(mar, "train_mar", _with_vae(mar.train_mar, vae))
+    got = main(["mar_draft", "--max-steps", "2", "--out", str(tmp_path / "kd"), "--init-from", str(tmp_path / "d"),
+                "--distill-from", str(tmp_path / "t"), "--on-policy", "3", "--lr", "1e-3"])
+    assert got["steps"] == 2 and got["distill"]["on_policy"] == 3 and got["recipe"]["lr"] == 1e-3
+    assert got["distill"]["expected_acceptance"] == {"data_steps10": 0.5} and got["init_from"] == str(tmp_path / "d")
+    assert (tmp_path / "kd" / "loss_curve.png").is_file()
+
+
+def _fake_samples(real):
+    def sample(teacher, vae, n, guidance=3.0, steps=25, seed=0, batch_size=128):
+        return real(teacher, vae, n, guidance, 2, seed, batch_size)  # 2 head steps: fast, same code path
+    return sample
+
+
+def _with_vae(train_mar, vae):
+    def wrapped(out, role, minutes, seed, max_steps, threads, vae_path=None, **kw):
+        return train_mar(out, role, minutes, seed, max_steps, threads, vae, **kw)
+    return wrapped

@@ -56,23 +56,24 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--ckpt", default=None, help="vq/t2i/c2i/video/captioner/text_*: training-state file, saved every --ckpt-every seconds; "
                     "an existing one is resumed (same recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
-    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*: continue training from this earlier run's folder")
+    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*/mar_target/mar_draft: continue training from this earlier run's folder")
     ap.add_argument("--denoise", action="store_true", default=None,
                     help="vq: reconstruct the scenes' noise-free renders (see cards/vq.md)")
     ap.add_argument("--decoder-only", action="store_true", default=None,
                     help="vq: train only the decoder of --init-from (every image keeps its codes, so the token models "
                          "trained on them stay valid)")
-    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, captioner*: peak learning rate (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, captioner*, mar_target/draft: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
     ap.add_argument("--distill-from", default=None, metavar="TARGET",
                     help="t2i_draft: distil this saved target (KL to its guided and conditional code distributions) "
-                         "instead of learning the data's codes")
-    ap.add_argument("--guidance", type=float, default=3.0, help="t2i_draft with --distill-from: the guidance scale distilled at")
+                         "instead of learning the data's codes; mar_draft: learn its guided and conditional noise predictions")
+    ap.add_argument("--guidance", type=float, default=3.0, help="t2i_draft/mar_draft with --distill-from: the guidance scale distilled at")
     ap.add_argument("--divergence", choices=["kl", "tv"], default="kl",
                     help="t2i_draft with --distill-from: forward KL or total variation (the rejection rate)")
     ap.add_argument("--on-policy", type=float, default=0.0, metavar="SHARE",
-                    help="t2i_draft with --distill-from: this share of each batch is the target's own guided samples")
+                    help="t2i_draft with --distill-from: this share of each batch is the target's own guided samples; "
+                         "mar_draft: this many target samples make half of every batch")
     args = ap.parse_args(argv)
     module_name, role, default_minutes, _ = MODELS[args.model]
     minutes = default_minutes if args.minutes is None else args.minutes
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None):
             forwarded += ["--vq", args.vq]
         if module_name in ("captioner", "video", "mar"):  # resumable; the captioner can also start from a saved one
             flags = (("--ckpt", args.ckpt),) + ((("--init-from", args.init_from), ("--lr", args.lr))
-                                                 if module_name == "captioner" else ())
+                                                 if module_name in ("captioner", "mar") else ())
+            if module_name == "mar" and args.distill_from is not None:
+                flags += (("--distill-from", args.distill_from), ("--guidance", args.guidance),
+                          ("--on-policy", int(args.on_policy)))
             for flag, value in flags:
                 if value is not None:
                     forwarded += [flag, str(value)]
