@@ -382,10 +382,18 @@ def test_mar_draft_distillation_run(tmp_path, monkeypatch):
                                                        eval_n=4))
     mar.main(["target", "--max-steps", "1", "--out", str(tmp_path / "t"), "--vae", vae])
     mar.main(["draft", "--max-steps", "1", "--out", str(tmp_path / "d"), "--vae", vae])
+    _tiny_mar(0, grid_size=3).save_pretrained(tmp_path / "big")  # 9 tokens: not this autoencoder's 8x8 grid
     monkeypatch.setattr(mar, "teacher_samples", _fake_samples(mar.teacher_samples))
     monkeypatch.setattr(mar, "_acceptances", lambda *a: {"data_steps10": 0.5})
     with pytest.raises(SystemExit):
         mar.main(["target", "--max-steps", "1", "--out", str(tmp_path / "x"), "--distill-from", str(tmp_path / "t")])
+    with pytest.raises(SystemExit):  # samples of which target?
+        mar.main(["draft", "--max-steps", "1", "--out", str(tmp_path / "x"), "--on-policy", "4"])
+    with pytest.raises(SystemExit):  # a share is t2i_draft's meaning; mar_draft counts samples
+        main(["mar_draft", "--out", str(tmp_path / "x"), "--distill-from", str(tmp_path / "t"), "--on-policy", "0.5"])
+    with pytest.raises(ValueError, match="takes"):  # a model over another token grid
+        mar.main(["target", "--max-steps", "1", "--out", str(tmp_path / "x"), "--vae", vae, "--init-from",
+                  str(tmp_path / "big")])
     # zoo.train forwards to the recipe, whose --vae default is the bundled one: point the recipe at the tiny one
     monkeypatch.setattr(mar, "train_mar", _with_vae(mar.train_mar, vae))
     got = main(["mar_draft", "--max-steps", "2", "--out", str(tmp_path / "kd"), "--init-from", str(tmp_path / "d"),

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None):
         if module_name in ("captioner", "video", "mar"):  # resumable; the captioner can also start from a saved one
             flags = (("--ckpt", args.ckpt),) + ((("--init-from", args.init_from), ("--lr", args.lr))
                                                  if module_name in ("captioner", "mar") else ())
-            if module_name == "mar" and args.distill_from is not None:
+            if module_name == "mar" and args.on_policy != int(args.on_policy):
+                ap.error("--on-policy counts target samples for mar_draft (an integer)")
+            if module_name == "mar" and (args.distill_from is not None or args.on_policy):
                 flags += (("--distill-from", args.distill_from), ("--guidance", args.guidance),
                           ("--on-policy", int(args.on_policy)))
             for flag, value in flags:

@@ -320,9 +320,11 @@ def train_mar(out, role: str, minutes: float, seed: int = 0, max_steps: int | No
             token_dim=token_dim, grid_size=grid, num_classes=NUM_CLASSES, hidden_size=r.hidden, num_layers=r.layers,
             num_heads=r.heads, head_width=r.head_width, head_depth=r.head_depth,
         ).train()
-    if grid * grid != n_tokens or model.config.token_dim != token_dim:
-        raise ValueError(f"the autoencoder gives {n_tokens} tokens of {token_dim} channels, not a {grid}x{grid} grid "
-                         f"of {model.config.token_dim}")
+    if grid * grid != n_tokens or model.num_tokens != n_tokens or model.config.token_dim != token_dim:
+        raise ValueError(f"the autoencoder gives {n_tokens} tokens of {token_dim} channels; the model takes "
+                         f"{model.num_tokens} of {model.config.token_dim}")
+    if on_policy and distill_from is None:
+        raise ValueError("on_policy needs distill_from (the target whose samples make half of every batch)")
     teacher, distill, policy = None, None, None
     if distill_from is not None:
         teacher = ContinuousARModel.from_pretrained(distill_from, torch_dtype=torch.float32).eval().requires_grad_(False)
@@ -414,6 +416,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.distill_from and args.role != "draft":
         ap.error("--distill-from trains a draft")
+    if args.on_policy < 0 or (args.on_policy and not args.distill_from):
+        ap.error("--on-policy N needs --distill-from and N >= 0")
     if args.role == "vae" and (args.init_from or args.lr):
         ap.error("--init-from and --lr are for target/draft")
     if args.minutes is None:
