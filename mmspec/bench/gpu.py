@@ -307,12 +307,13 @@ def forward(args, device, clock):
                          dtype=str(dtype).replace("torch.", ""), window_ms={str(w): t for w, t in ms.items()})
             hidden, layers, _, _, _, built = shape
             if built < layers:  # time the 1-layer model too: per-layer cost = t(2) - t(1)
+                # the config too: the cache is built from it, and an unfilled layer breaks ``crop`` (5.17)
                 full = model.model.layers
-                model.model.layers = full[:built - 1]
+                model.model.layers, model.config.num_hidden_layers = full[:built - 1], built - 1
                 try:
                     ms1 = forward_curve(model, batch, windows, context, device, repeats, be)
                 finally:
-                    model.model.layers = full
+                    model.model.layers, model.config.num_hidden_layers = full, built
                 entry["built_layers"] = built
                 entry["per_layer_ms"] = {str(w): round(ms[w] - ms1[w], 4) for w in windows}
                 entry["window_ms_built"] = entry["window_ms"]
@@ -421,8 +422,9 @@ def run(args) -> dict:
             report["sections"][section] = {"error": f"{type(err).__name__}: {err}",
                                            "traceback": traceback.format_exc()[-3000:]}
         report["sections"][section]["seconds"] = round(time.perf_counter() - t0, 1)
-    report["total_seconds"] = round(time.perf_counter() - clock.t0, 1)
-    write_report(args.out, "gpu", report, markdown(report))
+        report["total_seconds"] = round(time.perf_counter() - clock.t0, 1)
+        # after every section: a run killed by its caller's timeout still leaves what it measured
+        write_report(args.out, "gpu", report, markdown(report))
     if "forward" in report["sections"]:
         cost = forward_cost_file(report["sections"]["forward"], name, args.dry_run, report["command"])
         (Path(args.out) / "forward_cost.json").write_text(json.dumps(cost, indent=2))

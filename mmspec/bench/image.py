@@ -62,9 +62,11 @@ def token_entropy(pipe, prompts, tokens, guidance_scale: float, temperature: flo
     layout = family.layout()
     inputs = family.prefill_inputs(prompts)
     target = GuidedLM(pipe.model, layout, guidance_scale, adapter=family.adapter)
+    dev = pipe.model.device
+    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
     first = target.prefill(ids, mask, **inputs)
-    span = tokens + layout.image_token_offset  # no EOL in the zoo layout; EOI is not scored
+    span = tokens.to(dev) + layout.image_token_offset  # no EOL in the zoo layout; EOI is not scored
     rest = target.forward(span[:, :-1], torch.ones(span.shape[0], span.shape[1] - 1, dtype=torch.bool))
     logits = torch.cat([first.unsqueeze(1), rest], dim=1).float() / temperature
     logp = logits.log_softmax(-1)
@@ -141,7 +143,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
                "draft_forwards": stats.draft_forwards,
                "entropy": token_entropy(pipe, prompts, out.tokens, guidance)}
         if clf is not None:
-            images = out.images * 2 - 1
+            images = out.images.float().cpu() * 2 - 1  # the classifier scores on the CPU
             pred = hub.classify(clf, images, positions=positions)
             heads = [k for k in pred if k in labels[0]]
             correct = torch.stack([(pred[k] == torch.tensor([lab[k] for lab in labels])).float() for k in heads], 1)
@@ -349,6 +351,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per pipeline call (default: all at once); 1 measures single-image latency")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU machine); the seeds are "
+                   "CPU generators, so a row draws the same random numbers on every device")
     p.add_argument("--out", default="outputs/bench", help="folder for image.json, image.md, image.png")
     p.add_argument("--tiny", action="store_true", help="a smoke run: 2 prompts, AR and SJD only, no plots "
                    "(with --sweep: 4 prompts, one point per family)")
@@ -371,7 +375,7 @@ def main(argv=None):
     from ..zoo.models import load_image_pipeline
     from ..zoo.recipes.common import HELDOUT_SCENE_SEED, scene_batch
 
-    pipe, draft = load_image_pipeline()
+    pipe, draft = load_image_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.sweep:
         return _sweep(args, pipe, draft, argv)
@@ -472,6 +476,13 @@ def _sweep(args, pipe, draft, argv):
     return _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=True)
 
 
+def _where(device) -> str:
+    """The device a wall-clock figure was measured on, in words."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"this machine's CPU ({torch.get_num_threads()} threads)"
+
+
 def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False):
     """Write image_sweep.{json,md} and the plot for the points done so far; print them when ``final``."""
     import copy
@@ -488,7 +499,7 @@ def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False)
     md = (f"# mmspec bench image --sweep (bundled text-to-image zoo models)\n\n`{cmd}`\n\n"
           f"{n} held-out captions, one image each (seed {args.seed} + i), guidance {args.guidance}, batch "
           f"{batch}; 95% percentile-bootstrap intervals over the images ({args.bootstrap} "
-          f"resamples; Frechet: {min(args.bootstrap, 200)}). Speedups are this CPU's wall clock, each point timed "
+          f"resamples; Frechet: {min(args.bootstrap, 200)}). Speedups are wall clock on {_where(args.device)}, each point timed "
           f"in its own run (points reused from an earlier run: {len(reused)}).\n\n"
           + (f"**Partial: {len(missing)} of {len(methods)} points still to run** ({', '.join(missing)}).\n\n"
              if missing else "")
