@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import sample_from_weights as sample_weights
+from .sampling import sample_categorical
 
 __all__ = ["DraftTree", "block_parents", "block_depth", "block_ancestors", "block_paths", "sibling_rank",
            "parse_tree", "tree_size", "with_alternatives", "closest_rows"]
@@ -174,7 +174,7 @@ def _candidates(drafts, rows, usable, width, greedy, generator):
         mass = remaining.sum(-1, keepdim=True)
         ok.append((mass.squeeze(-1) > 0).cpu() & usable)
         qa = torch.where(mass > 0, remaining / mass.clamp_min(1e-300), fallback)
-        cand = sample_weights(qa, generator)
+        cand = sample_categorical(qa, generator)
         alt.append(cand), alt_q.append(qa)
         remaining = remaining.scatter(-1, cand.unsqueeze(-1), 0.0)
     tokens = torch.stack([drafts] + alt, -1)

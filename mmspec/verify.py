@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import acceptance as _acceptance
-from .sampling import Generator, per_row, sample_from_weights, uniform
+from .sampling import Generator, per_row, sample_categorical, sample_from_weights, uniform
 from .tree import DraftTree, sibling_rank
 
 __all__ = ["verify", "verify_tree", "VerifyResult", "TreeVerifyResult", "speculative_redraw", "InvalidDistributionError",
@@ -393,4 +393,4 @@ def speculative_redraw(
     weights = exact.residual(tokens, old_probs, new_probs)
     weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, new_probs)
     keep &= old_tokens >= 0
-    return torch.where(keep, old_tokens, sample_from_weights(weights, generator, counts))
+    return torch.where(keep, old_tokens, sample_categorical(weights, generator, counts))

@@ -5,7 +5,7 @@ import torch
 
 import mmspec
 from mmspec.acceptance import get
-from mmspec.sampling import onehot, sample_from_weights
+from mmspec.sampling import onehot, sample_categorical, sample_from_weights
 from mmspec.verify import speculative_redraw
 
 from utils_stats import chi2_pvalue
@@ -158,6 +158,33 @@ def test_sample_from_weights_distribution():
     counts = torch.bincount(draws, minlength=5).double()
     assert counts[1] == 0
     assert chi2_pvalue(counts, w) > 1e-3  # (zero-weight cells must stay empty, the rest fit)
+
+
+def test_sample_categorical_distribution():
+    """Inverting the cumulative sum is an exact draw too, zero-weight cells (inside and at the end) stay empty."""
+    w = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.25, 0.0], dtype=torch.float64)
+    draws = sample_categorical(w.expand(40000, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0
+    assert chi2_pvalue(counts[:5], w[:5]) > 1e-3
+
+
+def test_sample_categorical_top_of_the_range_never_picks_zero_weight(monkeypatch):
+    """u * total rounding up to total must not land on the zero-weight tail."""
+    import mmspec.sampling as sampling
+
+    monkeypatch.setattr(sampling, "uniform", lambda shape, *a, **k: torch.zeros(shape, dtype=torch.float64))  # u = 1
+    w = torch.tensor([[0.1, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]], dtype=torch.float64)
+    assert sample_categorical(w).tolist() == [1, 3]
+
+
+def test_sample_categorical_rows_reproducible_alone():
+    """Per-row generators with counts: a row draws the same tokens alone as inside a batch (CPU generators)."""
+    w = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(4))
+    batch = sample_categorical(w, [torch.Generator().manual_seed(i) for i in range(3)], [5, 2, 3])
+    for b, n in enumerate([5, 2, 3]):
+        alone = sample_categorical(w[b : b + 1], [torch.Generator().manual_seed(b)], [n])
+        assert alone[0, :n].tolist() == batch[b, :n].tolist()
 
 
 def test_coupled_redraw_marginal_is_p():

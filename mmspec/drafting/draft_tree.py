@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import sample_from_weights
+from ..sampling import sample_categorical
 
 __all__ = ["CHAIN", "children", "child_scores", "best_first", "node_paths"]
 
@@ -67,7 +67,7 @@ def children(rows: torch.Tensor, width: int, greedy: bool, generator=None, draws
     for _ in range(width):
         mass = left.sum(-1, keepdim=True)
         qj = torch.where(mass > 0, left / mass.clamp_min(1e-300), q)
-        c = sample_from_weights(qj, generator, draws)  # [B, R]
+        c = sample_categorical(qj, generator, draws)  # [B, R]
         tokens.append(c), qs.append(qj), oks.append(mass.squeeze(-1) > 0)
         es.append((qj * q).sum(-1))
         ps.append(q.gather(-1, c.unsqueeze(-1)).squeeze(-1))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sampling import onehot, sample_from_weights, uniform
+from ..sampling import onehot, sample_categorical, uniform
 from ..tree import DraftTree, closest_rows, parse_tree, tree_size, with_alternatives
 from ..verify import _row, speculative_redraw
 from .base import Proposer, pad_drafts, row_limits
@@ -131,7 +131,7 @@ def _init_sample_horizon(state, proposer, window, fill):
     rows = horizon.unsqueeze(1).expand(-1, fill.shape[1], -1)
     if state.greedy:
         return rows.argmax(-1), None
-    return sample_from_weights(rows, state.generator, proposer.limit), rows
+    return sample_categorical(rows, state.generator, proposer.limit), rows
 
 
 class JacobiProposer(Proposer):
@@ -236,7 +236,7 @@ class JacobiProposer(Proposer):
         if state.greedy:
             new = target_rows.argmax(-1)  # [B, K+1]
         else:
-            new = sample_from_weights(target_rows, state.generator, self.limit + 1)
+            new = sample_categorical(target_rows, state.generator, self.limit + 1)
             if self.coupled and K > 0:
                 redrawn = speculative_redraw(self._proposed, self._proposed_probs, target_rows[:, :K], state.generator,
                                              self.limit)

@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from ..models.causal_lm import CausalLM
-from ..sampling import sample_from_weights
+from ..sampling import sample_categorical
 from ..tree import DraftTree, parse_tree
 from .base import Proposer, row_limits
 from .draft_tree import CHAIN, best_first, child_scores, children, node_paths
@@ -89,7 +89,7 @@ class DraftModelProposer(Proposer):
         if state.greedy:
             return logits.argmax(-1), None, logits.softmax(-1) if self.confidence else logits
         q = pipe.probs(logits)
-        return sample_from_weights(q.unsqueeze(1), state.generator, draws)[:, 0], q, q
+        return sample_categorical(q.unsqueeze(1), state.generator, draws)[:, 0], q, q
 
     def propose(self, state, max_tokens):
         B, dev = state.batch_size, state.device

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--decoder-only", action="store_true", default=None,
                     help="vq: train only the decoder of --init-from (every image keeps its codes, so the token models "
                          "trained on them stay valid)")
-    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, captioner*, mar_target/draft: peak learning rate (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
     ap.add_argument("--distill-from", default=None, metavar="TARGET",
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None):
                             ckpt_every_s=args.ckpt_every, **common)
     if module_name == "c2i":
         return recipe.train(out, vq_path=args.vq, init_from=args.init_from, ckpt=args.ckpt,
-                            ckpt_every_s=args.ckpt_every, eval_n=args.eval_n, **common)
+                            ckpt_every_s=args.ckpt_every, eval_n=args.eval_n, lr=args.lr, **common)
     return recipe.train(out, vq_path=args.vq, init_from=args.init_from, **common)
 
 

@@ -96,14 +96,15 @@ def evaluate(model, vq, n: int, batch_size: int = 64) -> dict[str, float]:
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
           vq_path: str | None = None, init_from: str | None = None, ckpt: str | Path | None = None,
-          ckpt_every_s: float = 300.0, eval_n: int | None = None) -> dict[str, Any]:
+          ckpt_every_s: float = 300.0, eval_n: int | None = None, lr: float | None = None) -> dict[str, Any]:
     """Train the class-conditional model; save fp16 safetensors + config + metrics + loss curve in ``out``.
 
     ``init_from``: continue from an earlier run's folder (a second budget; the schedule restarts). ``ckpt``: a
     training-state file written every ``ckpt_every_s`` seconds and resumed when present (its time counts against
     ``minutes``, so a stopped run continues where it was with the same schedule); it is tied to the tokenizer's
-    codebook. ``eval_n``: held-out crops for the final evaluation (default: the recipe's)."""
-    r = C2IRecipe()
+    codebook. ``eval_n``: held-out crops for the final evaluation (default: the recipe's). ``lr``: the peak learning
+    rate (default: the recipe's; a lower one suits a continued run)."""
+    r = C2IRecipe() if lr is None else C2IRecipe(lr=lr)
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
