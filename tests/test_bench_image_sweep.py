@@ -56,6 +56,28 @@ def test_sanity_rule_passes_equal_and_fails_broken_lossless_methods():
     assert rows[1]["sanity_vs_ar"] == "pass" and rows[2]["sanity_vs_ar"] == "FAIL" and "sanity_vs_ar" not in rows[3]
 
 
+def test_paired_delta_finds_a_small_cost_the_unpaired_interval_misses():
+    # Captions of very different difficulty; the "relaxed" method fails 10% of the captions AR draws right.
+    g = torch.Generator().manual_seed(3)
+    hard = torch.rand(256, generator=g) < 0.5
+    ar = (~hard).float()
+    drop = torch.zeros(256, dtype=torch.bool)
+    drop[torch.nonzero(~hard).flatten()[:13]] = True
+    lossy = ar.masked_fill(drop, 0.0)
+    rows = [{"method": "AR", "lossless": True, "adherence": 100 * float(ar.mean()), "_per_image": ar},
+            {"method": "same", "lossless": True, "adherence": 100 * float(ar.mean()), "_per_image": ar.clone()},
+            {"method": "lossy", "lossless": False, "adherence": 100 * float(lossy.mean()), "_per_image": lossy},
+            {"method": "other n", "lossless": False, "adherence": 50.0, "_per_image": ar[:10]}]
+    bi.paired_delta(rows, 500)
+    assert "delta_vs_ar" not in rows[0] and "delta_vs_ar" not in rows[3]  # AR itself; not paired by caption
+    assert rows[1]["delta_vs_ar"] == 0 and rows[1]["delta_vs_ar_ci"] == [0.0, 0.0] and "*" not in rows[1]["delta_text"]
+    lo, hi = rows[2]["delta_vs_ar_ci"]
+    assert rows[2]["delta_vs_ar"] == pytest.approx(-100 * 13 / 256) and lo <= rows[2]["delta_vs_ar"] <= hi < 0
+    assert rows[2]["delta_text"].endswith("*")
+    a_lo, a_hi = bi.bootstrap_mean_ci(ar, 500)
+    assert a_lo <= float(lossy.mean()) <= a_hi  # unpaired, the cost hides inside AR's own interval
+
+
 def test_sweep_plot_writes_png(tmp_path):
     rows = [{"method": "AR", "lossless": True, "step_compression": 1.0, "adherence": 50.0, "adherence_ci": [45, 55],
              "frechet": 10.0, "frechet_ci": [11.0, 14.0]},

@@ -141,7 +141,7 @@ def run(pipe, draft, prompts, methods, repeats=1, guidance=3.0, seed=0, clf=None
                "tree_nodes": stats.tree_nodes_per_step, "median_s": statistics.median(times), "times": times,
                "accepted_histogram": stats.accepted_histogram, "window": kw.get("window", 1),
                "draft_forwards": stats.draft_forwards,
-               "entropy": token_entropy(pipe, prompts, out.tokens, guidance)}
+               "entropy": token_entropy(pipe, prompts, out.tokens, guidance), "device": _where(pipe.model.device)}
         if clf is not None:
             images = out.images.float().cpu() * 2 - 1  # the classifier scores on the CPU
             pred = hub.classify(clf, images, positions=positions)
@@ -237,6 +237,25 @@ def sanity(rows, reps: int, seed: int = 0) -> list[str]:
         lines.append(f"{'PASS' if ok else 'FAIL'}: {r['method']} adherence {r['adherence']:.1f}% vs AR "
                      f"{ar['adherence']:.1f}% (difference 95% interval [{lo:+.1f}, {hi:+.1f}] points)")
     return lines
+
+
+def paired_delta(rows, reps: int, seed: int = 0) -> None:
+    """Each row's adherence minus AR's with a paired 95% bootstrap interval (points): the images of one caption
+    are resampled together (every method draws one image per caption with the same seed), which removes the
+    captions' own difficulty from the interval. Sets ``delta_vs_ar``, ``delta_vs_ar_ci`` and ``delta_text``: the
+    quality cost of a relaxed criterion, significant where the interval excludes 0."""
+    ar = next(r for r in rows if r["method"] == "AR")
+    b = torch.as_tensor(ar["_per_image"]).double()
+    idx = torch.randint(0, b.shape[0], (reps, b.shape[0]), generator=torch.Generator().manual_seed(seed + 3))
+    for r in rows:
+        a = torch.as_tensor(r["_per_image"]).double()
+        if r is ar or a.shape != b.shape:
+            continue
+        diff = 100 * (a - b)
+        boot = diff[idx].mean(1)
+        lo, hi = float(boot.quantile(0.025)), float(boot.quantile(0.975))
+        r["delta_vs_ar"], r["delta_vs_ar_ci"] = float(diff.mean()), [lo, hi]
+        r["delta_text"] = f"{float(diff.mean()):+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else "")
 
 
 def sweep_plot(rows, path):
@@ -412,7 +431,8 @@ def main(argv=None):
 SWEEP_COLUMNS = [
     ("method", "method", ""), ("lossless", "lossless", ""), ("step_compression", "step compr.", ".2f"),
     ("mean_accepted", "mean acc.", ".2f"), ("speedup_vs_ar", "speedup vs AR", ".2f"),
-    ("adherence", "adherence %", ".1f"), ("adherence_ci_text", "95% interval", ""), ("frechet", "Frechet", ".2f"),
+    ("adherence", "adherence %", ".1f"), ("adherence_ci_text", "95% interval", ""), ("delta_text", "vs AR (paired)", ""),
+    ("frechet", "Frechet", ".2f"),
     ("frechet_ci_text", "95% interval", ""), ("entropy", "entropy (nats)", ".2f"), ("sanity_vs_ar", "= AR?", ""),
 ]
 
@@ -490,22 +510,27 @@ def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False)
     rows, n = copy.deepcopy(rows), len(prompts)
     add_ratios(rows)
     checks = sanity(rows, args.bootstrap, args.seed) if any(r["method"] == "AR" for r in rows) else []
+    if any(r["method"] == "AR" for r in rows):
+        paired_delta(rows, args.bootstrap, args.seed)
     for r in rows:
         r["adherence_ci_text"] = "[{:.1f}, {:.1f}]".format(*r["adherence_ci"])
         r["frechet_ci_text"] = "[{:.2f}, {:.2f}]".format(*r["frechet_ci"])
         r["adherence_per_image"] = r.pop("_per_image").tolist()
     plot = sweep_plot(rows, args.plot or f"{args.out}/image_sweep.png")
     missing = [m for m in methods if m not in {r["method"] for r in rows}]
+    where = " and ".join(sorted({r.get("device") or _where(args.device) for r in rows}))
     md = (f"# mmspec bench image --sweep (bundled text-to-image zoo models)\n\n`{cmd}`\n\n"
           f"{n} held-out captions, one image each (seed {args.seed} + i), guidance {args.guidance}, batch "
           f"{batch}; 95% percentile-bootstrap intervals over the images ({args.bootstrap} "
-          f"resamples; Frechet: {min(args.bootstrap, 200)}). Speedups are wall clock on {_where(args.device)}, each point timed "
+          f"resamples; Frechet: {min(args.bootstrap, 200)}). Speedups are wall clock on {where}, each point timed "
           f"in its own run (points reused from an earlier run: {len(reused)}).\n\n"
           + (f"**Partial: {len(missing)} of {len(methods)} points still to run** ({', '.join(missing)}).\n\n"
              if missing else "")
           + f"{markdown_table(rows, SWEEP_COLUMNS)}\n\n"
           "Sanity rule (every lossless method's adherence agrees with AR's: the 95% interval of the difference "
-          "contains 0):\n\n" + "\n".join(f"- {c}" for c in checks) + f"\n\nPlot: `{plot}`\n\nEnvironment: {environment()}\n")
+          "contains 0):\n\n" + "\n".join(f"- {c}" for c in checks) + "\n\n`vs AR`: adherence minus AR's in points, "
+          "paired by caption (the same captions and seeds for every method), with its 95% bootstrap interval; `*` "
+          "where the interval excludes 0 (a measured quality change)." + f"\n\nPlot: `{plot}`\n\nEnvironment: {environment()}\n")
     payload = {"args": vars(args), "env": environment(), "prompts": prompts, "rows": rows, "sanity": checks,
                "missing": missing}
     js, mdp = write_report(args.out, "image_sweep", payload, md)
