@@ -527,7 +527,8 @@ def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False)
     md = (f"# mmspec bench image --sweep (bundled text-to-image zoo models)\n\n`{cmd}`\n\n"
           f"{n} held-out captions, one image each (seed {args.seed} + i), guidance {args.guidance}, batch "
           f"{batch}; 95% percentile-bootstrap intervals over the images ({args.bootstrap} "
-          f"resamples; Frechet: {min(args.bootstrap, 200)}, shifted by the bootstrap's bias estimate). Speedups are wall clock on {where}, each point timed "
+          f"resamples; Frechet: {min(args.bootstrap, 200)}, shifted by the bootstrap's bias estimate). "
+          f"Speedups are wall clock on {where}, each point timed "
           f"in its own run (points reused from an earlier run: {len(reused)}).\n\n"
           + (f"**Partial: {len(missing)} of {len(methods)} points still to run** ({', '.join(missing)}).\n\n"
              if missing else "")
