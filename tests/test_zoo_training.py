@@ -86,6 +86,31 @@ def test_vq_decoder_only_keeps_every_code(tmp_path):
     assert not torch.equal(hub.decode_tokens(a, codes), hub.decode_tokens(b, codes))
 
 
+def test_vq_perceptual_loss_and_its_guard(tmp_path):
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import vq
+
+    aux = hub.SceneClassifier(channels=(8, 8, 16), head_channels=8, cell_dim=8, global_dim=8).eval()
+    aux.save_pretrained(tmp_path / "aux")
+    clf = vq.perceptual_net(tmp_path / "aux")
+    assert not any(p.requires_grad for p in clf.parameters())
+    with pytest.raises(ValueError, match="evaluation classifier"):
+        vq.perceptual_net(hub.weights_path("classifier"))
+    x, _ = scene_batch(0, 2, 0, 2)
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    d = vq.perceptual_loss(clf, y, x)
+    assert float(vq.perceptual_loss(clf, x, x)) < 1e-10 < float(d)
+    d.backward()
+    assert y.grad is not None and float(y.grad.abs().sum()) > 0  # differentiable in the reconstruction
+    # a decoder-only run with it: the loss is logged on its (whole-image) steps, every code stays
+    vq.train(tmp_path / "a", minutes=60, max_steps=1, recipe=_tiny_vq(), threads=1)
+    with pytest.raises(ValueError, match="perceptual_from"):
+        vq.train(tmp_path / "x", minutes=60, max_steps=1, recipe=_tiny_vq(perceptual_weight=1.0), threads=1)
+    r = _tiny_vq(perceptual_weight=1.0, perceptual_from=str(tmp_path / "aux"), full_phase=1.0)
+    m = vq.train(tmp_path / "b", minutes=60, max_steps=2, recipe=r, threads=1, decoder_only=True, init_from=tmp_path / "a")
+    assert m["final_train_losses_ema"]["perceptual"] > 0 and m["recipe"]["perceptual_from"] == str(tmp_path / "aux")
+
+
 def test_vq_denoise_stream_targets_the_noise_free_render():
     from mmspec.zoo.data import image_to_tensor
     from mmspec.zoo.recipes.vq import _Stream

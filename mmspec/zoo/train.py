@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--decoder-only", action="store_true", default=None,
                     help="vq: train only the decoder of --init-from (every image keeps its codes, so the token models "
                          "trained on them stay valid)")
+    ap.add_argument("--perceptual-from", default=None, metavar="CLASSIFIER",
+                    help="vq: add a perceptual loss through this auxiliary scene classifier's trunk (not the "
+                         "evaluation classifier); every step then trains on whole images")
+    ap.add_argument("--perceptual-weight", type=float, default=1.0, help="vq with --perceptual-from: its weight")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -103,7 +107,10 @@ def main(argv: list[str] | None = None):
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
-        vq_recipe = None if args.lr is None else recipe.VQRecipe(lr=args.lr)
+        kw = {} if args.lr is None else {"lr": args.lr}
+        if args.perceptual_from:
+            kw.update(perceptual_from=args.perceptual_from, perceptual_weight=args.perceptual_weight, full_phase=1.0)
+        vq_recipe = recipe.VQRecipe(**kw) if kw else None
         return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
                             denoise=args.denoise, decoder_only=args.decoder_only, recipe=vq_recipe, **common)
     if module_name == "classifier":

@@ -105,6 +105,13 @@ class VQRecipe:
     #: extra weight of the pixels within ``object_halo`` radii of a scene object's centre (0: none)
     object_weight: float = 4.0
     object_halo: float = 1.3
+    #: weight of a perceptual loss (LPIPS-style: channel-normalised activations of every trunk block of a frozen
+    #: scene classifier, reconstruction against target), on whole-image steps only (the classifier reads 64x64
+    #: images with their coordinates; see ``full_phase``). 0: off
+    perceptual_weight: float = 0.0
+    #: that classifier's folder: an auxiliary one, never the evaluation classifier (which would then grade the
+    #: loss it was trained on)
+    perceptual_from: str | None = None
     # evaluation
     eval_n: int = 256
     log_every_s: float = 30.0
@@ -256,6 +263,36 @@ def _edge_l1(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (dx(y) - dx(x)).abs().mean() + (dy(y) - dy(x)).abs().mean()
 
 
+def perceptual_net(folder: str | Path) -> Any:
+    """The frozen auxiliary classifier of the perceptual loss. Refuses the bundled evaluation classifier (same
+    weights): prompt adherence and the tokenizer's head accuracies are read with it."""
+    clf = hub.load_classifier(folder).requires_grad_(False)
+    ref = hub.load_classifier()
+    a, b = clf.state_dict(), ref.state_dict()
+    if a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
+        raise ValueError(f"perceptual_from={str(folder)!r} is the evaluation classifier: train an auxiliary one "
+                         "(another seed and width) so that the evaluation does not grade its own loss")
+    return clf
+
+
+def perceptual_loss(clf: Any, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LPIPS-style distance of ``y`` to ``target`` (both ``[B, 3, 64, 64]`` in [-1, 1]) through ``clf``'s trunk:
+    per block, activations normalised to unit length over channels, squared difference summed over channels,
+    averaged over positions and images; the mean over blocks. Differentiable in ``y``."""
+    def acts(img: torch.Tensor) -> list[torch.Tensor]:
+        b = img.shape[0]
+        h = torch.cat([img, clf.edges(img), clf.coords.to(img.dtype).expand(b, -1, -1, -1)], dim=1)
+        out = []
+        for block in clf.trunk:
+            h = block(h)
+            out.append(h / h.norm(dim=1, keepdim=True).clamp_min(1e-6))
+        return out
+
+    with torch.no_grad():
+        ref = acts(target)
+    return torch.stack([(a - r).pow(2).sum(1).mean() for a, r in zip(acts(y), ref)]).mean()
+
+
 def _encode(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
     return vq.quant_conv(vq.encoder(x))
 
@@ -374,6 +411,11 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         for module in (vq.encoder, vq.quant_conv):
             module.requires_grad_(False)
     codebook = EMACodebook(weight, r.ema_decay)
+    perceptual = None
+    if r.perceptual_weight > 0:
+        if r.perceptual_from is None:
+            raise ValueError("perceptual_weight needs perceptual_from (an auxiliary scene classifier's folder)")
+        perceptual = perceptual_net(r.perceptual_from)
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=r.lr, betas=(0.9, 0.99))
     stream = _Stream(r)
@@ -456,12 +498,17 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         l2 = (wn * (y - target) ** 2).mean()
         edge = _edge_l1(y, target)
         loss = l1 + l2 + r.edge_weight * edge + r.beta * commit
+        if perceptual is not None and full:
+            percep = perceptual_loss(perceptual, y, target)
+            loss = loss + r.perceptual_weight * percep
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
         stats = {k: v.item() for k, v in {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "commit": commit}.items()}
+        if perceptual is not None and full:
+            stats["perceptual"] = percep.item()
         if quantizing and not r.decoder_only:
             zd = zf.detach()
             codebook.update(zd, idx)
@@ -490,7 +537,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
 
     out.mkdir(parents=True, exist_ok=True)
     vq.eval()
-    plot_loss_curve(history, out / "loss_curve.png", "vq", keys=("loss", "l1", "edge", "commit"))
+    plot_loss_curve(history, out / "loss_curve.png", "vq", keys=("loss", "l1", "edge", "commit", "perceptual"))
     save_fp16(vq, out)
     shipped = hub.load_vq(out)  # evaluate what ships: fp16 weights, run in fp32
     t0 = time.perf_counter()
