@@ -115,14 +115,11 @@ def sample_categorical(weights: torch.Tensor, generator: Generator = None, count
     w = weights.to(torch.float64)
     cdf = w.cumsum(-1)
     u = 1.0 - uniform(w.shape[:-1], generator, w.device, counts)  # [0, 1)
-    x = (u * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, x, right=True).clamp_max_(w.shape[-1] - 1)  # first slot whose mass exceeds x
-    # u * total can round up to total (rare): those slots take the last token of positive weight instead
-    bad = w.gather(-1, idx) <= 0
-    if bad.any():
-        last = w.shape[-1] - 1 - (w.flip(-1) > 0).to(torch.int8).argmax(-1, keepdim=True)
-        idx = torch.where(bad, last, idx)
-    return idx.squeeze(-1)
+    total = cdf[..., -1:]
+    idx = torch.searchsorted(cdf, u.unsqueeze(-1) * total, right=True)  # first slot whose mass exceeds u * total
+    # u * total can round up to total (rare): the last token of positive weight (the first slot where the cumulative
+    # sum reaches the total) bounds the draw -- no host sync, no zero-weight token
+    return torch.minimum(idx, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
 def per_row(generator: Generator) -> bool:

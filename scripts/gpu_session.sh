@@ -5,11 +5,12 @@
 # Needs diffusers (absent from the device image): carry `.whl` with its wheel (see ../.library/device/README.md).
 set -u
 OUT=${OUT:-outputs/gpu_session}
+SITE=outputs/device_site SWEEP=outputs/sweep  # inside the repository copy (ignored by git)
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=$PWD/$SITE:$PWD
 else
   export PYTHONPATH=$PWD
 fi
@@ -24,9 +25,9 @@ transformers.__version__, 'diffusers', diffusers.__version__, 'triton', triton._
     --budget-s "${1:-170}" --out "$OUT"
   echo "=== mmspec bench image --sweep (rc of the check: $?) ==="
   timeout "${2:-270}" python3 -m mmspec.cli bench image --sweep --prompts 256 --batch-size 256 --device cuda \
-    --threads 8 --out /tmp/sweep
+    --threads 8 --out "$SWEEP"
   echo "sweep rc $?"
-  cp /tmp/sweep/image_sweep.json /tmp/sweep/image_sweep.md /tmp/sweep/image_sweep.png "$OUT"/ 2>/dev/null
-  tar czf "$OUT/sweep_points.tgz" -C /tmp/sweep sweep_points 2>/dev/null
+  cp "$SWEEP"/image_sweep.json "$SWEEP"/image_sweep.md "$SWEEP"/image_sweep.png "$OUT"/ 2>/dev/null
+  tar czf "$OUT/sweep_points.tgz" -C "$SWEEP" sweep_points 2>/dev/null
   date -u
 } 2>&1 | tee "$OUT/log.txt"
