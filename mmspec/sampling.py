@@ -115,7 +115,7 @@ def sample_categorical(weights: torch.Tensor, generator: Generator = None, count
     w = weights.to(torch.float64)
     cdf = w.cumsum(-1)
     u = 1.0 - uniform(w.shape[:-1], generator, w.device, counts)  # [0, 1)
-    total = cdf[..., -1:]
+    total = cdf[..., -1:].contiguous()
     idx = torch.searchsorted(cdf, u.unsqueeze(-1) * total, right=True)  # first slot whose mass exceeds u * total
     # u * total can round up to total (rare): the last token of positive weight (the first slot where the cumulative
     # sum reaches the total) bounds the draw -- no host sync, no zero-weight token

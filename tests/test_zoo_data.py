@@ -305,6 +305,21 @@ def test_moving_scene():
     parsed = parse_caption(ms.caption)
     assert [o["direction"] for o in parsed["objects"]] == [o["direction"] for o in ms.attributes["objects"]]
     assert caption_labels(ms.caption)["position"] == -1
+    assert ms.clean is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_moving_scene_clean_render(seed):
+    plain, both = make_moving_scene(seed, 32), make_moving_scene(seed, 32, clean=True)
+    assert both.frames.tobytes() == plain.frames.tobytes() and both.caption == plain.caption  # same stream
+    assert both.clean.shape == both.frames.shape and both.clean.dtype == np.uint8
+    diff = both.frames.astype(np.float32) - both.clean.astype(np.float32)
+    assert 1.0 < diff.std() < 15.0  # sensor noise apart, the same clip
+    c = both.clean.astype(np.int16)
+    assert np.abs(c[0] - c[-1]).max() > 50  # the objects still move
+    # a clean background is the same in every frame where no object passes
+    still = (np.abs(c - c[0]).max(axis=(0, 3)) == 0).mean()
+    assert still > 0.5
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -215,6 +215,24 @@ def test_video_cli_checkpoint_resume(tmp_path):
     assert (tmp_path / "v" / "loss_curve.png").is_file()
 
 
+def test_video_cli_init_from_a_saved_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes.video import VideoRecipe, train
+    from mmspec.zoo.train import main
+
+    small = VideoRecipe(frames=2, frame_size=8, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
+    train(tmp_path / "a", minutes=60, seed=1, max_steps=1, recipe=small)
+    m = train(tmp_path / "b", minutes=60, seed=2, max_steps=1, recipe=small, init_from=tmp_path / "a", lr=1e-12)
+    assert m["init_from"] == "a" and m["recipe"]["lr"] == 1e-12
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-3, rtol=0, msg=name)  # a vanishing lr keeps the weights
+    with pytest.raises(ValueError, match="not a video model"):  # the default recipe is another architecture
+        main(["video", "--minutes", "60", "--max-steps", "1", "--threads", "1", "--out", str(tmp_path / "c"),
+              "--init-from", str(tmp_path / "a"), "--lr", "1e-4"])
+
+
 def test_t2i_init_from_a_saved_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

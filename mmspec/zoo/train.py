@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--ckpt", default=None, help="vq/t2i/c2i/video/captioner/text_*: training-state file, saved every --ckpt-every seconds; "
                     "an existing one is resumed (same recipe; its time counts against --minutes)")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
-    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*/mar_target/mar_draft: continue training from this earlier run's folder")
+    ap.add_argument("--init-from", default=None, help="vq/t2i_*/text_*/c2i/captioner*/mar_target/mar_draft/video: continue training from this earlier run's folder")
     ap.add_argument("--denoise", action="store_true", default=None,
                     help="vq: reconstruct the scenes' noise-free renders (see cards/vq.md)")
     ap.add_argument("--decoder-only", action="store_true", default=None,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None):
                     help="vq: add a perceptual loss through this auxiliary scene classifier's trunk (not the "
                          "evaluation classifier); every step then trains on whole images")
     ap.add_argument("--perceptual-weight", type=float, default=1.0, help="vq with --perceptual-from: its weight")
-    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft: peak learning rate (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
     ap.add_argument("--distill-from", default=None, metavar="TARGET",
@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None):
             forwarded += ["--max-steps", str(args.max_steps)]
         if args.vq and module_name == "video":
             forwarded += ["--vq", args.vq]
-        if module_name in ("captioner", "video", "mar"):  # resumable; the captioner can also start from a saved one
-            flags = (("--ckpt", args.ckpt),) + ((("--init-from", args.init_from), ("--lr", args.lr))
-                                                 if module_name in ("captioner", "mar") else ())
+        if module_name in ("captioner", "video", "mar"):  # resumable, and each can continue a saved model
+            flags = (("--ckpt", args.ckpt), ("--init-from", args.init_from), ("--lr", args.lr))
             if module_name == "mar" and args.on_policy != int(args.on_policy):
                 ap.error("--on-policy counts target samples for mar_draft (an integer)")
             if module_name == "mar" and (args.distill_from is not None or args.on_policy):

@@ -48,11 +48,13 @@ class Scene:
 class MovingScene(NamedTuple):
     """A short clip: ``frames`` is ``np.uint8 [T, size, size, 3]``; caption and attributes as in
     :class:`Scene`, with ``direction``/``velocity``/``start``/``end`` per object instead of a
-    grid position."""
+    grid position. ``clean``: the same frames without sensor noise (``make_moving_scene(..., clean=True)``), or
+    None."""
 
     frames: np.ndarray
     caption: str
     attributes: dict[str, Any]
+    clean: np.ndarray | None = None
 
 
 def _object_phrase(obj: dict[str, Any]) -> str:

@@ -21,12 +21,15 @@ from .render import (
 from .vocab import _SIZE_RADIUS, DIRECTIONS, SHAPES, SIZES
 
 
-def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: int = 2) -> MovingScene:
+def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: int = 2, clean: bool = False) -> MovingScene:
     """A clip of ``1..max_objects`` shapes moving at constant velocity over a static background.
 
     Each object moves in one of the 8 :data:`DIRECTIONS` at 1.2..2.6 pixels per frame (scaled
     with ``size / 64``) and stays inside the frame throughout. Background and its noise are
     identical in every frame; object shading/noise move with the object.
+
+    With ``clean=True`` the clip also comes without its sensor noise (background and object grain) in
+    ``MovingScene.clean`` (same shape; the random stream and the noisy frames are the same either way).
 
     Returns:
         :class:`MovingScene` with ``frames`` ``np.uint8 [frames, size, size, 3]`` and a caption like
@@ -39,7 +42,7 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
     bg_base = _jitter_colour(rng, bg_colour, 14.0)
     bg, tone2, bg_params = _render_background(rng, bg_kind, bg_base, size)
     bg_tones = [_rgb(bg_colour), tone2]
-    bg_u8, noise_params = _finish(rng, bg)
+    bg_u8, noise_params, *bg_clean = _finish(rng, bg, clean)
 
     n_obj = int(rng.integers(1, max_objects + 1))
     objects: list[dict[str, Any]] = []
@@ -89,6 +92,23 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
     obj_noise = rng.standard_normal((size, size, 1), dtype=np.float32) * noise_params["noise_sigma"]
 
     yy_full, xx_full = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    out = _render_frames(bg_u8, objects, fills, obj_noise, frames, size, yy_full, xx_full)
+    quiet = _render_frames(bg_clean[0], objects, fills, None, frames, size, yy_full, xx_full) if clean else None
+    attributes = {
+        "objects": objects,
+        "background": bg_kind,
+        "background_colour": bg_colour,
+        "background_params": bg_params,
+        "frames": frames,
+        **noise_params,
+    }
+    return MovingScene(frames=out, caption=make_caption(attributes), attributes=attributes, clean=quiet)
+
+
+def _render_frames(bg_u8: np.ndarray, objects: list[dict[str, Any]], fills: list[Any], obj_noise: np.ndarray | None,
+                   frames: int, size: int, yy_full: np.ndarray, xx_full: np.ndarray) -> np.ndarray:
+    """The clip's frames ``np.uint8 [frames, size, size, 3]``: the objects (first on top) over the static
+    background, each moved by its velocity, with its grain ``obj_noise`` moving along (None: no grain)."""
     out = np.empty((frames, size, size, 3), np.uint8)
     bg_f = bg_u8.astype(np.float32)
     for t in range(frames):
@@ -98,17 +118,10 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
             cy = o["start"][1] + o["velocity"][1] * t
             alpha, (y0, y1, x0, x1) = _object_alpha(o["shape"], cx, cy, o["radius"], o["rotation"], size)
             col = fill(yy_full[y0:y1, x0:x1], xx_full[y0:y1, x0:x1], cx, cy, o["radius"])
-            shift = (int(round(o["velocity"][1] * t)), int(round(o["velocity"][0] * t)))
-            col = col + np.roll(obj_noise, shift, axis=(0, 1))[y0:y1, x0:x1]
+            if obj_noise is not None:
+                shift = (int(round(o["velocity"][1] * t)), int(round(o["velocity"][0] * t)))
+                col = col + np.roll(obj_noise, shift, axis=(0, 1))[y0:y1, x0:x1]
             a = alpha[..., None]
             img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + col * a
         out[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    attributes = {
-        "objects": objects,
-        "background": bg_kind,
-        "background_colour": bg_colour,
-        "background_params": bg_params,
-        "frames": frames,
-        **noise_params,
-    }
-    return MovingScene(frames=out, caption=make_caption(attributes), attributes=attributes)
+    return out

@@ -21,7 +21,7 @@ the same step::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,16 @@ from .common import ResumableRun, adamw, codebook_id, dir_size_bytes, seed_every
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
-           "load_video_pipeline", "VIDEO_TRAIN_SEED", "VIDEO_HELDOUT_SEED"]
+           "load_video_pipeline", "motion_direction", "read_clips", "adherence", "VIDEO_TRAIN_SEED",
+           "VIDEO_HELDOUT_SEED", "ADHERENCE_SEED", "VIDEO_HEADS"]
 
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
 VIDEO_TRAIN_SEED = 20
 VIDEO_HELDOUT_SEED = 10_020
+#: Held-out one-object clips whose captions the adherence evaluation asks for.
+ADHERENCE_SEED = VIDEO_HELDOUT_SEED + 11
+#: What :func:`read_clips` reads in a clip (the first five with the evaluation classifier).
+VIDEO_HEADS = ("shape", "colour", "size", "background", "background_colour", "direction")
 #: the bundled tokenizer the shipped video model was trained on (retrain the video model when it changes)
 VQ_NAME = "vq"
 VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
@@ -60,6 +65,10 @@ class VideoRecipe:
     caption_dropout: float = 0.1
     max_objects: int = 2
     eval_n: int = 32
+    #: learn the codes of the clips' noise-free renders (sensor noise gives a frame other codes at many places that
+    #: no caption can predict; the t2i models learn noise-free codes for the same reason). The first two video
+    #: models learned the noisy frames' codes.
+    noise_free: bool = True
 
 
 def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
@@ -82,18 +91,21 @@ def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
     return LlamaForCausalLM(cfg)
 
 
-def clip_batch(start: int, n: int, seed: int, frames: int, size: int, max_objects: int):
-    """Clips ``start .. start+n-1`` of stream ``seed``: frames ``[n, F, 3, size, size]`` in [-1, 1], captions."""
-    clips = [make_moving_scene(scene_seed(seed, i), size, frames, max_objects) for i in range(start, start + n)]
-    return torch.stack([image_to_tensor(c.frames) for c in clips]), [c.caption for c in clips]
+def clip_batch(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool = False):
+    """Clips ``start .. start+n-1`` of stream ``seed``: frames ``[n, F, 3, size, size]`` in [-1, 1] (their
+    noise-free renders with ``noise_free``), captions."""
+    clips = [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free)
+             for i in range(start, start + n)]
+    return torch.stack([image_to_tensor(c.clean if noise_free else c.frames) for c in clips]), [c.caption for c in clips]
 
 
 def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects: int, caption_dropout: float,
-               gen: torch.Generator | None):
-    """Sequences [n, L] (right padded), loss mask [n, L] (True where the token is predicted), captions."""
+               gen: torch.Generator | None, noise_free: bool = False):
+    """Sequences [n, L] (right padded), loss mask [n, L] (True where the token is predicted), captions; the codes
+    are those of the noise-free renders with ``noise_free``."""
     spec = config.video_layout
     frames = spec["frames"]
-    video, captions = clip_batch(start, n, seed, frames, config.frame_size, max_objects)
+    video, captions = clip_batch(start, n, seed, frames, config.frame_size, max_objects, noise_free)
     codes = hub.encode_images(vq, video.flatten(0, 1)).view(n, frames, -1) + spec["image_token_offset"]
     codes = torch.cat([codes, codes.new_full((n, frames, 1), spec["eof_token_id"])], dim=2).flatten(1)
     drop = torch.rand(n, generator=gen) < caption_dropout if caption_dropout > 0 else torch.zeros(n, dtype=torch.bool)
@@ -114,16 +126,17 @@ def _logits(model, ids, target):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4) -> dict[str, float]:
+def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4, noise_free: bool = False) -> dict[str, float]:
     """Held-out loss and mean per-token entropy (nats) over codes/EOF/EOI (conditional, teacher forced), and
-    the same two numbers for the codes of frames 1.. only (the part a temporal draft can predict)."""
+    the same two numbers for the codes of frames 1.. only (the part a temporal draft can predict); on the codes
+    of the noise-free renders with ``noise_free``."""
     was_training = model.training
     model.eval()
     sums = dict(loss=0.0, ent=0.0, count=0, loss_later=0.0, ent_later=0.0, count_later=0)
     frame_tokens = model.config.video_layout["height"] * model.config.video_layout["width"] + 1
     for start in range(0, n, batch_size):
         ids, target, _ = make_batch(tokenizer, vq, model.config, start, min(batch_size, n - start),
-                                    VIDEO_HELDOUT_SEED, 2, 0.0, None)
+                                    VIDEO_HELDOUT_SEED, 2, 0.0, None, noise_free)
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
         logp = logits.log_softmax(-1)
@@ -144,17 +157,31 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4) -> dict[str, flo
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
           vq_path: str | None = None, recipe: VideoRecipe | None = None, ckpt: str | Path | None = None,
-          ckpt_every_s: float = 300.0) -> dict[str, Any]:
+          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None) -> dict[str, Any]:
     """Train the video model; save fp16 safetensors + tokenizer + ``metrics.json`` + ``loss_curve.png`` in ``out``.
 
     ``ckpt``: a training-state file written every ``ckpt_every_s`` seconds and resumed when present (same recipe
-    and tokenizer codebook; its time counts against ``minutes``)."""
+    and tokenizer codebook; its time counts against ``minutes``). ``init_from``: a saved video model folder of the
+    same architecture, layout and vocabulary to continue from (fresh optimiser and schedule; a checkpoint, when
+    present, still wins); pair it with a new ``seed`` (another clip stream) and usually a smaller ``lr``."""
     r = recipe or VideoRecipe()
+    if lr is not None:
+        r = replace(r, lr=lr)
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
     tokenizer = build_tokenizer()
     model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
+    if init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        start = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "video_layout", "boi_token_id", "frame_size")
+        if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
+            raise ValueError(f"init_from={str(init_from)!r} is not a video model of this recipe and tokenizer")
+        model.load_state_dict(start.state_dict())
+        print(f"[video] initialised from {init_from}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
@@ -163,7 +190,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
         ids, target, _ = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size, VIDEO_TRAIN_SEED + seed,
-                                    r.max_objects, r.caption_dropout, gen)
+                                    r.max_objects, r.caption_dropout, gen, r.noise_free)
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
         loss = F.cross_entropy(logits[tgt], ids[:, 1:][tgt])
@@ -175,8 +202,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     out = Path(out)
     train_seconds = run.finish(out / "loss_curve.png", "video (training loss)")
     metrics = {"steps": run.step, "clips_seen": run.seen, "train_seconds": round(train_seconds, 1), "params": n_params,
-               "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed, "threads": threads}
-    metrics.update(evaluate(model, tokenizer, vq, r.eval_n))
+               "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed, "threads": threads,
+               "init_from": None if init_from is None else Path(init_from).name}
+    metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -184,6 +212,102 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     write_json(out / "metrics.json", metrics)
     print({k: v for k, v in metrics.items() if k != "recipe"}, flush=True)
     return metrics
+
+
+def motion_direction(frames: torch.Tensor, min_shift: float = 0.02) -> torch.LongTensor:
+    """The direction a clip's object moves in, from the track of its changing pixels.
+
+    ``frames [B, F, 3, s, s]`` in [-1, 1] -> ``LongTensor [B]``: an index into ``list(DIRECTIONS)``, or -1 where
+    nothing moves by ``min_shift`` of the frame side. The static background is the per-pixel median over frames;
+    a frame's object mass is where it differs from that by more than half the clip's largest difference; the
+    direction is the nearest of the 8 to the shift of that mass's centroid from the first half of the clip to the
+    second."""
+    from ..data import DIRECTIONS
+
+    x = frames.float()
+    b, f, _, hgt, wid = x.shape
+    change = (x - x.median(dim=1, keepdim=True).values).abs().sum(2)  # [B, F, s, s]
+    w = change * (change > 0.5 * change.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6))
+    mass = w.sum((2, 3))  # [B, F]
+    cy = (w.sum(3) * torch.arange(hgt, dtype=x.dtype)).sum(-1) / mass.clamp_min(1e-8)
+    cx = (w.sum(2) * torch.arange(wid, dtype=x.dtype)).sum(-1) / mass.clamp_min(1e-8)
+    half = torch.arange(f) >= f // 2  # [F]
+    seen = (mass > 0).to(x.dtype)
+
+    def mean(c: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        m = seen * sel.to(x.dtype)
+        return (c * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    shift = torch.stack([mean(cx, half) - mean(cx, ~half), mean(cy, half) - mean(cy, ~half)], 1)  # [B, 2]
+    units = torch.tensor(list(DIRECTIONS.values()), dtype=x.dtype)
+    units = units / units.norm(dim=1, keepdim=True)
+    best = (shift @ units.T).argmax(1)
+    moved = shift.norm(dim=1) >= min_shift * max(hgt, wid)
+    return torch.where(moved, best, torch.full_like(best, -1))
+
+
+@torch.no_grad()
+def read_clips(clf, frames: torch.Tensor) -> dict[str, torch.LongTensor]:
+    """What a clip shows, head by head (:data:`VIDEO_HEADS`): ``frames [B, F, 3, s, s]`` in [-1, 1] ->
+    ``dict[head, LongTensor [B]]`` (indices into ``LABEL_NAMES[head]``, ``list(DIRECTIONS)`` for direction).
+
+    Every frame is upsampled to 64 x 64 and read by the evaluation classifier ``clf`` (object heads at the most
+    confidently occupied cell, i.e. one-object clips); a head's label is its most frequent one over the frames. The
+    direction comes from :func:`motion_direction`."""
+    b, f = frames.shape[:2]
+    x = frames.flatten(0, 1).float()
+    if x.shape[-2:] != (64, 64):
+        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    pred = hub.classify(clf, x.clamp(-1, 1))
+    out = {h: pred[h].view(b, f).mode(1).values for h in VIDEO_HEADS[:-1]}
+    out["direction"] = motion_direction(frames)
+    return out
+
+
+def _caption_targets(captions: list[str]) -> dict[str, torch.LongTensor]:
+    from ..data import DIRECTIONS, labels_from_attributes, parse_caption
+
+    parsed = [parse_caption(c) for c in captions]
+    rows = [labels_from_attributes(a) for a in parsed]
+    out = {h: torch.tensor([r[h] for r in rows]) for h in VIDEO_HEADS[:-1]}
+    out["direction"] = torch.tensor([list(DIRECTIONS).index(a["objects"][0]["direction"]) for a in parsed])
+    return out
+
+
+@torch.no_grad()
+def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3.0, seed: int = 0,
+              batch_size: int = 16, decoding: str = "ar") -> dict[str, Any]:
+    """Prompt adherence of the video model in ``folder`` (default: the bundled one): ``n`` held-out one-object
+    captions (stream :data:`ADHERENCE_SEED`), video ``i`` sampled with seed ``seed + i`` at ``guidance`` by
+    ``decoding``, read by :func:`read_clips`; accuracy per head and their mean. The same reader on the real clips of
+    those captions is the ceiling (``real_heads``): what it misses there is the reader's error, not the model's."""
+    from ..data import make_moving_scene, scene_seed
+
+    pipe = load_video_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    layout = pipe.family.layout()
+    size = int(pipe.model.config.frame_size)
+    clips = [make_moving_scene(scene_seed(ADHERENCE_SEED, i), size, layout.frames, 1) for i in range(n)]
+    captions = [c.caption for c in clips]
+    target = _caption_targets(captions)
+    clf = hub.load_classifier()
+    made, stats = [], []
+    for s in range(0, n, batch_size):
+        out = pipe(captions[s : s + batch_size], guidance_scale=guidance, decoding=decoding, output_type="pt",
+                   generator=[torch.Generator().manual_seed(seed + i) for i in range(s, min(s + batch_size, n))])
+        made.append(out.frames * 2 - 1)
+        stats.append(out.stats)
+    real = torch.stack([image_to_tensor(c.frames) for c in clips])
+
+    def score(frames: torch.Tensor) -> dict[str, float]:
+        pred = read_clips(clf, frames)
+        return {h: float((pred[h] == target[h]).float().mean()) for h in VIDEO_HEADS}
+
+    heads, real_heads = score(torch.cat(made)), score(real)
+    return {"n_captions": n, "guidance": guidance, "decoding": decoding, "seed": seed,
+            "adherence_mean": sum(heads.values()) / len(heads), "adherence_heads": heads,
+            "real_mean": sum(real_heads.values()) / len(real_heads), "real_heads": real_heads,
+            "step_compression": sum(st.step_compression for st in stats) / len(stats)}
 
 
 def load_video_model(path: str | Path | None = None, device="cpu", dtype=torch.float32):
@@ -221,13 +345,27 @@ def main(argv=None):
     ap.add_argument("--vq", default=None, help="VQ tokenizer folder (default: the bundled one)")
     ap.add_argument("--ckpt", default=None, help="training-state file (saved every --ckpt-every s, resumed if present)")
     ap.add_argument("--ckpt-every", type=float, default=300.0)
+    ap.add_argument("--init-from", default=None, help="continue training this saved video model (fresh schedule)")
+    ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=VideoRecipe.noise_free,
+                    help="learn the codes of the clips' noise-free renders")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    ap.add_argument("--adherence", type=int, default=0, metavar="N",
+                    help="do not train: write the AR prompt adherence of the model in --out on N held-out one-object "
+                         "captions to --out/adherence.json")
     args = ap.parse_args(argv)
+    if args.adherence:
+        setup_threads(args.threads)
+        res = adherence(args.out, args.adherence, seed=args.seed)
+        write_json(Path(args.out) / "adherence.json", res)
+        print(res, flush=True)
+        return res
     if args.frames < 2:
         ap.error("--frames must be >= 2")
     if args.frame_size < 8 or args.frame_size % VQ_DOWNSAMPLE:
         ap.error(f"--frame-size must be a multiple of {VQ_DOWNSAMPLE}, at least 8")
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
-                 VideoRecipe(frames=args.frames, frame_size=args.frame_size), args.ckpt, args.ckpt_every)
+                 VideoRecipe(frames=args.frames, frame_size=args.frame_size, noise_free=args.noise_free), args.ckpt, args.ckpt_every, args.init_from,
+                 args.lr)
 
 
 if __name__ == "__main__":

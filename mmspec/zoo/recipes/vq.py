@@ -214,7 +214,7 @@ class _Stream:
     def batch(self, n: int) -> torch.Tensor:
         """``n`` inputs ``[n, 3, 64, 64]``, their reconstruction targets (3 channels: the noise-free
         render with ``denoise`` or ``decoder_only``, else the input) and loss weights (1 channel): ``[n, 7, 64, 64]``;
-        with ``decoder_only`` every other scene's input is its noise-free render too."""
+        with either, every other scene's input is its noise-free render too (the codes the t2i models learn)."""
         ns = int(round(n * self.r.scene_fraction))
         nc = n - ns
         parts = []
@@ -222,7 +222,7 @@ class _Stream:
             clean = self.r.denoise or self.r.decoder_only
             x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects, clean=clean)
             y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if clean else x
-            if self.r.decoder_only:  # every other scene is coded from its noise-free render (the t2i models' codes)
+            if clean:  # every other scene is coded from its noise-free render (the t2i models' codes)
                 x = torch.where((torch.arange(ns) % 2 == 0).view(-1, 1, 1, 1), y, x)
             parts.append(torch.cat([x, y, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
             self.i_scene += ns

@@ -1,0 +1,56 @@
+"""The video model's prompt-adherence reader (classifier on upsampled frames + motion direction) and evaluation."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmspec.zoo import hub  # noqa: E402
+from mmspec.zoo.data import DIRECTIONS, image_to_tensor, make_moving_scene, scene_seed  # noqa: E402
+from mmspec.zoo.recipes import video  # noqa: E402
+
+
+def _clips(n, size=32, frames=8):
+    clips = [make_moving_scene(scene_seed(video.ADHERENCE_SEED, i), size, frames, 1) for i in range(n)]
+    return clips, torch.stack([image_to_tensor(c.frames) for c in clips])
+
+
+def test_motion_direction_reads_real_clips():
+    clips, frames = _clips(24)
+    got = video.motion_direction(frames)
+    want = torch.tensor([list(DIRECTIONS).index(c.attributes["objects"][0]["direction"]) for c in clips])
+    assert got.shape == (24,) and got.dtype == torch.long
+    assert (got == want).float().mean() >= 0.75
+    still = frames[:, :1].expand(-1, 8, -1, -1, -1)  # nothing moves
+    assert (video.motion_direction(still) == -1).all()
+    # moving the clip backwards in time reverses the direction
+    names = list(DIRECTIONS)
+    opposite = {i: names.index(next(k for k, v in DIRECTIONS.items() if v == tuple(-u for u in DIRECTIONS[n])))
+                for i, n in enumerate(names)}
+    back = video.motion_direction(frames.flip(1))
+    ok = got == want
+    assert all(int(back[i]) == opposite[int(got[i])] for i in range(24) if ok[i])
+
+
+def test_read_clips_reads_real_clips_and_their_captions():
+    clips, frames = _clips(16)
+    pred = video.read_clips(hub.load_classifier(), frames)
+    want = video._caption_targets([c.caption for c in clips])
+    assert set(pred) == set(video.VIDEO_HEADS) == set(want)
+    for h in video.VIDEO_HEADS[:-1]:
+        assert pred[h].shape == (16,)
+        assert (pred[h] == want[h]).float().mean() >= 0.85, h
+
+
+def test_adherence_on_a_tiny_model(tmp_path):
+    small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
+    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small)
+    res = video.adherence(tmp_path / "v", n=3, batch_size=2)
+    assert res["n_captions"] == 3 and res["decoding"] == "ar" and res["step_compression"] == pytest.approx(1.0)
+    assert set(res["adherence_heads"]) == set(res["real_heads"]) == set(video.VIDEO_HEADS)
+    assert all(0.0 <= v <= 1.0 for v in [*res["adherence_heads"].values(), *res["real_heads"].values()])
+    assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
+    fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi")
+    assert fast["step_compression"] > 1.0
