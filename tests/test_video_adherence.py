@@ -54,3 +54,30 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
     fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi")
     assert fast["step_compression"] > 1.0
+
+
+def test_training_batches_weight_the_codes_near_the_moving_object():
+    clips = [make_moving_scene(scene_seed(video.VIDEO_TRAIN_SEED, i), 32, 8, 1) for i in range(6)]
+    w = video.code_weights(clips, 32, 2.0, 1.3)
+    assert w.shape == (6, 8, 64) and set(w.unique().tolist()) == {1.0, 3.0}
+    assert ((w > 1).sum(-1) >= 1).all()  # every frame weights the object's codes
+    moved = 0
+    cells = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).view(64, 2)
+    for clip, wi in zip(clips, w):
+        m = (wi > 1).float()
+        centre = (m @ cells) / m.sum(-1, keepdim=True)  # [F, (row, col)]
+        vx, vy = clip.attributes["objects"][0]["velocity"]
+        shift = centre[-1] - centre[0]
+        assert shift[1] * vx >= 0 and shift[0] * vy >= 0  # never against the motion
+        moved += int(shift[1] * vx > 0 or shift[0] * vy > 0)
+    assert moved >= 4
+    r = video.VideoRecipe(frames=4)
+    tok = video.build_tokenizer()
+    cfg = video.build_model(r, len(tok), 1024).config
+    ids, target, captions, weights = video.make_batch(tok, hub.load_vq(), cfg, 0, 3, video.VIDEO_TRAIN_SEED, 1, 0.0,
+                                                      None, True, 2.0)
+    assert weights.shape == ids.shape and (weights[~target] == 1).all() and (weights[target] > 1).any()
+    spec = cfg.video_layout
+    assert (weights[ids == spec["eof_token_id"]] == 1).all()
+    plain = video.make_batch(tok, hub.load_vq(), cfg, 0, 3, video.VIDEO_TRAIN_SEED, 1, 0.0, None, True)[3]
+    assert (plain == 1).all()

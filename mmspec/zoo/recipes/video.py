@@ -69,6 +69,10 @@ class VideoRecipe:
     #: no caption can predict; the t2i models learn noise-free codes for the same reason). The first two video
     #: models learned the noisy frames' codes.
     noise_free: bool = True
+    #: extra loss weight of the codes whose patch centre lies within ``object_halo`` radii of an object in that
+    #: frame (objects cover a few codes of a frame; unweighted, the static background dominates the loss)
+    object_weight: float = 2.0
+    object_halo: float = 1.3
 
 
 def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
@@ -94,18 +98,43 @@ def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
 def clip_batch(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool = False):
     """Clips ``start .. start+n-1`` of stream ``seed``: frames ``[n, F, 3, size, size]`` in [-1, 1] (their
     noise-free renders with ``noise_free``), captions."""
-    clips = [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free)
-             for i in range(start, start + n)]
+    clips = _clips(start, n, seed, frames, size, max_objects, noise_free)
     return torch.stack([image_to_tensor(c.clean if noise_free else c.frames) for c in clips]), [c.caption for c in clips]
 
 
+def _clips(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool):
+    return [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free)
+            for i in range(start, start + n)]
+
+
+def code_weights(clips: list[Any], size: int, weight: float, halo: float) -> torch.Tensor:
+    """Per-code loss weights ``[n, F, (size/4)^2]``: 1, plus ``weight`` where the code's 4x4 patch centre lies
+    within ``halo`` radii of an object's centre in that frame."""
+    grid = size // VQ_DOWNSAMPLE
+    c = torch.arange(grid, dtype=torch.float32) * VQ_DOWNSAMPLE + VQ_DOWNSAMPLE / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    frames = clips[0].frames.shape[0]
+    w = torch.ones(len(clips), frames, grid, grid)
+    t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1)
+    for i, clip in enumerate(clips):
+        for o in clip.attributes["objects"]:
+            cx, cy = o["start"][0] + o["velocity"][0] * t, o["start"][1] + o["velocity"][1] * t
+            near = (xx - cx) ** 2 + (yy - cy) ** 2 <= (halo * o["radius"]) ** 2  # [F, grid, grid]
+            w[i][near] = 1.0 + weight
+    return w.flatten(2)
+
+
 def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects: int, caption_dropout: float,
-               gen: torch.Generator | None, noise_free: bool = False):
-    """Sequences [n, L] (right padded), loss mask [n, L] (True where the token is predicted), captions; the codes
+               gen: torch.Generator | None, noise_free: bool = False, object_weight: float = 0.0,
+               object_halo: float = 1.3):
+    """Sequences [n, L] (right padded), loss mask [n, L] (True where the token is predicted), captions, and
+    per-token loss weights [n, L] (:func:`code_weights` on the codes with ``object_weight``, else 1); the codes
     are those of the noise-free renders with ``noise_free``."""
     spec = config.video_layout
     frames = spec["frames"]
-    video, captions = clip_batch(start, n, seed, frames, config.frame_size, max_objects, noise_free)
+    clips = _clips(start, n, seed, frames, config.frame_size, max_objects, noise_free)
+    video = torch.stack([image_to_tensor(c.clean if noise_free else c.frames) for c in clips])
+    captions = [c.caption for c in clips]
     codes = hub.encode_images(vq, video.flatten(0, 1)).view(n, frames, -1) + spec["image_token_offset"]
     codes = torch.cat([codes, codes.new_full((n, frames, 1), spec["eof_token_id"])], dim=2).flatten(1)
     drop = torch.rand(n, generator=gen) < caption_dropout if caption_dropout > 0 else torch.zeros(n, dtype=torch.bool)
@@ -115,10 +144,16 @@ def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects
     L = max(len(r) for r in rows)
     ids = torch.zeros(n, L, dtype=torch.long)
     target = torch.zeros(n, L, dtype=torch.bool)
+    weights = torch.ones(n, L)
+    wc = code_weights(clips, config.frame_size, object_weight, object_halo) if object_weight else None
     for i, (r, p) in enumerate(zip(rows, prompts)):
         ids[i, : len(r)] = torch.tensor(r)
         target[i, len(p) + 1 : len(r)] = True
-    return ids, target, captions
+        if wc is not None:  # codes of frame f sit after BOI and f earlier frames (each with its EOF)
+            span = torch.ones(frames, wc.shape[-1] + 1)
+            span[:, :-1] = wc[i]
+            weights[i, len(p) + 1 : len(p) + 1 + span.numel()] = span.flatten()
+    return ids, target, captions, weights
 
 
 def _logits(model, ids, target):
@@ -135,7 +170,7 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4, noise_free: bool
     sums = dict(loss=0.0, ent=0.0, count=0, loss_later=0.0, ent_later=0.0, count_later=0)
     frame_tokens = model.config.video_layout["height"] * model.config.video_layout["width"] + 1
     for start in range(0, n, batch_size):
-        ids, target, _ = make_batch(tokenizer, vq, model.config, start, min(batch_size, n - start),
+        ids, target, _, _ = make_batch(tokenizer, vq, model.config, start, min(batch_size, n - start),
                                     VIDEO_HELDOUT_SEED, 2, 0.0, None, noise_free)
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
@@ -189,11 +224,13 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
                        codebook=codebook_id(vq))
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
-        ids, target, _ = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size, VIDEO_TRAIN_SEED + seed,
-                                    r.max_objects, r.caption_dropout, gen, r.noise_free)
+        ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
+                                             VIDEO_TRAIN_SEED + seed, r.max_objects, r.caption_dropout, gen,
+                                             r.noise_free, r.object_weight, r.object_halo)
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
-        loss = F.cross_entropy(logits[tgt], ids[:, 1:][tgt])
+        w = weights[:, 1:][tgt]
+        loss = (F.cross_entropy(logits[tgt], ids[:, 1:][tgt], reduction="none") * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
