@@ -54,6 +54,8 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
     fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi")
     assert fast["step_compression"] > 1.0
+    png = video.main(["--out", str(tmp_path / "v"), "--samples", str(tmp_path / "grid.png"), "--threads", "1"])
+    assert png.is_file() and png.stat().st_size > 1000
 
 
 def test_training_batches_weight_the_codes_near_the_moving_object():

@@ -347,6 +347,46 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
             "step_compression": sum(st.step_compression for st in stats) / len(stats)}
 
 
+@torch.no_grad()
+def sample_grid(folder: str | Path | None, path: str | Path, n: int = 4, guidance: float = 3.0, seed: int = 0) -> Path:
+    """The card's picture: for the first ``n`` captions of the adherence stream, the real clip (top row) and the
+    model's AR sample (guidance ``guidance``, video ``i`` with seed ``seed + i``; bottom row), frame by frame,
+    caption on the left; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data import make_moving_scene, scene_seed
+    from .t2i import _wrap
+
+    pipe = load_video_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    layout = pipe.family.layout()
+    size = int(pipe.model.config.frame_size)
+    clips = [make_moving_scene(scene_seed(ADHERENCE_SEED, i), size, layout.frames, 1) for i in range(n)]
+    out = pipe([c.caption for c in clips], guidance_scale=guidance, decoding="ar", output_type="pt",
+               generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
+    f = layout.frames
+    fig, axes = plt.subplots(2 * n, f, figsize=(1.0 * f + 1.6, 2.1 * n))
+    for i, clip in enumerate(clips):
+        real = torch.from_numpy(clip.frames).float() / 255  # [F, s, s, 3]
+        for j in range(f):
+            for k, img in enumerate((real[j], out.frames[i, j].permute(1, 2, 0))):
+                ax = axes[2 * i + k, j]
+                ax.imshow(img.clamp(0, 1).numpy(), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if i == 0 and k == 0:
+                    ax.set_title(f"frame {j}", fontsize=8)
+        axes[2 * i, 0].set_ylabel("\n".join(_wrap(clip.caption, 24)) + "\n(real)", fontsize=6.5, rotation=0,
+                                  ha="right", va="center")
+        axes[2 * i + 1, 0].set_ylabel("AR sample", fontsize=6.5, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def load_video_model(path: str | Path | None = None, device="cpu", dtype=torch.float32):
     """The bundled video token model (stored in fp16) and its tokenizer, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -389,7 +429,12 @@ def main(argv=None):
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out one-object "
                          "captions to --out/adherence.json")
+    ap.add_argument("--samples", default=None, metavar="PNG",
+                    help="do not train: draw the card's picture (real clips and AR samples) of the model in --out")
     args = ap.parse_args(argv)
+    if args.samples:
+        setup_threads(args.threads)
+        return sample_grid(args.out, args.samples, seed=args.seed)
     if args.adherence:
         setup_threads(args.threads)
         res = adherence(args.out, args.adherence, seed=args.seed)
