@@ -119,9 +119,10 @@ def test_vq_denoise_stream_targets_the_noise_free_render():
         b = _Stream(_tiny_vq(denoise=denoise, scene_fraction=0.75)).batch(4)  # 3 scenes, 1 natural crop
         assert b.shape == (4, 7, 64, 64)
         x, scenes = scene_batch(0, 3, 0, 3, clean=True)
-        assert torch.equal(b[:3, :3], x)  # the input is the noisy image either way
-        want = torch.stack([image_to_tensor(s.clean) for s in scenes]) if denoise else x
-        assert torch.equal(b[:3, 3:6], want)
+        clean = torch.stack([image_to_tensor(s.clean) for s in scenes])
+        # the input is the noisy image, or with denoise (every other scene) the noise-free render: the t2i models' codes
+        assert torch.equal(b[:3, :3], torch.stack([clean[0], x[1], clean[2]]) if denoise else x)
+        assert torch.equal(b[:3, 3:6], clean if denoise else x)
         assert torch.equal(b[3, 3:6], b[3, :3])  # natural crops are reconstructed as they are
     assert float((b[:3, 6] > 1).float().mean()) > 0  # the object weights ride along
 
@@ -456,3 +457,16 @@ def _with_vae(train_mar, vae):
     def wrapped(out, role, minutes, seed, max_steps, threads, vae_path=None, **kw):
         return train_mar(out, role, minutes, seed, max_steps, threads, vae, **kw)
     return wrapped
+
+
+def test_vq_cli_codebook_size_and_code_dim(tmp_path):
+    import json
+
+    from mmspec.zoo import hub
+    from mmspec.zoo.train import main
+
+    main(["vq", "--minutes", "60", "--max-steps", "2", "--threads", "1", "--eval-n", "2", "--num-codes", "2048",
+          "--code-dim", "4", "--out", str(tmp_path / "q")])
+    m = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert m["recipe"]["num_codes"] == 2048 and m["recipe"]["vq_embed_dim"] == 4 and m["recipe"]["kmeans_crops"] == 512
+    assert tuple(hub.codebook(hub.load_vq(tmp_path / "q")).shape) == (2048, 4)

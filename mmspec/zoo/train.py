@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None):
                     help="vq: add a perceptual loss through this auxiliary scene classifier's trunk (not the "
                          "evaluation classifier); every step then trains on whole images")
     ap.add_argument("--perceptual-weight", type=float, default=1.0, help="vq with --perceptual-from: its weight")
+    ap.add_argument("--num-codes", type=int, default=None, help="vq: codebook size (default: the recipe's, 1024)")
+    ap.add_argument("--code-dim", type=int, default=None, help="vq: dimension of the code vectors (default: 8)")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -106,7 +108,10 @@ def main(argv: list[str] | None = None):
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
-        kw = {} if args.lr is None else {"lr": args.lr}
+        kw = {k: v for k, v in (("lr", args.lr), ("num_codes", args.num_codes), ("vq_embed_dim", args.code_dim))
+              if v is not None}
+        if args.num_codes and args.num_codes > 1024:  # about 16 encoder outputs per code for the k-means fit
+            kw["kmeans_crops"] = args.num_codes // 4
         if args.perceptual_from:
             kw.update(perceptual_from=args.perceptual_from, perceptual_weight=args.perceptual_weight, full_phase=1.0)
         vq_recipe = recipe.VQRecipe(**kw) if kw else None
