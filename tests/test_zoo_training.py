@@ -99,7 +99,7 @@ def test_vq_perceptual_loss_and_its_guard(tmp_path):
     x, _ = scene_batch(0, 2, 0, 2)
     y = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
     d = vq.perceptual_loss(clf, y, x)
-    assert float(vq.perceptual_loss(clf, x, x)) < 1e-10 < float(d)
+    assert float(vq.perceptual_loss(clf, x, x)) < 1e-10 < float(d.detach())
     d.backward()
     assert y.grad is not None and float(y.grad.abs().sum()) > 0  # differentiable in the reconstruction
     # a decoder-only run with it: the loss is logged on its (whole-image) steps, every code stays
