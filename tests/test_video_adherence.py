@@ -37,7 +37,7 @@ def test_motion_direction_reads_real_clips():
 def test_read_clips_reads_real_clips_and_their_captions():
     clips, frames = _clips(16)
     pred = video.read_clips(hub.load_classifier(), frames)
-    want = video._caption_targets([c.caption for c in clips])
+    want = video.caption_targets([c.caption for c in clips])
     assert set(pred) == set(video.VIDEO_HEADS) == set(want)
     for h in video.VIDEO_HEADS[:-1]:
         assert pred[h].shape == (16,)

@@ -331,10 +331,16 @@ def test_save_load_and_sample_script(tmp_path):
 def test_bench_rows_on_a_tiny_model(tmp_path):
     from mmspec.bench.common import markdown_table
     from mmspec.bench.video import COLUMNS, METHODS, run
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes.video import VIDEO_HEADS
 
     pipe = tiny_video_pipeline(frames=2, height=2, width=2)
-    rows = run(pipe, PROMPTS[:2], list(METHODS), window=8, do_sample=False)
+    targets = {h: torch.tensor([0, 1]) for h in VIDEO_HEADS}
+    rows = run(pipe, PROMPTS[:2], list(METHODS), window=8, do_sample=False, clf=hub.load_classifier(), targets=targets)
     assert [r["method"] for r in rows] == list(METHODS)
+    # greedy: every method makes the same videos, so the same adherence
+    assert all(r["adherence_heads"] == rows[0]["adherence_heads"] for r in rows)
+    assert 0.0 <= rows[0]["adherence"] <= 100.0 and set(rows[0]["adherence_heads"]) == set(VIDEO_HEADS)
     assert all(r["new_tokens"] == rows[0]["new_tokens"] and r["lossless"] for r in rows)
     assert rows[0]["step_compression"] == 1.0 and rows[0]["speedup_vs_ar"] == 1.0
     assert all(r["step_compression"] >= 1.0 and 0.0 <= r["repeat_fraction"] <= 1.0 for r in rows)

@@ -34,7 +34,7 @@ from .common import ResumableRun, adamw, codebook_id, dir_size_bytes, seed_every
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
-           "load_video_pipeline", "motion_direction", "read_clips", "adherence", "VIDEO_TRAIN_SEED",
+           "load_video_pipeline", "motion_direction", "read_clips", "caption_targets", "adherence", "VIDEO_TRAIN_SEED",
            "VIDEO_HELDOUT_SEED", "ADHERENCE_SEED", "VIDEO_HEADS"]
 
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
@@ -301,7 +301,8 @@ def read_clips(clf, frames: torch.Tensor) -> dict[str, torch.LongTensor]:
     return out
 
 
-def _caption_targets(captions: list[str]) -> dict[str, torch.LongTensor]:
+def caption_targets(captions: list[str]) -> dict[str, torch.LongTensor]:
+    """What a video following each caption shows (its first object), head by head as :func:`read_clips` reads it."""
     from ..data import DIRECTIONS, labels_from_attributes, parse_caption
 
     parsed = [parse_caption(c) for c in captions]
@@ -326,7 +327,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     size = int(pipe.model.config.frame_size)
     clips = [make_moving_scene(scene_seed(ADHERENCE_SEED, i), size, layout.frames, 1) for i in range(n)]
     captions = [c.caption for c in clips]
-    target = _caption_targets(captions)
+    target = caption_targets(captions)
     clf = hub.load_classifier()
     made, stats = [], []
     for s in range(0, n, batch_size):
