@@ -83,3 +83,28 @@ def test_training_batches_weight_the_codes_near_the_moving_object():
     assert (weights[ids == spec["eof_token_id"]] == 1).all()
     plain = video.make_batch(tok, hub.load_vq(), cfg, 0, 3, video.VIDEO_TRAIN_SEED, 1, 0.0, None, True)[3]
     assert (plain == 1).all()
+
+
+def test_video_model_starts_from_a_text_to_image_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes import t2i
+
+    t2i.train(tmp_path / "img", role="draft", minutes=60, max_steps=1, threads=1)
+    small = video.VideoRecipe(frames=2, frame_size=16, batch_size=2, eval_n=2)
+    m = video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small, init_from=tmp_path / "img", lr=1e-12)
+    img = AutoModelForCausalLM.from_pretrained(tmp_path / "img")
+    vid = AutoModelForCausalLM.from_pretrained(tmp_path / "v")
+    assert m["init_from"] == "img" and vid.config.hidden_size == img.config.hidden_size == 96
+    assert vid.config.num_hidden_layers == img.config.num_hidden_layers
+    keep, eoi = vid.config.boi_token_id + 1, img.config.image_layout["eoi_token_id"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        a, b = img.state_dict()[name], vid.state_dict()[name]
+        torch.testing.assert_close(b[:keep], a[:keep], atol=1e-3, rtol=0)
+        for i in (vid.config.video_layout["eof_token_id"], vid.config.video_layout["eoi_token_id"]):
+            torch.testing.assert_close(b[i], a[eoi], atol=1e-3, rtol=0)
+    torch.testing.assert_close(vid.model.layers[0].mlp.up_proj.weight, img.model.layers[0].mlp.up_proj.weight,
+                               atol=1e-3, rtol=0)
+    other = video.build_model(video.VideoRecipe(hidden=96, layers=2, heads=3, kv_heads=1, intermediate=256), 47, 512)
+    with pytest.raises(ValueError, match="other caption words or codes"):
+        video.transfer_from_image_model(other, img)

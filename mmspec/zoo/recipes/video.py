@@ -34,7 +34,7 @@ from .common import ResumableRun, adamw, codebook_id, dir_size_bytes, seed_every
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
-           "load_video_pipeline", "motion_direction", "read_clips", "caption_targets", "adherence", "VIDEO_TRAIN_SEED",
+           "load_video_pipeline", "transfer_from_image_model", "motion_direction", "read_clips", "caption_targets", "adherence", "VIDEO_TRAIN_SEED",
            "VIDEO_HELDOUT_SEED", "ADHERENCE_SEED", "VIDEO_HEADS"]
 
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
@@ -93,6 +93,30 @@ def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
     cfg.boi_token_id = boi
     cfg.frame_size = r.frame_size
     return LlamaForCausalLM(cfg)
+
+
+def transfer_from_image_model(model, image_model) -> None:
+    """Start the video ``model`` from a text-to-image token model of the same shape over the same caption words
+    and codes (``config.image_layout``): every transformer weight is copied; in the token embedding and the LM
+    head, the words, the codes and BOI keep their rows, and the video's EOF and EOI both start from the image
+    model's EOI (an image ends where a frame does). Raises ``ValueError`` when shapes or ids do not line up."""
+    vl, il = model.config.video_layout, image_model.config.image_layout
+    if (il["image_token_offset"] != vl["image_token_offset"] or il["codebook_size"] != vl["codebook_size"]
+            or image_model.config.boi_token_id != model.config.boi_token_id):
+        raise ValueError("the image model has other caption words or codes than the video model")
+    src = image_model.state_dict()
+    dst = model.state_dict()
+    if set(src) != set(dst):
+        raise ValueError("the image model has another architecture than the video model")
+    keep = model.config.boi_token_id + 1  # words, codes, BOI
+    rows = torch.tensor(list(range(keep)) + [il["eoi_token_id"]] * (model.config.vocab_size - keep))
+    with torch.no_grad():
+        for name, value in src.items():
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                value = value[rows]
+            if value.shape != dst[name].shape:
+                raise ValueError(f"the image model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
+            dst[name].copy_(value)
 
 
 def clip_batch(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool = False):
@@ -198,7 +222,10 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     ``ckpt``: a training-state file written every ``ckpt_every_s`` seconds and resumed when present (same recipe
     and tokenizer codebook; its time counts against ``minutes``). ``init_from``: a saved video model folder of the
     same architecture, layout and vocabulary to continue from (fresh optimiser and schedule; a checkpoint, when
-    present, still wins); pair it with a new ``seed`` (another clip stream) and usually a smaller ``lr``."""
+    present, still wins); pair it with a new ``seed`` (another clip stream) and usually a smaller ``lr``. It may
+    also be a text-to-image token model over the same words and codes (``weights/t2i_target``, whose config has an
+    ``image_layout``): the video model then takes its architecture and starts from its weights
+    (:func:`transfer_from_image_model`), i.e. from a model that already draws what captions name."""
     r = recipe or VideoRecipe()
     if lr is not None:
         r = replace(r, lr=lr)
@@ -206,16 +233,25 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
     tokenizer = build_tokenizer()
-    model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
+    start = None
     if init_from is not None:
         from transformers import AutoModelForCausalLM
 
         start = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
-        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "video_layout", "boi_token_id", "frame_size")
-        if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
-            raise ValueError(f"init_from={str(init_from)!r} is not a video model of this recipe and tokenizer")
-        model.load_state_dict(start.state_dict())
+        if getattr(start.config, "image_layout", None) is not None:  # a text-to-image model: take its shape
+            c = start.config
+            r = replace(r, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                        kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size)
+    model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
+    if start is not None:
+        if getattr(start.config, "image_layout", None) is not None:
+            transfer_from_image_model(model, start)
+        else:
+            keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "video_layout", "boi_token_id", "frame_size")
+            if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
+                raise ValueError(f"init_from={str(init_from)!r} is not a video model of this recipe and tokenizer")
+            model.load_state_dict(start.state_dict())
         print(f"[video] initialised from {init_from}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
