@@ -350,11 +350,12 @@ def caption_targets(captions: list[str]) -> dict[str, torch.LongTensor]:
 
 @torch.no_grad()
 def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3.0, seed: int = 0,
-              batch_size: int = 16, decoding: str = "ar") -> dict[str, Any]:
+              batch_size: int = 16, decoding: str = "ar", **pipe_kwargs: Any) -> dict[str, Any]:
     """Prompt adherence of the video model in ``folder`` (default: the bundled one): ``n`` held-out one-object
     captions (stream :data:`ADHERENCE_SEED`), video ``i`` sampled with seed ``seed + i`` at ``guidance`` by
     ``decoding``, read by :func:`read_clips`; accuracy per head and their mean. The same reader on the real clips of
-    those captions is the ceiling (``real_heads``): what it misses there is the reader's error, not the model's."""
+    those captions is the ceiling (``real_heads``): what it misses there is the reader's error, not the model's.
+    ``pipe_kwargs`` go to the pipeline call (e.g. ``window``, ``init``, ``coupled`` for Jacobi decoding)."""
     from ..data import make_moving_scene, scene_seed
 
     pipe = load_video_pipeline(folder)
@@ -367,7 +368,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     clf = hub.load_classifier()
     made, stats = [], []
     for s in range(0, n, batch_size):
-        out = pipe(captions[s : s + batch_size], guidance_scale=guidance, decoding=decoding, output_type="pt",
+        out = pipe(captions[s : s + batch_size], guidance_scale=guidance, decoding=decoding, output_type="pt", **pipe_kwargs,
                    generator=[torch.Generator().manual_seed(seed + i) for i in range(s, min(s + batch_size, n))])
         made.append(out.frames * 2 - 1)
         stats.append(out.stats)
@@ -378,7 +379,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
         return {h: float((pred[h] == target[h]).float().mean()) for h in VIDEO_HEADS}
 
     heads, real_heads = score(torch.cat(made)), score(real)
-    return {"n_captions": n, "guidance": guidance, "decoding": decoding, "seed": seed,
+    return {"n_captions": n, "guidance": guidance, "decoding": decoding, **pipe_kwargs, "seed": seed,
             "adherence_mean": sum(heads.values()) / len(heads), "adherence_heads": heads,
             "real_mean": sum(real_heads.values()) / len(real_heads), "real_heads": real_heads,
             "step_compression": sum(st.step_compression for st in stats) / len(stats)}
