@@ -52,8 +52,9 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert set(res["adherence_heads"]) == set(res["real_heads"]) == set(video.VIDEO_HEADS)
     assert all(0.0 <= v <= 1.0 for v in [*res["adherence_heads"].values(), *res["real_heads"].values()])
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
-    fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi")
-    assert fast["step_compression"] > 1.0
+    fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi", init="temporal", coupled=True, window=8)
+    assert fast["step_compression"] > 1.0 and fast["init"] == "temporal" and fast["window"] == 8
+    assert fast["real_heads"] == res["real_heads"]  # the same captions
     png = video.main(["--out", str(tmp_path / "v"), "--samples", str(tmp_path / "grid.png"), "--threads", "1"])
     assert png.is_file() and png.stat().st_size > 1000
 
