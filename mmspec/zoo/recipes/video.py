@@ -119,13 +119,6 @@ def transfer_from_image_model(model, image_model) -> None:
             dst[name].copy_(value)
 
 
-def clip_batch(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool = False):
-    """Clips ``start .. start+n-1`` of stream ``seed``: frames ``[n, F, 3, size, size]`` in [-1, 1] (their
-    noise-free renders with ``noise_free``), captions."""
-    clips = _clips(start, n, seed, frames, size, max_objects, noise_free)
-    return torch.stack([image_to_tensor(c.clean if noise_free else c.frames) for c in clips]), [c.caption for c in clips]
-
-
 def _clips(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool):
     return [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free)
             for i in range(start, start + n)]
