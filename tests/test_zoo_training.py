@@ -470,3 +470,29 @@ def test_vq_cli_codebook_size_and_code_dim(tmp_path):
     m = json.loads((tmp_path / "q" / "metrics.json").read_text())
     assert m["recipe"]["num_codes"] == 2048 and m["recipe"]["vq_embed_dim"] == 4 and m["recipe"]["kmeans_crops"] == 512
     assert tuple(hub.codebook(hub.load_vq(tmp_path / "q")).shape) == (2048, 4)
+
+
+def test_vq_loader_workers_serve_the_same_stream():
+    """Batches rendered ahead by loader processes are the images the training process would render itself, in
+    order, across a change of batch size (the whole-image phase); a one-off batch (the k-means fit) does not move
+    the stream."""
+    from mmspec.zoo.recipes.vq import _Stream
+
+    r = _tiny_vq(scene_fraction=0.75)
+    plain, ahead = _Stream(r), _Stream(r, workers=2)
+    fit = ahead.batch(8, prefetch=False)
+    assert (ahead.i_scene, ahead.i_crop) == (0, 0) and torch.equal(fit, _Stream(r).batch(8))
+    for n in (4, 4, 8, 4):
+        assert torch.equal(ahead.batch(n), plain.batch(n))
+    assert (ahead.i_scene, ahead.i_crop) == (plain.i_scene, plain.i_crop) == (15, 5)
+
+
+def test_vq_cli_device_workers_batch_size(tmp_path):
+    from mmspec.zoo.train import main
+
+    main(["vq", "--minutes", "60", "--max-steps", "3", "--threads", "1", "--eval-n", "2", "--workers", "1",
+          "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "q")])
+    m = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert (m["recipe"]["batch_size"], m["recipe"]["full_batch_size"], m["workers"], m["device"]) == (4, 2, 1, "cpu")
+    with pytest.raises(SystemExit):  # the other recipes train on the CPU, in-process
+        main(["t2i_target", "--minutes", "1", "--workers", "2", "--out", str(tmp_path / "t")])

@@ -72,6 +72,8 @@ def _parse(argv):
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats per case (median reported)")
     ap.add_argument("--budget-s", type=float, default=450.0,
                     help="wall-clock budget: sections start no new case after it (the report says what was cut)")
+    ap.add_argument("--zoo-parts", nargs="+", choices=("image", "text"), default=["image", "text"],
+                    help="zoo section: the bundled image models, the text pair, or both")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for gpu.json, gpu.md, "
                     "forward_cost.json")
     args = ap.parse_args(argv)
@@ -342,27 +344,65 @@ def forward_cost_file(section, device_name, dry_run, command="") -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
+#: the image methods timed on the GPU (names of ``bench.image.METHODS``): the lossless Jacobi family from SJD as
+#: published to the widest token tree, GSD, and draft-verify
+ZOO_IMAGE_METHODS = ["AR", "SJD (random init, w16)", "SJD coupled (horizontal, w16)",
+                     "coupled + tree(3,2) (horizontal, w32)", "coupled + tree(4,2) (horizontal, w64)",
+                     "jacobi-draft + tree(3,2) (horizontal, w48)", "GSD (G=10)", "draft-verify exact"]
+#: the same through the static cache and ``compile=True`` (CUDA graphs), batch 1
+ZOO_IMAGE_COMPILED = ["AR", "SJD coupled (horizontal, w16)"]
+
+
+def _zoo_image(args, device, clock) -> dict:
+    """Image rows: each method at batch 1 (prompts one after another) and at batch 8, eager, then compiled at
+    batch 1 (CUDA only). ``median_s`` is the time of all the prompts; ``speedup_vs_ar`` is against AR at the same batch size
+    and mode, ``vs_eager_ar`` against eager AR at that batch size."""
+    from ..zoo.data import make_scene, scene_seed
+    from ..zoo.models import load_image_pipeline
+    from ..zoo.recipes.common import HELDOUT_SCENE_SEED
+    from . import image
+
+    pipe, draft = load_image_pipeline(device=str(device))
+    pipe.set_progress_bar_config(disable=True)
+    keys = ("method", "lossless", "target_forwards", "step_compression", "median_s")
+    prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(8)]
+    if args.dry_run:
+        plan = [(1, prompts[:1], ["AR", "SJD (random init, w16)"], {})]
+    else:
+        plan = [(1, prompts[:4], ZOO_IMAGE_METHODS, {}), (8, prompts, ZOO_IMAGE_METHODS, {})]
+        if device.type == "cuda":
+            plan.append((1, prompts[:4], ZOO_IMAGE_COMPILED, dict(cache="static", compile=True)))
+    image.run(pipe, draft, prompts[:1], ["AR"], progress=False)  # warm-up: CUDA context, allocator, kernels
+    rows, cut, eager_ar = [], [], {}
+    for batch, ps, names, extra in plan:
+        if clock.over():
+            cut.append(f"batch {batch}{' compiled' if extra else ''}")
+            continue
+        tag = " [static, compiled]" if extra else ""
+        methods = {n + tag: {**image.METHODS[n], **extra} for n in names}
+        # compiled: the first repeat pays the compilation, which the median of three leaves out
+        part = image.run(pipe, draft, ps, methods, repeats=1 if args.dry_run else (3 if extra else 2),
+                         batch_size=batch, progress=False)
+        ar = part[0]["median_s"]  # each list starts with AR
+        eager_ar.setdefault(batch, ar)
+        for r in part:
+            rows.append({"batch": batch, **{k: r.get(k) for k in keys}, "speedup_vs_ar": ar / r["median_s"],
+                         "vs_eager_ar": eager_ar[batch] / r["median_s"]})
+            print(json.dumps(rows[-1]), flush=True)  # in the log as it comes, should a later part hang
+    return {"image": rows, **({"image_cut_by_budget": cut} if cut else {})}
+
+
 def zoo(args, device, clock):
-    from ..zoo.models import load_image_pipeline, load_text_pair, text_prompts
-    from . import image, text
+    from ..zoo.models import load_text_pair, text_prompts
+    from . import text
 
     result = {}
     try:
-        from ..zoo.data import make_scene, scene_seed
-        from ..zoo.recipes.common import HELDOUT_SCENE_SEED
-
-        pipe, draft = load_image_pipeline(device=str(device))
-        pipe.set_progress_bar_config(disable=True)
-        n = 1 if args.dry_run else 4
-        methods = ["AR", "SJD (random init, w16)"] if args.dry_run else [
-            "AR", "SJD coupled (vertical, w16)", "SJD coupled (vertical, w32)", "draft-verify exact"]
-        prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
-        rows = image.run(pipe, draft, prompts, methods, repeats=1 if args.dry_run else 2)
-        result["image"] = [{k: r[k] for k in ("method", "lossless", "target_forwards", "step_compression",
-                                              "median_s", "speedup_vs_ar")} for r in rows]
-        del pipe, draft
+        result.update(_zoo_image(args, device, clock))
     except Exception as err:
         result["image_error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
+    if "text" not in args.zoo_parts:
+        return result
     if clock.over():
         result["text_error"] = "cut by budget"
         return result

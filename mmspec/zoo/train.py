@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--perceptual-weight", type=float, default=1.0, help="vq with --perceptual-from: its weight")
     ap.add_argument("--num-codes", type=int, default=None, help="vq: codebook size (default: the recipe's, 1024)")
     ap.add_argument("--code-dim", type=int, default=None, help="vq: dimension of the code vectors (default: 8)")
+    ap.add_argument("--device", default="cpu", help="vq: where the model trains (cuda on a GPU machine)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="vq: loader processes rendering the training images ahead of the step (a GPU needs them)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="vq: crops per step (default: the recipe's, 16); whole-image steps take half as many")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -87,6 +92,8 @@ def main(argv: list[str] | None = None):
         ap.error("--minutes must be > 0")
     out = args.out or os.path.join("outputs", "zoo", args.model)
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
+    if module_name != "vq" and (args.device != "cpu" or args.workers or args.batch_size):
+        ap.error("--device, --workers and --batch-size apply to vq only")
     if module_name in _OWN_CLI:
         forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
                                                 "--threads", str(args.threads)]
@@ -108,15 +115,18 @@ def main(argv: list[str] | None = None):
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     if module_name in ("vq",):
-        kw = {k: v for k, v in (("lr", args.lr), ("num_codes", args.num_codes), ("vq_embed_dim", args.code_dim))
-              if v is not None}
+        kw = {k: v for k, v in (("lr", args.lr), ("num_codes", args.num_codes), ("vq_embed_dim", args.code_dim),
+                                ("batch_size", args.batch_size)) if v is not None}
+        if args.batch_size:
+            kw["full_batch_size"] = max(1, args.batch_size // 2)
         if args.num_codes and args.num_codes > 1024:  # about 16 encoder outputs per code for the k-means fit
             kw["kmeans_crops"] = args.num_codes // 4
         if args.perceptual_from:
             kw.update(perceptual_from=args.perceptual_from, perceptual_weight=args.perceptual_weight, full_phase=1.0)
         vq_recipe = recipe.VQRecipe(**kw) if kw else None
         return recipe.train(out, eval_n=args.eval_n, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
-                            denoise=args.denoise, decoder_only=args.decoder_only, recipe=vq_recipe, **common)
+                            denoise=args.denoise, decoder_only=args.decoder_only, recipe=vq_recipe,
+                            device=args.device, workers=args.workers, **common)
     if module_name == "classifier":
         return recipe.train(out, eval_n=args.eval_n, vq_path=args.vq, **common)
     if module_name == "t2i":

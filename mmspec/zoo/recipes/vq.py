@@ -141,13 +141,13 @@ class EMACodebook:
     def __init__(self, weight: torch.nn.Parameter, decay: float, eps: float = 1e-5):
         self.weight, self.decay, self.eps = weight, decay, eps
         k = weight.shape[0]
-        self.cluster_size = torch.ones(k)
+        self.cluster_size = torch.ones(k, device=weight.device)
         self.embed_sum = weight.detach().clone()
 
     def reset(self, codes: torch.Tensor, rates: torch.Tensor) -> None:
         """Set the codes and their EMA hit rates (hits per training step)."""
         self.weight.data.copy_(codes)
-        self.cluster_size = rates.clone().float()
+        self.cluster_size = rates.to(self.weight.device, torch.float32, copy=True)
         self.embed_sum = codes.clone() * self.cluster_size[:, None]
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,7 @@ class EMACodebook:
     def update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
         k, dim = self.weight.shape
         counts = torch.bincount(idx, minlength=k).float()
-        sums = torch.zeros(k, dim).index_add_(0, idx, z)
+        sums = torch.zeros(k, dim, device=z.device).index_add_(0, idx, z)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -170,8 +170,9 @@ class EMACodebook:
         nd = int(dead.numel())
         if nd == 0:
             return 0
-        pick = torch.multinomial(err + 1e-12, nd, replacement=nd > z.shape[0], generator=gen)
-        new = z[pick] + 0.01 * z.std(0, keepdim=True) * torch.randn(nd, z.shape[1], generator=gen)
+        # drawn with the (CPU) generator, so a run's restarts do not depend on the device
+        pick = torch.multinomial(err.cpu() + 1e-12, nd, replacement=nd > z.shape[0], generator=gen)
+        new = z[pick.to(z.device)] + 0.01 * z.std(0, keepdim=True) * torch.randn(nd, z.shape[1], generator=gen).to(z.device)
         rate = 2 * threshold
         self.weight.data[dead] = new
         self.cluster_size[dead] = rate
@@ -188,10 +189,10 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means of ``x [N, D]`` from a random sample; empty clusters are reseeded.
     Returns the centroids ``[k, D]`` and their final cluster sizes ``[k]``."""
-    c = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    c = x[torch.randperm(x.shape[0], generator=gen)[:k].to(x.device)].clone()
     if c.shape[0] < k:  # fewer points than codes (tiny runs): pad with jittered copies
-        extra = x[torch.randint(0, x.shape[0], (k - c.shape[0],), generator=gen)]
-        c = torch.cat([c, extra + 0.01 * torch.randn(extra.shape, generator=gen)])
+        extra = x[torch.randint(0, x.shape[0], (k - c.shape[0],), generator=gen).to(x.device)]
+        c = torch.cat([c, extra + 0.01 * torch.randn(extra.shape, generator=gen).to(x.device)])
     for _ in range(iters):
         a = nearest(x, c)
         counts = torch.bincount(a, minlength=k).float()
@@ -199,38 +200,83 @@ def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[t
         empty = counts == 0
         c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
         if empty.any():
-            c[empty] = x[torch.randint(0, x.shape[0], (int(empty.sum()),), generator=gen)]
+            c[empty] = x[torch.randint(0, x.shape[0], (int(empty.sum()),), generator=gen).to(x.device)]
     return c, torch.bincount(nearest(x, c), minlength=k).float()
 
 
-class _Stream:
-    """Fresh training images: scenes and natural crops, mixed per batch, from disjoint seed streams."""
+def _stream_batch(r: VQRecipe, n: int, i_scene: int, i_crop: int) -> torch.Tensor:
+    """The ``n`` training images that start at scene ``i_scene`` and natural crop ``i_crop`` of the stream: inputs
+    ``[n, 3, 64, 64]``, their reconstruction targets (3 channels: the noise-free render with ``denoise`` or
+    ``decoder_only``, else the input) and loss weights (1 channel), as one ``[n, 7, 64, 64]``; with either option,
+    every other scene's input is its noise-free render too (the codes the t2i models learn)."""
+    ns = int(round(n * r.scene_fraction))
+    nc = n - ns
+    parts = []
+    if ns:
+        clean = r.denoise or r.decoder_only
+        x, scenes = scene_batch(i_scene, ns, TRAIN_SCENE_SEED, r.max_objects, clean=clean)
+        y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if clean else x
+        if clean:  # every other scene is coded from its noise-free render (the t2i models' codes)
+            x = torch.where((torch.arange(ns) % 2 == 0).view(-1, 1, 1, 1), y, x)
+        parts.append(torch.cat([x, y, object_weights(scenes, x.shape[-1], r.object_weight, r.object_halo)], 1))
+    if nc:
+        x = crop_batch(i_crop, nc, TRAIN_CROP_SEED)
+        parts.append(torch.cat([x, x, torch.ones_like(x[:, :1])], 1))
+    return torch.cat(parts)
 
-    def __init__(self, r: VQRecipe):
-        self.r = r
+
+class _StreamBatches(torch.utils.data.Dataset):
+    """Batch ``k`` of ``n`` images from the stream position ``(i_scene, i_crop)`` on: a pure function of ``k``, so
+    loader workers can render batches ahead of the training step in any order."""
+
+    def __init__(self, r: VQRecipe, n: int, i_scene: int, i_crop: int):
+        self.r, self.n, self.i_scene, self.i_crop = r, n, i_scene, i_crop
+        self.ns = int(round(n * r.scene_fraction))
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return _stream_batch(self.r, self.n, self.i_scene + k * self.ns, self.i_crop + k * (self.n - self.ns))
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+class _Stream:
+    """Fresh training images: scenes and natural crops, mixed per batch, from disjoint seed streams.
+
+    ``workers > 0`` renders the batches in that many loader processes ahead of the step (for a GPU, where one
+    core cannot render as fast as the step trains); the images are the same as without workers."""
+
+    def __init__(self, r: VQRecipe, workers: int = 0, pin_memory: bool = False):
+        self.r, self.workers, self.pin_memory = r, workers, pin_memory
         self.i_scene = 0
         self.i_crop = 0
+        self._loader: Any = None
+        self._n: int | None = None
 
-    def batch(self, n: int) -> torch.Tensor:
-        """``n`` inputs ``[n, 3, 64, 64]``, their reconstruction targets (3 channels: the noise-free
-        render with ``denoise`` or ``decoder_only``, else the input) and loss weights (1 channel): ``[n, 7, 64, 64]``;
-        with either, every other scene's input is its noise-free render too (the codes the t2i models learn)."""
+    def batch(self, n: int, prefetch: bool = True) -> torch.Tensor:
+        """The next ``n`` images ``[n, 7, 64, 64]`` (see :func:`_stream_batch`). ``prefetch=False`` (a one-off size,
+        the k-means fit): rendered here; with workers it reads the images the loader serves next, without
+        moving the stream."""
         ns = int(round(n * self.r.scene_fraction))
-        nc = n - ns
-        parts = []
-        if ns:
-            clean = self.r.denoise or self.r.decoder_only
-            x, scenes = scene_batch(self.i_scene, ns, TRAIN_SCENE_SEED, self.r.max_objects, clean=clean)
-            y = torch.stack([image_to_tensor(s.clean) for s in scenes]) if clean else x
-            if clean:  # every other scene is coded from its noise-free render (the t2i models' codes)
-                x = torch.where((torch.arange(ns) % 2 == 0).view(-1, 1, 1, 1), y, x)
-            parts.append(torch.cat([x, y, object_weights(scenes, x.shape[-1], self.r.object_weight, self.r.object_halo)], 1))
-            self.i_scene += ns
-        if nc:
-            x = crop_batch(self.i_crop, nc, TRAIN_CROP_SEED)
-            parts.append(torch.cat([x, x, torch.ones_like(x[:, :1])], 1))
-            self.i_crop += nc
-        return torch.cat(parts)
+        if not self.workers or not prefetch:
+            x = _stream_batch(self.r, n, self.i_scene, self.i_crop)
+            if self.workers:
+                return x
+        else:
+            if self._n != n:  # a new batch size (the whole-image phase): a loader from the current position
+                data = _StreamBatches(self.r, n, self.i_scene, self.i_crop)
+                self._loader = iter(torch.utils.data.DataLoader(
+                    data, batch_size=None, num_workers=self.workers, prefetch_factor=4, worker_init_fn=_one_thread,
+                    pin_memory=self.pin_memory))
+                self._n = n
+            x = next(self._loader)
+        self.i_scene += ns
+        self.i_crop += n - ns
+        return x
 
 
 def object_weights(scenes: list[Any], size: int, weight: float, halo: float) -> torch.Tensor:
@@ -377,7 +423,8 @@ def classifier_accuracy(vq: VQModel, n: int, batch_size: int = 64) -> dict[str, 
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, recipe: VQRecipe | None = None, eval_n: int | None = None, threads: int = 2,
           ckpt: str | Path | None = None, ckpt_every_s: float = 300.0, init_from: str | Path | None = None,
-          denoise: bool | None = None, decoder_only: bool | None = None) -> dict[str, Any]:
+          denoise: bool | None = None, decoder_only: bool | None = None, device: str = "cpu",
+          workers: int = 0) -> dict[str, Any]:
     """Train the tokenizer for ``minutes`` of wall clock (or ``max_steps``), save it in fp16 to
     ``out`` and return the metrics (also written to ``out/metrics.json``), with a loss curve
     ``out/loss_curve.png``.
@@ -390,7 +437,11 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     weights; its codebook is the initial one (no autoencoder phase, no k-means), with equal hit rates,
     so dead-code restarts move the codes the new objective leaves unused. ``denoise``, ``decoder_only``: override
     :attr:`VQRecipe.denoise` / :attr:`VQRecipe.decoder_only` (the latter needs ``init_from``: only the decoder
-    trains, every code stays)."""
+    trains, every code stays).
+
+    ``device``: where the model trains (``"cuda"`` on a GPU machine; the evaluation runs on the CPU, on the saved
+    fp16 weights as they ship). ``workers``: loader processes that render the training images ahead of the step
+    (0: rendered in the training process); a GPU needs them, and a larger :attr:`VQRecipe.batch_size`."""
     r = recipe or VQRecipe()
     if denoise is not None:
         r = replace(r, denoise=denoise)
@@ -403,7 +454,8 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     setup_threads(threads)
     gen = seed_everything(seed)
     out = Path(out)
-    vq = build_model(r)
+    device = torch.device(device)
+    vq = build_model(r).to(device)
     n_params = sum(p.numel() for p in vq.parameters())
     weight = vq.quantize.embedding.weight
     weight.requires_grad_(False)
@@ -415,10 +467,10 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     if r.perceptual_weight > 0:
         if r.perceptual_from is None:
             raise ValueError("perceptual_weight needs perceptual_from (an auxiliary scene classifier's folder)")
-        perceptual = perceptual_net(r.perceptual_from)
+        perceptual = perceptual_net(r.perceptual_from).to(device)
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=r.lr, betas=(0.9, 0.99))
-    stream = _Stream(r)
+    stream = _Stream(r, workers, pin_memory=device.type == "cuda")
     step, quantizing, restarts, images_seen, elapsed = 0, False, 0, 0, 0.0
     if init_from is not None:
         start = hub.load_vq(init_from)
@@ -434,14 +486,15 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     checkpoint = Checkpoint(ckpt, ckpt_every_s)
     state = checkpoint.resume(vq, opt, gen, recipe=asdict(r))
     if state is not None:
-        codebook.cluster_size, codebook.embed_sum = state["cluster_size"], state["embed_sum"]
+        codebook.cluster_size, codebook.embed_sum = state["cluster_size"].to(device), state["embed_sum"].to(device)
         stream.i_scene, stream.i_crop = state["stream"]
         torch.set_rng_state(state["torch_rng"])
         step, quantizing, restarts, images_seen, elapsed = (state[k] for k in ("step", "quantizing", "restarts", "images_seen", "elapsed"))
         ema, history = state["ema"], state["history"]
         print(f"[vq] resumed from {ckpt} at step {step} ({elapsed:.0f} s trained)", flush=True)
     budget = Budget(minutes, max_steps, elapsed_s=elapsed)
-    print(f"[vq] {n_params / 1e6:.3f}M params, budget {minutes} min, max_steps={max_steps}, seed={seed}", flush=True)
+    print(f"[vq] {n_params / 1e6:.3f}M params, budget {minutes} min, max_steps={max_steps}, seed={seed}, device={device}, "
+          f"batch {r.batch_size} crops / {r.full_batch_size} images, {workers} loader workers", flush=True)
 
     def snapshot() -> dict[str, Any]:
         return {"recipe": asdict(r), "model": vq.state_dict(), "opt": opt.state_dict(), "cluster_size": codebook.cluster_size,
@@ -460,7 +513,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             with torch.no_grad():
                 # a step-limited run needs no more data for the fit than it will train on
                 n_fit = r.kmeans_crops if max_steps is None else min(r.kmeans_crops, max(16, max_steps * r.batch_size))
-                xs = _random_crops(stream.batch(n_fit), r.crop, gen)[:, :3]
+                xs = _random_crops(stream.batch(n_fit, prefetch=False), r.crop, gen)[:, :3].to(device)
                 z = torch.cat([_encode(vq, xs[i : i + 64]) for i in range(0, xs.shape[0], 64)])
                 zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
                 centroids, sizes = kmeans(zf, r.num_codes, r.kmeans_iters, gen)
@@ -468,7 +521,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
                 codebook.reset(centroids, sizes * (r.batch_size / xs.shape[0]))
             quantizing = True
             print(f"[vq] step {step}: codebook k-means initialised on {zf.shape[0]} encoder outputs", flush=True)
-        x = stream.batch(r.full_batch_size if full else r.batch_size)
+        x = stream.batch(r.full_batch_size if full else r.batch_size).to(device, non_blocking=True)
         images_seen += x.shape[0]
         if not full:
             x = _random_crops(x, r.crop, gen)
@@ -482,7 +535,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         zf = z.permute(0, 2, 3, 1).reshape(-1, d)
         if r.decoder_only:  # the codes as diffusers' lookup gives them; nothing upstream of them moves
             idx = codebook.lookup(zf)
-            commit = torch.zeros(())
+            commit = torch.zeros((), device=device)
             zq = weight.detach()[idx].view(b, h, w, d).permute(0, 3, 1, 2)
         elif quantizing:
             idx = codebook.lookup(zf.detach())
@@ -490,7 +543,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             commit = F.mse_loss(zf, q)
             zq = (zf + (q - zf).detach()).view(b, h, w, d).permute(0, 3, 1, 2)
         else:
-            commit = torch.zeros(())
+            commit = torch.zeros((), device=device)
             zq = z
         y = vq.decoder(vq.post_quant_conv(zq))
         wn = wmap / wmap.mean()
@@ -546,6 +599,8 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         "params": n_params,
         "seed": seed,
         "threads": threads,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "workers": workers,
         "minutes_budget": minutes,
         "max_steps": max_steps,
         "steps": step,
