@@ -47,11 +47,12 @@ __all__ = [
 
 #: Directory of the bundled weights (inside the installed package).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-_BUNDLED = ("vq", "classifier")
+_BUNDLED = ("vq", "vq4096", "classifier")
 
 
 def weights_path(name: str) -> Path:
-    """Directory of bundled model ``name`` (``"vq"`` or ``"classifier"``)."""
+    """Directory of bundled model ``name``: ``"vq"`` (the tokenizer every bundled token model uses), ``"vq4096"``
+    (the 4,096-code tokenizer of `cards/vq.md`, which the token models are being retrained on) or ``"classifier"``."""
     if name not in _BUNDLED:
         raise ValueError(f"unknown bundled model {name!r}; expected one of {_BUNDLED}")
     path = WEIGHTS_DIR / name
