@@ -380,8 +380,8 @@ def _zoo_image(args, device, clock) -> dict:
             continue
         tag = " [static, compiled]" if extra else ""
         methods = {n + tag: {**image.METHODS[n], **extra} for n in names}
-        # compiled: the first repeat pays the compilation, which the median of three leaves out
-        part = image.run(pipe, draft, ps, methods, repeats=1 if args.dry_run else (3 if extra else 2),
+        # the median of three leaves out a first call that pays kernel JIT or (compiled) the compilation
+        part = image.run(pipe, draft, ps, methods, repeats=1 if args.dry_run else 3,
                          batch_size=batch, progress=False)
         ar = part[0]["median_s"]  # each list starts with AR
         eager_ar.setdefault(batch, ar)
