@@ -495,4 +495,22 @@ def test_vq_cli_device_workers_batch_size(tmp_path):
     m = json.loads((tmp_path / "q" / "metrics.json").read_text())
     assert (m["recipe"]["batch_size"], m["recipe"]["full_batch_size"], m["workers"], m["device"]) == (4, 2, 1, "cpu")
     with pytest.raises(SystemExit):  # the other recipes train on the CPU, in-process
-        main(["t2i_target", "--minutes", "1", "--workers", "2", "--out", str(tmp_path / "t")])
+        main(["c2i", "--minutes", "1", "--workers", "2", "--out", str(tmp_path / "t")])
+
+
+def test_t2i_loader_workers_train_the_same_model(tmp_path):
+    """Scenes rendered ahead by a loader process (the GPU path) train the very model the in-process path does: same
+    batches, same caption dropout, same steps."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes import t2i
+
+    kw = dict(role="draft", minutes=60, max_steps=2, threads=1, seed=3, batch_size=4)
+    a = t2i.train(tmp_path / "a", **kw)
+    b = t2i.train(tmp_path / "b", workers=1, device="cpu", **kw)
+    assert (a["images_seen"], b["images_seen"], b["workers"], b["device"], b["recipe"]["batch_size"]) == (8, 8, 1, "cpu", 4)
+    ma, mb = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+        assert torch.equal(pa, pb), name
+    with pytest.raises(ValueError, match="CPU only"):
+        t2i.train(tmp_path / "c", device="meta", distill_from=tmp_path / "a", **kw)

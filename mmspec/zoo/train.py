@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--perceptual-weight", type=float, default=1.0, help="vq with --perceptual-from: its weight")
     ap.add_argument("--num-codes", type=int, default=None, help="vq: codebook size (default: the recipe's, 1024)")
     ap.add_argument("--code-dim", type=int, default=None, help="vq: dimension of the code vectors (default: 8)")
-    ap.add_argument("--device", default="cpu", help="vq: where the model trains (cuda on a GPU machine)")
+    ap.add_argument("--device", default="cpu", help="vq, t2i_*: where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0,
-                    help="vq: loader processes rendering the training images ahead of the step (a GPU needs them)")
+                    help="vq, t2i_*: loader processes rendering the training images ahead of the step (a GPU needs them)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="vq: crops per step (default: the recipe's, 16); whole-image steps take half as many")
+                    help="vq: crops per step (default 16; whole-image steps take half as many); t2i_*: sequences per "
+                         "step (default 32)")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None):
         ap.error("--minutes must be > 0")
     out = args.out or os.path.join("outputs", "zoo", args.model)
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
-    if module_name != "vq" and (args.device != "cpu" or args.workers or args.batch_size):
-        ap.error("--device, --workers and --batch-size apply to vq only")
+    if module_name not in ("vq", "t2i") and (args.device != "cpu" or args.workers or args.batch_size):
+        ap.error("--device, --workers and --batch-size apply to vq and t2i_* only")
     if module_name in _OWN_CLI:
         forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
                                                 "--threads", str(args.threads)]
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None):
         return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
                             lr=args.lr, noise_free=args.noise_free, distill_from=args.distill_from,
                             guidance=args.guidance, divergence=args.divergence, on_policy=args.on_policy,
-                            **common)
+                            device=args.device, workers=args.workers, batch_size=args.batch_size, **common)
     if module_name == "text_lm":
         return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, ckpt=args.ckpt,
                             ckpt_every_s=args.ckpt_every, **common)

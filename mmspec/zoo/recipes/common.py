@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +265,33 @@ class ResumableRun:
         self.checkpoint.save(self.state())
         plot_loss_curve(self.history, curve, title)
         return seconds
+
+
+# ---------------------------------------------------------------------------------------------- loader workers
+
+
+def one_thread(_worker_id: int) -> None:
+    """A loader process's ``worker_init_fn``: one torch thread each (the processes are the parallelism)."""
+    torch.set_num_threads(1)
+
+
+class _IndexedBatches(torch.utils.data.Dataset):
+    def __init__(self, fn: Callable[[int], Any], start: int, step: int):
+        self.fn, self.start, self.step = fn, start, step
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, k: int) -> Any:
+        return self.fn(self.start + k * self.step)
+
+
+def prefetch(fn: Callable[[int], Any], start: int, step: int, workers: int = 0, pin_memory: bool = False) -> Iterator[Any]:
+    """``fn(start)``, ``fn(start + step)``, ... in order, without end: computed in this process one at a time when
+    ``workers`` is 0, else ahead of use by that many loader processes (``fn`` must pickle: a module-level function
+    or a ``functools.partial`` of one, and depend on its argument alone). Tensors come back in shared memory
+    (page-locked with ``pin_memory``, for a fast copy to a GPU)."""
+    if workers <= 0:
+        return (fn(start + k * step) for k in itertools.count())
+    return iter(torch.utils.data.DataLoader(_IndexedBatches(fn, start, step), batch_size=None, num_workers=workers,
+                                            prefetch_factor=4, worker_init_fn=one_thread, pin_memory=pin_memory))

@@ -13,6 +13,7 @@ VQ in the same step.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .common import (
     ResumableRun,
     adamw,
     dir_size_bytes,
+    prefetch,
     scene_batch,
     seed_everything,
     setup_threads,
@@ -99,21 +101,31 @@ def build_model(r: T2IRecipe, n_text: int, codebook_size: int):
     return LlamaForCausalLM(cfg)
 
 
-def make_batch(tokenizer, vq, model_config, start: int, n: int, seed: int, max_objects: int,
-               caption_dropout: float, gen: torch.Generator | None, object_weight: float | None = None,
-               object_halo: float = 1.3, noise_free: bool = False):
-    """Sequences [n, L] (right padded), loss mask [n, L] (True where the next token is a target) and the
-    captions; with ``object_weight`` also per-token loss weights [n, L] (1, or ``1 + object_weight`` on
-    the codes near an object; see :func:`mmspec.zoo.recipes.vq.object_weights`). ``noise_free``: the codes
-    are those of the scenes' renders without sensor noise."""
+def render_batch(start: int, n: int, seed: int, max_objects: int, noise_free: bool = False,
+                 object_weight: float | None = None, object_halo: float = 1.3):
+    """The scenes ``start .. start+n-1`` of stream ``seed``: images ``[n, 3, 64, 64]`` (their noise-free renders with
+    ``noise_free``), captions, and with ``object_weight`` each code's loss weight ``[n, 256]`` (the pixel weight of
+    :func:`mmspec.zoo.recipes.vq.object_weights` at its patch centre; else None). A pure function of its arguments,
+    so loader processes can render batches ahead of the step."""
     images, scenes = scene_batch(start, n, seed, max_objects, clean=noise_free)
     if noise_free:
         images = torch.stack([image_to_tensor(s.clean) for s in scenes])
+    wc = None
+    if object_weight is not None:
+        wc = object_weights(scenes, images.shape[-1], object_weight, object_halo)[:, 0, 2::4, 2::4].reshape(n, -1)
+    return images, [s.caption for s in scenes], wc
+
+
+def assemble_batch(tokenizer, vq, model_config, images: torch.Tensor, captions: list[str], wc: torch.Tensor | None,
+                   caption_dropout: float, gen: torch.Generator | None):
+    """Sequences from rendered scenes (:func:`render_batch`): the images are coded by ``vq`` (on its device), the
+    captions dropped with probability ``caption_dropout`` (drawn from ``gen``). Returns what :func:`make_batch`
+    does, on the CPU."""
+    n = images.shape[0]
     with torch.no_grad():
-        codes = hub.encode_images(vq, images)  # [n, 256]
+        codes = hub.encode_images(vq, images).cpu()  # [n, 256]
     layout = model_config.image_layout
     offset, boi, eoi = layout["image_token_offset"], model_config.boi_token_id, layout["eoi_token_id"]
-    captions = [s.caption for s in scenes]
     drop = torch.rand(n, generator=gen) < caption_dropout if caption_dropout > 0 else torch.zeros(n, dtype=torch.bool)
     texts = ["" if d else c for c, d in zip(captions, drop.tolist())]
     prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
@@ -124,14 +136,23 @@ def make_batch(tokenizer, vq, model_config, start: int, n: int, seed: int, max_o
     for i, (r, p) in enumerate(zip(rows, prompts)):
         ids[i, : len(r)] = torch.tensor(r)
         target[i, len(p) + 1 : len(r)] = True  # codes and EOI are predicted
-    if object_weight is None:
+    if wc is None:
         return ids, target, captions
-    # weight of each code = pixel weight at its patch centre
-    wc = object_weights(scenes, images.shape[-1], object_weight, object_halo)[:, 0, 2::4, 2::4].reshape(n, -1)
     weights = torch.ones(n, L)
     for i, p in enumerate(prompts):
         weights[i, len(p) + 1 : len(p) + 1 + wc.shape[1]] = wc[i]
     return ids, target, captions, weights
+
+
+def make_batch(tokenizer, vq, model_config, start: int, n: int, seed: int, max_objects: int,
+               caption_dropout: float, gen: torch.Generator | None, object_weight: float | None = None,
+               object_halo: float = 1.3, noise_free: bool = False):
+    """Sequences [n, L] (right padded), loss mask [n, L] (True where the next token is a target) and the
+    captions; with ``object_weight`` also per-token loss weights [n, L] (1, or ``1 + object_weight`` on
+    the codes near an object; see :func:`mmspec.zoo.recipes.vq.object_weights`). ``noise_free``: the codes
+    are those of the scenes' renders without sensor noise."""
+    images, captions, wc = render_batch(start, n, seed, max_objects, noise_free, object_weight, object_halo)
+    return assemble_batch(tokenizer, vq, model_config, images, captions, wc, caption_dropout, gen)
 
 
 def _loss(model, ids, target, weights=None):
@@ -276,7 +297,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
           threads: int = 2, vq_path: str | None = None, ckpt: str | Path | None = None,
           ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
           noise_free: bool | None = None, distill_from: str | Path | None = None,
-          guidance: float = 3.0, divergence: str = "kl", on_policy: float = 0.0) -> dict[str, Any]:
+          guidance: float = 3.0, divergence: str = "kl", on_policy: float = 0.0, device: str = "cpu",
+          workers: int = 0, batch_size: int | None = None) -> dict[str, Any]:
     """Train the ``role`` ("target" or "draft") model; save fp16 safetensors + tokenizer + metrics + a loss
     curve (``loss_curve.png``). ``ckpt``: training-state file written every ``ckpt_every_s`` seconds and
     resumed from when it exists (same role and recipe; its time counts against ``minutes``).
@@ -290,7 +312,12 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     ``guidance`` with ``divergence`` instead of the cross-entropy of the data's codes (the batches' codes still
     come from the data); the metrics then hold :func:`agreement` before and after, on the data's codes and on the
     teacher's samples. ``on_policy``: the share of each batch whose codes are the teacher's own guided samples for
-    the batch's captions (:func:`teacher_codes`; the prefixes the draft meets when decoding) instead of the data's."""
+    the batch's captions (:func:`teacher_codes`; the prefixes the draft meets when decoding) instead of the data's.
+
+    ``device``: where the model trains and the tokenizer codes the images (``"cuda"`` on a GPU machine; the
+    evaluation runs on the CPU). ``workers``: loader processes that render the scenes ahead of the step (0: in the
+    training process; the batches are the same either way). ``batch_size``: sequences per step instead of the
+    preset's (a GPU wants several hundred)."""
     if not 0.0 <= on_policy <= 1.0:
         raise ValueError(f"on_policy must be a share in [0, 1], got {on_policy}")
     if on_policy and distill_from is None:
@@ -298,6 +325,11 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     r = PRESETS[role] if lr is None else replace(PRESETS[role], lr=lr)
     if noise_free is not None:
         r = replace(r, noise_free=noise_free)
+    if batch_size is not None:
+        r = replace(r, batch_size=batch_size)
+    device = torch.device(device)
+    if device.type != "cpu" and distill_from is not None:
+        raise ValueError("distillation trains on the CPU only (the teacher's sampling pipeline is not moved)")
     setup_threads(threads)
     gen = seed_everything(seed)
     vq = hub.load_vq(vq_path)
@@ -325,7 +357,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
                   "on_policy": agreement(model, teacher, tokenizer, vq, guidance=guidance, noise_free=r.noise_free,
                                          on_policy=True)}
         print(f"[t2i-{role}] distilling {distill_from}; agreement before: {before}", flush=True)
-    model.train()
+    model.to(device).train()
+    vq.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
     distill = None if teacher is None else {"from": Path(distill_from).name, "guidance": guidance,
@@ -334,11 +367,15 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     run = ResumableRun(f"t2i-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
                        recipe=asdict(r), **({} if distill is None else {"distill": distill}))
     bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0, initial=run.step)
+    render = partial(render_batch, n=r.batch_size, seed=TRAIN_SCENE_SEED + seed, max_objects=r.max_objects,
+                     noise_free=r.noise_free, object_weight=r.object_weight, object_halo=r.object_halo)
+    scenes = prefetch(render, run.seen, r.batch_size, workers, pin_memory=device.type == "cuda")
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
-        ids, target, captions, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
-                                                    TRAIN_SCENE_SEED + seed, r.max_objects, r.caption_dropout, gen,
-                                                    r.object_weight, r.object_halo, r.noise_free)
+        images, captions, wc = next(scenes)
+        ids, target, captions, weights = assemble_batch(tokenizer, vq, model.config, images, captions, wc,
+                                                        r.caption_dropout, gen)
+        ids, target, weights = ids.to(device), target.to(device), weights.to(device)
         if on_policy:
             ids = teacher_codes(ids, captions, teacher, tokenizer, vq, round(on_policy * r.batch_size), guidance, gen)
         if teacher is None:
@@ -352,11 +389,14 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
         run.record(loss.item(), r.batch_size, log_every=25)
         bar.update(1)
     bar.close()
+    model.to("cpu")  # the evaluation and the saved weights are the CPU's
+    vq.to("cpu")
     out = Path(out)
     train_seconds = run.finish(out / "loss_curve.png", f"t2i_{role} (object-weighted training loss)" if teacher is None
                                else f"t2i_{role} (distillation loss: guided + conditional {divergence.upper()})")
     metrics = {"role": role, "steps": run.step, "images_seen": run.seen, "train_seconds": round(train_seconds, 1),
-               "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
+               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+               "workers": workers, "params": n_params, "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed,
                "init_from": None if init_from is None else Path(init_from).name}
     metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
     if teacher is not None:

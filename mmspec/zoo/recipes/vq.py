@@ -55,6 +55,7 @@ from .common import (
     crop_batch,
     dir_size_bytes,
     label_tensors,
+    one_thread,
     plot_loss_curve,
     psnr,
     save_fp16,
@@ -240,10 +241,6 @@ class _StreamBatches(torch.utils.data.Dataset):
         return _stream_batch(self.r, self.n, self.i_scene + k * self.ns, self.i_crop + k * (self.n - self.ns))
 
 
-def _one_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
 class _Stream:
     """Fresh training images: scenes and natural crops, mixed per batch, from disjoint seed streams.
 
@@ -270,7 +267,7 @@ class _Stream:
             if self._n != n:  # a new batch size (the whole-image phase): a loader from the current position
                 data = _StreamBatches(self.r, n, self.i_scene, self.i_crop)
                 self._loader = iter(torch.utils.data.DataLoader(
-                    data, batch_size=None, num_workers=self.workers, prefetch_factor=4, worker_init_fn=_one_thread,
+                    data, batch_size=None, num_workers=self.workers, prefetch_factor=4, worker_init_fn=one_thread,
                     pin_memory=self.pin_memory))
                 self._n = n
             x = next(self._loader)
