@@ -514,3 +514,37 @@ def test_t2i_loader_workers_train_the_same_model(tmp_path):
         assert torch.equal(pa, pb), name
     with pytest.raises(ValueError, match="CPU only"):
         t2i.train(tmp_path / "c", device="meta", distill_from=tmp_path / "a", **kw)
+
+
+def test_t2i_transfer_to_new_codes(tmp_path):
+    """A target over one tokenizer's codes starts another over a new tokenizer's: with the identity mapping it is
+    the same model; code_map of a tokenizer onto itself is the identity on the codes it sees; through train(),
+    --init-from over another codebook needs the tokenizer it was trained on."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import t2i
+
+    vqm = hub.load_vq()
+    tok = t2i.build_tokenizer()
+    old = AutoModelForCausalLM.from_pretrained(hub.WEIGHTS_DIR / "t2i_draft", dtype=torch.float32)
+    new = t2i.build_model(t2i.PRESETS["draft"], len(tok), 1024)
+    t2i.transfer_to_new_codes(new, old, torch.eye(1024))
+    ids = torch.randint(0, old.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(new(input_ids=ids).logits, old(input_ids=ids).logits)
+    p = t2i.code_map(vqm, vqm, n=64)
+    assert p.shape == (1024, 1024) and torch.allclose(p.sum(1), torch.ones(1024))
+    seen = p.diagonal() > 0.5
+    assert int(seen.sum()) > 100 and bool((p.argmax(1)[seen] == torch.arange(1024)[seen]).all())
+    with pytest.raises(ValueError, match="mapping"):
+        t2i.transfer_to_new_codes(new, old, torch.eye(4096))
+    # the 4,096-code tokenizer: the shipped draft's codes are mapped onto it
+    m = t2i.train(tmp_path / "d", role="draft", minutes=60, max_steps=1, threads=1, batch_size=2,
+                  vq_path=str(hub.weights_path("vq4096")), init_from=hub.WEIGHTS_DIR / "t2i_draft")
+    assert m["init_from"] == "t2i_draft"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.image_layout["codebook_size"] == 4096
+    with pytest.raises(ValueError, match="not trained on"):
+        t2i.train(tmp_path / "e", role="draft", minutes=60, max_steps=1, threads=1, batch_size=2,
+                  vq_path=str(hub.weights_path("vq4096")), init_from=hub.WEIGHTS_DIR / "t2i_draft",
+                  init_vq=str(hub.weights_path("vq4096")))

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--perceptual-weight", type=float, default=1.0, help="vq with --perceptual-from: its weight")
     ap.add_argument("--num-codes", type=int, default=None, help="vq: codebook size (default: the recipe's, 1024)")
     ap.add_argument("--code-dim", type=int, default=None, help="vq: dimension of the code vectors (default: 8)")
+    ap.add_argument("--init-vq", default=None, metavar="TOKENIZER",
+                    help="t2i_* with --init-from over another tokenizer's codes: that tokenizer (default: the bundled "
+                         "one); its codes are mapped onto --vq's")
     ap.add_argument("--device", default="cpu", help="vq, t2i_*: where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0,
                     help="vq, t2i_*: loader processes rendering the training images ahead of the step (a GPU needs them)")
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None):
         return recipe.train(out, role, vq_path=args.vq, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every, init_from=args.init_from,
                             lr=args.lr, noise_free=args.noise_free, distill_from=args.distill_from,
                             guidance=args.guidance, divergence=args.divergence, on_policy=args.on_policy,
-                            device=args.device, workers=args.workers, batch_size=args.batch_size, **common)
+                            device=args.device, workers=args.workers, batch_size=args.batch_size,
+                            init_vq=args.init_vq, **common)
     if module_name == "text_lm":
         return recipe.train(out, role, tokenizer_path=args.tokenizer, init_from=args.init_from, ckpt=args.ckpt,
                             ckpt_every_s=args.ckpt_every, **common)
