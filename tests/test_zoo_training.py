@@ -498,6 +498,7 @@ def test_vq_cli_device_workers_batch_size(tmp_path):
         main(["c2i", "--minutes", "1", "--workers", "2", "--out", str(tmp_path / "t")])
 
 
+@pytest.mark.slow
 def test_t2i_loader_workers_train_the_same_model(tmp_path):
     """Scenes rendered ahead by a loader process (the GPU path) train the very model the in-process path does: same
     batches, same caption dropout, same steps."""
@@ -516,6 +517,7 @@ def test_t2i_loader_workers_train_the_same_model(tmp_path):
         t2i.train(tmp_path / "c", device="meta", distill_from=tmp_path / "a", **kw)
 
 
+@pytest.mark.slow
 def test_t2i_transfer_to_new_codes(tmp_path):
     """A target over one tokenizer's codes starts another over a new tokenizer's: with the identity mapping it is
     the same model; code_map of a tokenizer onto itself is the identity on the codes it sees; through train(),
