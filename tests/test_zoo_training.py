@@ -480,7 +480,7 @@ def test_vq_loader_workers_serve_the_same_stream():
 
     r = _tiny_vq(scene_fraction=0.75)
     plain, ahead = _Stream(r), _Stream(r, workers=2)
-    fit = ahead.batch(8, prefetch=False)
+    fit = ahead.batch(8, ahead=False)
     assert (ahead.i_scene, ahead.i_crop) == (0, 0) and torch.equal(fit, _Stream(r).batch(8))
     for n in (4, 4, 8, 4):
         assert torch.equal(ahead.batch(n), plain.batch(n))

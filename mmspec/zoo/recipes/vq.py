@@ -33,6 +33,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,8 @@ from .common import (
     crop_batch,
     dir_size_bytes,
     label_tensors,
-    one_thread,
     plot_loss_curve,
+    prefetch,
     psnr,
     save_fp16,
     scene_batch,
@@ -226,19 +227,10 @@ def _stream_batch(r: VQRecipe, n: int, i_scene: int, i_crop: int) -> torch.Tenso
     return torch.cat(parts)
 
 
-class _StreamBatches(torch.utils.data.Dataset):
-    """Batch ``k`` of ``n`` images from the stream position ``(i_scene, i_crop)`` on: a pure function of ``k``, so
-    loader workers can render batches ahead of the training step in any order."""
-
-    def __init__(self, r: VQRecipe, n: int, i_scene: int, i_crop: int):
-        self.r, self.n, self.i_scene, self.i_crop = r, n, i_scene, i_crop
-        self.ns = int(round(n * r.scene_fraction))
-
-    def __len__(self) -> int:
-        return 1 << 40
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        return _stream_batch(self.r, self.n, self.i_scene + k * self.ns, self.i_crop + k * (self.n - self.ns))
+def _nth_batch(r: VQRecipe, n: int, i_scene: int, i_crop: int, k: int) -> torch.Tensor:
+    """Batch ``k`` of ``n`` images from the stream position ``(i_scene, i_crop)`` on (for :func:`common.prefetch`)."""
+    ns = int(round(n * r.scene_fraction))
+    return _stream_batch(r, n, i_scene + k * ns, i_crop + k * (n - ns))
 
 
 class _Stream:
@@ -254,21 +246,19 @@ class _Stream:
         self._loader: Any = None
         self._n: int | None = None
 
-    def batch(self, n: int, prefetch: bool = True) -> torch.Tensor:
-        """The next ``n`` images ``[n, 7, 64, 64]`` (see :func:`_stream_batch`). ``prefetch=False`` (a one-off size,
+    def batch(self, n: int, ahead: bool = True) -> torch.Tensor:
+        """The next ``n`` images ``[n, 7, 64, 64]`` (see :func:`_stream_batch`). ``ahead=False`` (a one-off size,
         the k-means fit): rendered here; with workers it reads the images the loader serves next, without
         moving the stream."""
         ns = int(round(n * self.r.scene_fraction))
-        if not self.workers or not prefetch:
+        if not self.workers or not ahead:
             x = _stream_batch(self.r, n, self.i_scene, self.i_crop)
             if self.workers:
                 return x
         else:
             if self._n != n:  # a new batch size (the whole-image phase): a loader from the current position
-                data = _StreamBatches(self.r, n, self.i_scene, self.i_crop)
-                self._loader = iter(torch.utils.data.DataLoader(
-                    data, batch_size=None, num_workers=self.workers, prefetch_factor=4, worker_init_fn=one_thread,
-                    pin_memory=self.pin_memory))
+                self._loader = prefetch(partial(_nth_batch, self.r, n, self.i_scene, self.i_crop), 0, 1, self.workers,
+                                        self.pin_memory)
                 self._n = n
             x = next(self._loader)
         self.i_scene += ns
@@ -510,7 +500,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             with torch.no_grad():
                 # a step-limited run needs no more data for the fit than it will train on
                 n_fit = r.kmeans_crops if max_steps is None else min(r.kmeans_crops, max(16, max_steps * r.batch_size))
-                xs = _random_crops(stream.batch(n_fit, prefetch=False), r.crop, gen)[:, :3].to(device)
+                xs = _random_crops(stream.batch(n_fit, ahead=False), r.crop, gen)[:, :3].to(device)
                 z = torch.cat([_encode(vq, xs[i : i + 64]) for i in range(0, xs.shape[0], 64)])
                 zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
                 centroids, sizes = kmeans(zf, r.num_codes, r.kmeans_iters, gen)
