@@ -26,6 +26,9 @@ def test_gpu_dry_run_writes_every_section_and_a_cost_curve(tmp_path):
     scaled = [c for c in curves if "scaled_to_layers" in c]
     assert scaled and set(scaled[0]["per_layer_ms"]) == set(scaled[0]["window_ms"]) == {"1", "4", "8"}
     assert "image" in s["zoo"] and "text" in s["zoo"], s["zoo"]
+    image_rows = {r["method"]: r for r in s["zoo"]["image"]}
+    assert image_rows["AR"]["batch"] == 1 and image_rows["AR"]["speedup_vs_ar"] == image_rows["AR"]["vs_eager_ar"] == 1
+    assert image_rows["SJD (random init, w16)"]["step_compression"] > 1
     assert "# mmspec bench gpu" in (tmp_path / "gpu.md").read_text()
     cost = json.loads((tmp_path / "forward_cost.json").read_text())
     assert cost["kind"] == "forward_cost" and cost["dry_run"] and cost["curves"] == curves
@@ -38,6 +41,12 @@ def test_gpu_dry_run_writes_every_section_and_a_cost_curve(tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["mmspec ar"]["projected_speedup"] == pytest.approx(1.0)
     assert "PROJECTED" in (tmp_path / "project.md").read_text()
+
+
+def test_gpu_zoo_parts_image_only(tmp_path):
+    assert main(["bench", "gpu", "--dry-run", "--sections", "zoo", "--zoo-parts", "image", "--out", str(tmp_path)]) == 0
+    zoo = json.loads((tmp_path / "gpu.json").read_text())["sections"]["zoo"]
+    assert "image" in zoo and "text" not in zoo and "text_error" not in zoo, zoo
 
 
 CURVE = {"model": "m", "batch": 1, "mode": "eager", "window_ms": {"1": 10.0, "4": 11.0, "16": 14.0}}
