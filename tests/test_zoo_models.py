@@ -305,3 +305,24 @@ def test_vq4096_keeps_what_the_prompts_name(clf):
     metrics = json.loads((path / "metrics.json").read_text())
     heads = metrics["heldout"]["classifier_on_reconstructions"]
     assert min(heads[k][h] for k in ("one_object_reconstruction", "two_object_reconstruction") for h in LABEL_NAMES) >= 0.95
+
+
+def test_token_models_name_their_tokenizer():
+    """A token model's config names the tokenizer whose codes it generates (``hub.tag_vq``); ``hub.load_vq_for``
+    loads that one, falls back to the first tokenizer for configs that name none, and refuses a tokenizer whose
+    codebook is not the one the model learnt (its images would decode to noise)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+    assert hub.codebook(hub.load_vq_for(cfg)).shape[0] == 1024  # names none: the default tokenizer
+    vq4096 = hub.load_vq(hub.weights_path("vq4096"))
+    hub.tag_vq(cfg, vq4096, hub.weights_path("vq4096"))
+    assert cfg.zoo_vq == {"name": "vq4096", "codebook": hub.codebook_id(vq4096)}
+    again = LlamaConfig.from_dict(cfg.to_dict())  # survives save/load of the config
+    assert hub.codebook_id(hub.load_vq_for(again)) == hub.codebook_id(vq4096)
+    cfg.zoo_vq = {"name": "vq", "codebook": hub.codebook_id(vq4096)}  # the 1,024-code tokenizer under that tag
+    with pytest.raises(ValueError, match="trained on the codes of tokenizer 'vq'"):
+        hub.load_vq_for(cfg)
+    cfg.zoo_vq = {"name": "nonexistent"}
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        hub.load_vq_for(cfg)

@@ -144,3 +144,17 @@ def test_t2i_teacher_codes_on_policy(tmp_path):
                decoding="ar").images.reshape(3, -1)
     assert torch.equal(new[:3][span[:3]].view(3, -1), ref + offset)
     assert torch.equal(t2i.teacher_codes(ids, captions, teacher, tok, vq, 0, 2.0, None), ids)
+
+
+def test_t2i_recipe_identity_resumes_states_from_before_tied_embeddings():
+    """A training state records its recipe; fields added later (``tie_embeddings``) are left out at their earlier
+    behaviour, so an untied target's state saved before the field existed still resumes, while the tied draft's
+    state says so."""
+    from dataclasses import asdict
+
+    from mmspec.zoo.recipes import t2i
+
+    target, draft = t2i._identity(t2i.PRESETS["target"]), t2i._identity(t2i.PRESETS["draft"])
+    assert "tie_embeddings" not in target and target == {k: v for k, v in asdict(t2i.PRESETS["target"]).items()
+                                                         if k != "tie_embeddings"}
+    assert draft["tie_embeddings"] is True

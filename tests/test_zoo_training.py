@@ -520,8 +520,11 @@ def test_t2i_loader_workers_train_the_same_model(tmp_path):
 @pytest.mark.slow
 def test_t2i_transfer_to_new_codes(tmp_path):
     """A target over one tokenizer's codes starts another over a new tokenizer's: with the identity mapping it is
-    the same model; code_map of a tokenizer onto itself is the identity on the codes it sees; through train(),
-    --init-from over another codebook needs the tokenizer it was trained on."""
+    the same model (a tied one takes the LM head's rows); code_map of a tokenizer onto itself is the identity on the
+    codes it sees; through train(), --init-from over another codebook maps the codes of the tokenizer its config
+    names (or --init-vq, which must be the one it was trained on), and the result names its own tokenizer."""
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM
 
     from mmspec.zoo import hub
@@ -529,24 +532,34 @@ def test_t2i_transfer_to_new_codes(tmp_path):
 
     vqm = hub.load_vq()
     tok = t2i.build_tokenizer()
-    old = AutoModelForCausalLM.from_pretrained(hub.WEIGHTS_DIR / "t2i_draft", dtype=torch.float32)
-    new = t2i.build_model(t2i.PRESETS["draft"], len(tok), 1024)
+    untied = replace(t2i.PRESETS["draft"], tie_embeddings=False)
+    old = t2i.build_model(untied, len(tok), 1024).eval()
+    hub.tag_vq(old.config, vqm, None)
+    old.save_pretrained(tmp_path / "old")
+    new = t2i.build_model(untied, len(tok), 1024).eval()
     t2i.transfer_to_new_codes(new, old, torch.eye(1024))
     ids = torch.randint(0, old.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(new(input_ids=ids).logits, old(input_ids=ids).logits)
+    tied = t2i.build_model(t2i.PRESETS["draft"], len(tok), 1024)
+    assert tied.config.tie_word_embeddings
+    t2i.transfer_to_new_codes(tied, old, torch.eye(1024))
+    assert torch.equal(tied.model.embed_tokens.weight, old.lm_head.weight)
+    assert torch.equal(tied.lm_head.weight, old.lm_head.weight)
     p = t2i.code_map(vqm, vqm, n=64)
     assert p.shape == (1024, 1024) and torch.allclose(p.sum(1), torch.ones(1024))
     seen = p.diagonal() > 0.5
     assert int(seen.sum()) > 100 and bool((p.argmax(1)[seen] == torch.arange(1024)[seen]).all())
     with pytest.raises(ValueError, match="mapping"):
         t2i.transfer_to_new_codes(new, old, torch.eye(4096))
-    # the 4,096-code tokenizer: the shipped draft's codes are mapped onto it
+    # the 4,096-code tokenizer: the old draft's codes (its config names the 1,024-code tokenizer) are mapped onto it
     m = t2i.train(tmp_path / "d", role="draft", minutes=60, max_steps=1, threads=1, batch_size=2,
-                  vq_path=str(hub.weights_path("vq4096")), init_from=hub.WEIGHTS_DIR / "t2i_draft")
-    assert m["init_from"] == "t2i_draft"
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.image_layout["codebook_size"] == 4096
+                  vq_path=str(hub.weights_path("vq4096")), init_from=tmp_path / "old")
+    assert m["init_from"] == "old"
+    cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "d").config
+    assert cfg.image_layout["codebook_size"] == 4096 and cfg.tie_word_embeddings
+    assert cfg.zoo_vq["name"] == "vq4096" and hub.codebook(hub.load_vq_for(cfg)).shape[0] == 4096
     with pytest.raises(ValueError, match="not trained on"):
         t2i.train(tmp_path / "e", role="draft", minutes=60, max_steps=1, threads=1, batch_size=2,
-                  vq_path=str(hub.weights_path("vq4096")), init_from=hub.WEIGHTS_DIR / "t2i_draft",
+                  vq_path=str(hub.weights_path("vq4096")), init_from=tmp_path / "old",
                   init_vq=str(hub.weights_path("vq4096")))

@@ -20,7 +20,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mmspec.drafting.layer_skip import layer_skip_model
-from mmspec.zoo import hub
 from mmspec.zoo.data import make_scene, scene_seed
 from mmspec.zoo.models import load_image_pipeline
 from mmspec.zoo.recipes import t2i
@@ -30,7 +29,7 @@ torch.set_num_threads(1)
 n, n_agree, folders = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 pipe, shipped = load_image_pipeline()
 pipe.set_progress_bar_config(disable=True)
-tok, vq = t2i.build_tokenizer(), hub.load_vq()
+tok, vq = t2i.build_tokenizer(), pipe.vq
 prompts = [make_scene(scene_seed(HELDOUT_SCENE_SEED + 7, i)).caption for i in range(n)]
 drafts = {"shipped draft": shipped}
 for f in folders:

@@ -33,6 +33,9 @@ __all__ = [
     "WEIGHTS_DIR",
     "weights_path",
     "load_vq",
+    "load_vq_for",
+    "tag_vq",
+    "codebook_id",
     "encode_images",
     "decode_tokens",
     "codebook",
@@ -51,8 +54,9 @@ _BUNDLED = ("vq", "vq4096", "classifier")
 
 
 def weights_path(name: str) -> Path:
-    """Directory of bundled model ``name``: ``"vq"`` (the tokenizer every bundled token model uses), ``"vq4096"``
-    (the 4,096-code tokenizer of `cards/vq.md`, which the token models are being retrained on) or ``"classifier"``."""
+    """Directory of bundled model ``name``: ``"vq"`` (the 1,024-code tokenizer of the first token models),
+    ``"vq4096"`` (the 4,096-code tokenizer of `cards/vq.md`) or ``"classifier"``. Which tokenizer a token model
+    generates is in its config (:func:`load_vq_for`)."""
     if name not in _BUNDLED:
         raise ValueError(f"unknown bundled model {name!r}; expected one of {_BUNDLED}")
     path = WEIGHTS_DIR / name
@@ -87,6 +91,37 @@ def load_vq(path: str | os.PathLike | None = None, *, device: str | torch.device
     """
     vq = VQModel.from_pretrained(str(_resolve("vq", path)), torch_dtype=dtype)
     return vq.to(device).eval()
+
+
+#: The tokenizer of a token model whose config names none (the models trained before configs named theirs).
+DEFAULT_VQ = "vq"
+
+
+def codebook_id(vq: VQModel) -> str:
+    """A fingerprint of a VQ tokenizer's codebook: the codes a token model learns (its decoder may change)."""
+    import hashlib
+
+    return hashlib.sha1(codebook(vq).detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def tag_vq(config, vq: VQModel, name: str | os.PathLike | None) -> None:
+    """Write into a token model's ``config`` which tokenizer its codes belong to: ``config.zoo_vq = {"name": ...,
+    "codebook": codebook_id(vq)}`` (``name``: the tokenizer's folder or bundled name; None: the default one), so
+    :func:`load_vq_for` finds it again and refuses a tokenizer with other codes."""
+    config.zoo_vq = {"name": DEFAULT_VQ if name is None else Path(name).name, "codebook": codebook_id(vq)}
+
+
+def load_vq_for(config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VQModel:
+    """The bundled tokenizer whose codes the token model with this ``config`` generates (``config.zoo_vq``, see
+    :func:`tag_vq`; :data:`DEFAULT_VQ` when the config names none). Raises ``ValueError`` when that tokenizer's
+    codebook is not the one the model was trained on (its images would decode to noise)."""
+    tag = getattr(config, "zoo_vq", None) or {"name": DEFAULT_VQ}
+    vq = load_vq(weights_path(tag["name"]), device=device, dtype=dtype)
+    if tag.get("codebook") not in (None, codebook_id(vq)):
+        raise ValueError(f"the model was trained on the codes of tokenizer {tag['name']!r} with codebook "
+                         f"{tag['codebook']}, but the bundled {tag['name']!r} has codebook {codebook_id(vq)}; "
+                         "retrain one of them or restore the matching weights")
+    return vq
 
 
 def _check_images(images: torch.Tensor, name: str = "images") -> None:

@@ -40,14 +40,15 @@ def load_token_model(name: str = T2I_TARGET, device="cpu", dtype=torch.float32):
 
 
 def load_image_pipeline(device="cpu", dtype=torch.float32, with_draft: bool = True):
-    """The bundled text-to-image pipeline (target + VQ + tokenizer) and, optionally, its draft model.
+    """The bundled text-to-image pipeline (target + the zoo tokenizer its config names + word tokenizer) and,
+    optionally, its draft model (over the same codes).
 
     Returns ``(pipeline, draft_model or None)``.
     """
     from ..pipelines import SpeculativeImagePipeline
 
     model, tokenizer = load_token_model(T2I_TARGET, device, dtype)
-    vq = hub.load_vq(device=device, dtype=dtype)
+    vq = hub.load_vq_for(model.config, device=device, dtype=dtype)
     pipe = SpeculativeImagePipeline(model=model, vq=vq, tokenizer=tokenizer)
     draft = load_token_model(T2I_DRAFT, device, dtype)[0] if with_draft else None
     return pipe, draft

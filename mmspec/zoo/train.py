@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--num-codes", type=int, default=None, help="vq: codebook size (default: the recipe's, 1024)")
     ap.add_argument("--code-dim", type=int, default=None, help="vq: dimension of the code vectors (default: 8)")
     ap.add_argument("--init-vq", default=None, metavar="TOKENIZER",
-                    help="t2i_* with --init-from over another tokenizer's codes: that tokenizer (default: the bundled "
-                         "one); its codes are mapped onto --vq's")
+                    help="t2i_* with --init-from over another tokenizer's codes: that tokenizer (default: the one "
+                         "its config names); its codes are mapped onto --vq's")
     ap.add_argument("--device", default="cpu", help="vq, t2i_*: where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0,
                     help="vq, t2i_*: loader processes rendering the training images ahead of the step (a GPU needs them)")

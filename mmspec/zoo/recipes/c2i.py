@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from .. import hub
 from ..data import NATURAL_CLASSES, NaturalCropDataset
+from ..hub import codebook_id
 from .common import (
     HELDOUT_CROP_SEED,
     TRAIN_CROP_SEED,
     ResumableRun,
     adamw,
-    codebook_id,
     dir_size_bytes,
     seed_everything,
     setup_threads,

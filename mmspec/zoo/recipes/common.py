@@ -193,15 +193,6 @@ def plot_loss_curve(history: list[dict[str, float]], path: str | os.PathLike, ti
     plt.close(fig)
 
 
-def codebook_id(vq) -> str:
-    """A fingerprint of a VQ tokenizer's codebook: the codes a token model learns (its decoder may change)."""
-    import hashlib
-
-    from .. import hub
-
-    return hashlib.sha1(hub.codebook(vq).detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 class ResumableRun:
     """What the recipes' training loops share: the step and sample counters, the loss EMA and its history (the loss
     curve), the wall-clock budget (time of a resumed run counts against it) and the checkpoint file.

@@ -64,12 +64,25 @@ class T2IRecipe:
     #: pair; ``--no-noise-free`` gives the noisy-image codes of the first pairs)
     noise_free: bool = True
     eval_n: int = 256
+    #: one matrix for the token embedding and the LM head (the draft: over 4,096 codes its two vocabulary matrices
+    #: alone would be a quarter of the target; tied, the draft is about a fifth of it)
+    tie_embeddings: bool = False
 
 
 PRESETS = {
     "target": T2IRecipe(),
-    "draft": T2IRecipe(hidden=96, layers=2, heads=3, kv_heads=1, intermediate=256, lr=3e-3),
+    "draft": T2IRecipe(hidden=96, layers=2, heads=3, kv_heads=1, intermediate=256, lr=3e-3, tie_embeddings=True),
 }
+
+
+#: recipe fields added after training states were saved, with the value that reproduces those states' runs
+_ADDED_FIELDS = {"tie_embeddings": False}
+
+
+def _identity(r: T2IRecipe) -> dict[str, Any]:
+    """The recipe as a training state records it: fields added later are left out at their earlier behaviour, so a
+    state saved before they existed still resumes."""
+    return {k: v for k, v in asdict(r).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
 
 
 def build_tokenizer():
@@ -93,7 +106,7 @@ def build_model(r: T2IRecipe, n_text: int, codebook_size: int):
     cfg = LlamaConfig(
         vocab_size=eoi + 1, hidden_size=r.hidden, intermediate_size=r.intermediate, num_hidden_layers=r.layers,
         num_attention_heads=r.heads, num_key_value_heads=r.kv_heads, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=eoi, pad_token_id=0, tie_word_embeddings=False, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=eoi, pad_token_id=0, tie_word_embeddings=r.tie_embeddings, rope_theta=10000.0,
     )
     cfg.image_layout = dict(height=GRID, width=GRID, image_token_offset=offset, codebook_size=codebook_size,
                             eoi_token_id=eoi, eol_token_id=None)
@@ -122,7 +135,8 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     words, BOI and EOI keep their rows, and new code ``c``'s row is the ``mapping[c]``-weighted mean of the old
     codes' rows (``mapping = p(old | new)`` from :func:`code_map`). On the bundled pair this starts the 4,096-code
     target at 4.97 nats a code on held-out scenes against 8.37 for a fresh one (the old target: 2.10 on its own
-    codes). Raises ``ValueError`` when shapes or words do not line up."""
+    codes). A ``model`` with tied embeddings from an untied ``old_model`` takes the LM head's rows (what the draft
+    predicts with). Raises ``ValueError`` when shapes or words do not line up."""
     nl, ol = model.config.image_layout, old_model.config.image_layout
     off = nl["image_token_offset"]
     if off != ol["image_token_offset"] or mapping.shape != (nl["codebook_size"], ol["codebook_size"]):
@@ -131,6 +145,8 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     if set(src) != set(dst):
         raise ValueError("the old model has another architecture")
     ends = [old_model.config.boi_token_id, ol["eoi_token_id"]]
+    if model.config.tie_word_embeddings and not old_model.config.tie_word_embeddings:
+        src = {k: v for k, v in src.items() if k != "model.embed_tokens.weight"}  # the shared matrix is the head's
     with torch.no_grad():
         for name, value in src.items():
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -345,7 +361,8 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
 
     ``init_from``: a saved model folder of the same role and vocabulary size to start from (fresh
     optimiser and schedule; a checkpoint, when present, still wins); or one over another tokenizer's codes, given
-    as ``init_vq`` (the bundled one when None), whose codes are then mapped onto this tokenizer's
+    as ``init_vq`` (None: the one its config names, :func:`~mmspec.zoo.hub.load_vq_for`), whose codes are then
+    mapped onto this tokenizer's
     (:func:`code_map`, :func:`transfer_to_new_codes`). ``lr``: peak learning rate instead
     of the preset's (a warm start wants a smaller one). ``noise_free``: override the preset's
     :attr:`T2IRecipe.noise_free`.
@@ -378,18 +395,20 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
     codebook_size = int(hub.codebook(vq).shape[0])
     tokenizer = build_tokenizer()
     model = build_model(r, len(tokenizer), codebook_size)
+    hub.tag_vq(model.config, vq, vq_path)
     if init_from is not None:
         from transformers import AutoModelForCausalLM
 
         start = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
-        if start.config.image_layout["codebook_size"] != codebook_size or init_vq is not None:
-            old_vq = hub.load_vq(init_vq)
-            if int(hub.codebook(old_vq).shape[0]) != start.config.image_layout["codebook_size"]:
-                raise ValueError(f"init_from={str(init_from)!r} was not trained on init_vq={init_vq!r}: pass the "
-                                 "tokenizer whose codes it generates")
+        old_vq = hub.load_vq(init_vq) if init_vq is not None else hub.load_vq_for(start.config)
+        if int(hub.codebook(old_vq).shape[0]) != start.config.image_layout["codebook_size"]:
+            raise ValueError(f"init_from={str(init_from)!r} was not trained on init_vq={init_vq!r}: pass the "
+                             "tokenizer whose codes it generates")
+        if hub.codebook_id(old_vq) != hub.codebook_id(vq):
             transfer_to_new_codes(model, start, code_map(vq, old_vq))
             start = model
-            print(f"[t2i-{role}] codes mapped from {init_vq or 'the bundled tokenizer'} onto this one's", flush=True)
+            print(f"[t2i-{role}] codes mapped from codebook {hub.codebook_id(old_vq)} onto {hub.codebook_id(vq)}",
+                  flush=True)
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "image_layout", "boi_token_id")
         if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
@@ -415,7 +434,7 @@ def train(out: str | Path, role: str = "target", minutes: float = 30.0, seed: in
                                             **({} if divergence == "kl" else {"divergence": divergence}),
                                             **({"on_policy": on_policy} if on_policy else {})}
     run = ResumableRun(f"t2i-{role}", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, role=role,
-                       recipe=asdict(r), **({} if distill is None else {"distill": distill}))
+                       recipe=_identity(r), **({} if distill is None else {"distill": distill}))
     bar = tqdm(desc=f"t2i-{role}", unit="step", mininterval=10.0, initial=run.step)
     render = partial(render_batch, n=r.batch_size, seed=TRAIN_SCENE_SEED + seed, max_objects=r.max_objects,
                      noise_free=r.noise_free, object_weight=r.object_weight, object_halo=r.object_halo)
@@ -483,7 +502,8 @@ def adherence(folder: str | Path, vq_path: str | None = None, n: int = 64, guida
     from ..data import make_scene, scene_seed
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    pipe = SpeculativeImagePipeline(model=model, vq=hub.load_vq(vq_path), tokenizer=AutoTokenizer.from_pretrained(folder))
+    vq = hub.load_vq(vq_path) if vq_path is not None else hub.load_vq_for(model.config)
+    pipe = SpeculativeImagePipeline(model=model, vq=vq, tokenizer=AutoTokenizer.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
     prompts = [make_scene(scene_seed(ADHERENCE_SEED, i)).caption for i in range(n)]
     clf = hub.load_classifier()
@@ -510,7 +530,7 @@ def sample_grid(folder: str | Path, path: str | Path, n: int = 6, guidance: floa
     from ..data import make_scene, scene_seed
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    vq = hub.load_vq(vq_path)
+    vq = hub.load_vq(vq_path) if vq_path is not None else hub.load_vq_for(model.config)
     pipe = SpeculativeImagePipeline(model=model, vq=vq, tokenizer=AutoTokenizer.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
     scenes = [make_scene(scene_seed(ADHERENCE_SEED, i)) for i in range(n)]

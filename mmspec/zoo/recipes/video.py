@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .. import hub
 from ..data import image_to_tensor, make_moving_scene, scene_seed
-from .common import ResumableRun, adamw, codebook_id, dir_size_bytes, seed_everything, setup_threads, write_json
+from ..hub import codebook_id
+from .common import ResumableRun, adamw, dir_size_bytes, seed_everything, setup_threads, write_json
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
@@ -218,13 +219,13 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     present, still wins); pair it with a new ``seed`` (another clip stream) and usually a smaller ``lr``. It may
     also be a text-to-image token model over the same words and codes (``weights/t2i_target``, whose config has an
     ``image_layout``): the video model then takes its architecture and starts from its weights
-    (:func:`transfer_from_image_model`), i.e. from a model that already draws what captions name."""
+    (:func:`transfer_from_image_model`), i.e. from a model that already draws what captions name. ``vq_path``: the
+    tokenizer (default: the one ``init_from``'s config names, else the first one); the saved config names it."""
     r = recipe or VideoRecipe()
     if lr is not None:
         r = replace(r, lr=lr)
     setup_threads(threads)
     gen = seed_everything(seed)
-    vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
     tokenizer = build_tokenizer()
     start = None
     if init_from is not None:
@@ -235,6 +236,10 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             c = start.config
             r = replace(r, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
                         kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size)
+    if vq_path is None:  # the tokenizer the starting model names, else the default one
+        start_tag = getattr(start.config, "zoo_vq", None) if start is not None else None
+        vq_path = str(hub.weights_path(start_tag["name"] if start_tag else VQ_NAME))
+    vq = hub.load_vq(vq_path)
     model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
     if start is not None:
         if getattr(start.config, "image_layout", None) is not None:
@@ -272,6 +277,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
                "init_from": None if init_from is None else Path(init_from).name}
     metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
     out.mkdir(parents=True, exist_ok=True)
+    hub.tag_vq(model.config, vq, vq_path)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics["bytes"] = dir_size_bytes(out)
@@ -431,11 +437,12 @@ def load_video_model(path: str | Path | None = None, device="cpu", dtype=torch.f
 
 
 def load_video_pipeline(path: str | Path | None = None, device="cpu", dtype=torch.float32):
-    """The bundled caption-to-video pipeline (video token model + zoo VQ + word tokenizer)."""
+    """The bundled caption-to-video pipeline (video token model + the zoo tokenizer its config names + word
+    tokenizer)."""
     from ...pipelines.video import SpeculativeVideoPipeline
 
     model, tokenizer = load_video_model(path, device, dtype)
-    return SpeculativeVideoPipeline(model=model, vq=hub.load_vq(hub.weights_path(VQ_NAME), device=device, dtype=dtype),
+    return SpeculativeVideoPipeline(model=model, vq=hub.load_vq_for(model.config, device=device, dtype=dtype),
                                     tokenizer=tokenizer)
 
 
