@@ -57,7 +57,7 @@ def test_t2i_draft_distillation(tmp_path):
     from mmspec.zoo.recipes.common import HELDOUT_SCENE_SEED
 
     tok, vq = t2i.build_tokenizer(), hub.load_vq()
-    torch.manual_seed(0)
+    torch.manual_seed(123)  # not the student train() starts from (seed 0)
     t2i.build_model(t2i.PRESETS["draft"], len(tok), int(hub.codebook(vq).shape[0])).save_pretrained(tmp_path / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32).eval()
     ids, target, captions = t2i.make_batch(tok, vq, teacher.config, 0, 4, HELDOUT_SCENE_SEED, 2, 0.0, None,

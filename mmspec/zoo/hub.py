@@ -1,10 +1,11 @@
 """Loaders and helpers for the models that ship inside the package (the "bundled zoo").
 
-Two models live under ``mmspec/zoo/weights/`` (fp16 safetensors + JSON configs, trained on the CPU
-by the recipes in :mod:`mmspec.zoo.recipes`; see ``mmspec/zoo/cards/`` for how):
+Three models live under ``mmspec/zoo/weights/`` (fp16 safetensors + JSON configs, trained by the recipes in
+:mod:`mmspec.zoo.recipes`; see ``mmspec/zoo/cards/`` for how):
 
-* ``vq/``: a diffusers :class:`~diffusers.VQModel` image tokenizer. 64x64 RGB in ``[-1, 1]`` <-> a
-  16x16 grid of codes (256 tokens per image, row-major) from a 1024-entry codebook.
+* ``vq4096/`` and ``vq/``: diffusers :class:`~diffusers.VQModel` image tokenizers. 64x64 RGB in ``[-1, 1]`` <-> a
+  16x16 grid of codes (256 tokens per image, row-major) from a 4,096- or 1,024-entry codebook. A token model's
+  config names the one whose codes it generates (:func:`tag_vq`, :func:`load_vq_for`).
   :func:`load_vq`, :func:`encode_images`, :func:`decode_tokens`, :func:`codebook`.
 * ``classifier/``: :class:`SceneClassifier`, the evaluation classifier of procedural scenes (the
   GenEval/CLIP-score analogue for prompt adherence, and the feature space of the FID analogue).
