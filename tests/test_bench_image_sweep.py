@@ -144,3 +144,25 @@ def test_bench_image_sweep_tiny_end_to_end(tmp_path, monkeypatch):
 def test_sweep_points_are_not_reused_on_other_weights():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     assert bi.weights_fingerprint(a) == bi.weights_fingerprint(a) != bi.weights_fingerprint(b)
+
+
+def test_sweep_refuses_a_draft_that_does_not_fit_before_its_first_point(tmp_path, monkeypatch):
+    """A draft whose image layout differs from the target's stops the sweep at once, not at its first draft point
+    hours in (nothing is generated)."""
+    from mmspec.zoo import models as zoo_models
+
+    load = zoo_models.load_image_pipeline
+
+    def misfit_draft(*a, **k):
+        pipe, draft = load(*a, **k)
+        draft.config.image_layout = {**draft.config.image_layout, "height": draft.config.image_layout["height"] // 2}
+        return pipe, draft
+
+    def no_generation(*a, **k):
+        raise AssertionError("a point was generated with a draft that does not fit")
+
+    monkeypatch.setattr(zoo_models, "load_image_pipeline", misfit_draft)
+    monkeypatch.setattr(bi, "run", no_generation)
+    with pytest.raises(ValueError, match="layout"):
+        bi.main(["--sweep", "--tiny", "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path)])
+    assert not (tmp_path / "sweep_points").exists() or not any((tmp_path / "sweep_points").iterdir())

@@ -191,7 +191,8 @@ def bootstrap_frechet_ci(feats: torch.Tensor, real: torch.Tensor, reps: int, see
 
 
 def sweep_methods(codebook: torch.Tensor, tiny: bool = False) -> dict[str, dict]:
-    """The sweep's points, name -> pipeline kwargs: the lossless references (AR, SJD, draft-verify), LANTERN
+    """The sweep's points, name -> pipeline kwargs: the lossless references (AR, SJD, draft-verify, the token tree
+    of Jacobi proposals with the draft's chain as a branch), LANTERN
     (additive ``delta`` 0.05-0.4 and multiplicative ``lam`` 2-20, draft proposals, k=50 neighbours), GSD (group
     sizes 3/10/25 without a distance bound, then ``d_max`` at size 10 as quantiles of the squared distances between
     codebook vectors ``codebook [N, D]``; Jacobi proposals as in the paper) and typical acceptance (draft
@@ -203,6 +204,9 @@ def sweep_methods(codebook: torch.Tensor, tiny: bool = False) -> dict[str, dict]
         "AR": dict(decoding="ar"),
         "SJD (random init, w16)": dict(decoding="jacobi", window=16, init="random"),
         "draft-verify exact": dict(decoding="draft", window=6),
+        # the best lossless method (BENCHMARKS.md, token trees): Jacobi tree with the draft's chain as a branch
+        "token tree (Jacobi + draft, 3x2, w48)": dict(decoding="jacobi-draft", window=48, init="horizontal",
+                                                      coupled=True, tree=(3, 2)),
     }
     deltas, lams, groups, dmaxes, typ = (0.05, 0.1, 0.2, 0.4), (2.0, 5.0, 10.0, 20.0), (3, 10, 25), \
         [("inf", math.inf)] + list(q.items()), (0.09, 0.3)
@@ -484,6 +488,8 @@ def _sweep(args, pipe, draft, argv):
     store.mkdir(parents=True, exist_ok=True)
     cmd = "mmspec bench image " + " ".join(argv if argv is not None else sys.argv[1:])
     rows, reused = [], []
+    if any(uses_draft(spec) for spec in methods.values()):  # a draft that does not fit fails now, not hours in
+        pipe(prompts[:1], guidance_scale=args.guidance, output_type="pt", decoding="draft", window=2, draft_model=draft)
     for i, (name, spec) in enumerate(methods.items()):
         path = store / f"{_slug(name)}.pt"
         saved = torch.load(path, weights_only=False) if path.is_file() else None
