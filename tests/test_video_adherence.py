@@ -52,6 +52,9 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert set(res["adherence_heads"]) == set(res["real_heads"]) == set(video.VIDEO_HEADS)
     assert all(0.0 <= v <= 1.0 for v in [*res["adherence_heads"].values(), *res["real_heads"].values()])
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
+    # the tokenizer's ceiling: the noise-free clips read through the model's own tokenizer
+    assert set(res["recon_heads"]) == set(video.VIDEO_HEADS) and res["tokenizer"] == "vq"
+    assert all(0.0 <= v <= 1.0 for v in res["recon_heads"].values())
     fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi", init="temporal", coupled=True, window=8)
     assert fast["step_compression"] > 1.0 and fast["init"] == "temporal" and fast["window"] == 8
     assert fast["real_heads"] == res["real_heads"]  # the same captions
@@ -98,6 +101,9 @@ def test_video_model_starts_from_a_text_to_image_model(tmp_path):
     vid = AutoModelForCausalLM.from_pretrained(tmp_path / "v")
     assert m["init_from"] == "img" and vid.config.hidden_size == img.config.hidden_size == 96
     assert vid.config.num_hidden_layers == img.config.num_hidden_layers
+    # the video model generates the codes of the image model's tokenizer, and says so in its config
+    assert vid.config.zoo_vq == img.config.zoo_vq and "codebook" in vid.config.zoo_vq
+    assert vid.config.video_layout["codebook_size"] == img.config.image_layout["codebook_size"]
     keep, eoi = vid.config.boi_token_id + 1, img.config.image_layout["eoi_token_id"]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         a, b = img.state_dict()[name], vid.state_dict()[name]

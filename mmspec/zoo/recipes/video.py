@@ -353,7 +353,8 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     """Prompt adherence of the video model in ``folder`` (default: the bundled one): ``n`` held-out one-object
     captions (stream :data:`ADHERENCE_SEED`), video ``i`` sampled with seed ``seed + i`` at ``guidance`` by
     ``decoding``, read by :func:`read_clips`; accuracy per head and their mean. The same reader on the real clips of
-    those captions is the ceiling (``real_heads``): what it misses there is the reader's error, not the model's.
+    those captions is the ceiling (``real_heads``): what it misses there is the reader's error, not the model's;
+    ``recon_heads`` reads the noise-free clips through the model's tokenizer, the ceiling its codes allow.
     ``pipe_kwargs`` go to the pipeline call (e.g. ``window``, ``init``, ``coupled`` for Jacobi decoding)."""
     from ..data import make_moving_scene, scene_seed
 
@@ -361,7 +362,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     pipe.set_progress_bar_config(disable=True)
     layout = pipe.family.layout()
     size = int(pipe.model.config.frame_size)
-    clips = [make_moving_scene(scene_seed(ADHERENCE_SEED, i), size, layout.frames, 1) for i in range(n)]
+    clips = [make_moving_scene(scene_seed(ADHERENCE_SEED, i), size, layout.frames, 1, clean=True) for i in range(n)]
     captions = [c.caption for c in clips]
     target = caption_targets(captions)
     clf = hub.load_classifier()
@@ -372,15 +373,22 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
         made.append(out.frames * 2 - 1)
         stats.append(out.stats)
     real = torch.stack([image_to_tensor(c.frames) for c in clips])
+    # the tokenizer's ceiling: the noise-free clips (what the model learns) through the model's tokenizer
+    clean = torch.stack([image_to_tensor(c.clean) for c in clips]).flatten(0, 1)  # [n * F, 3, s, s]
+    grid = (size // VQ_DOWNSAMPLE, size // VQ_DOWNSAMPLE)
+    vq = pipe.vq
+    recon = hub.decode_tokens(vq, hub.encode_images(vq, clean.to(vq.device, vq.dtype)), grid).float().cpu()
 
     def score(frames: torch.Tensor) -> dict[str, float]:
         pred = read_clips(clf, frames)
         return {h: float((pred[h] == target[h]).float().mean()) for h in VIDEO_HEADS}
 
-    heads, real_heads = score(torch.cat(made)), score(real)
+    heads, real_heads, recon_heads = score(torch.cat(made)), score(real), score(recon.view_as(real))
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     return {"n_captions": n, "guidance": guidance, "decoding": decoding, **pipe_kwargs, "seed": seed,
-            "adherence_mean": sum(heads.values()) / len(heads), "adherence_heads": heads,
-            "real_mean": sum(real_heads.values()) / len(real_heads), "real_heads": real_heads,
+            "adherence_mean": mean(heads), "adherence_heads": heads, "real_mean": mean(real_heads),
+            "real_heads": real_heads, "recon_mean": mean(recon_heads), "recon_heads": recon_heads,
+            "tokenizer": getattr(pipe.model.config, "zoo_vq", {"name": hub.DEFAULT_VQ})["name"],
             "step_compression": sum(st.step_compression for st in stats) / len(stats)}
 
 
