@@ -310,6 +310,7 @@ def sweep_plot(rows, path):
                 if fam.startswith("GSD, d_max") and r["method"].endswith("d_max=inf"):
                     continue  # labelled on the group-size line
                 ax.annotate(r["method"].split(" ", 1)[-1] if fam != "lossless" else r["method"], (xi, yi), fontsize=6)
+        ax.margins(x=0.12)  # room for the labels of the outermost points
         ax.set_xlabel("step compression (tokens / target forward)")
         ax.set_ylabel("prompt adherence (%)" if key == "adherence" else "Frechet distance (classifier features)")
         ax.grid(alpha=0.3)
