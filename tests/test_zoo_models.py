@@ -326,3 +326,22 @@ def test_token_models_name_their_tokenizer():
     cfg.zoo_vq = {"name": "nonexistent"}
     with pytest.raises(ValueError, match="unknown bundled model"):
         hub.load_vq_for(cfg)
+
+
+
+def test_diffusers_token_models_name_their_tokenizer_in_a_file(tmp_path):
+    """A LlamaGen model's frozen diffusers config takes no new keys: ``hub.tag_vq_folder`` writes the tag to
+    ``zoo_vq.json`` beside the weights and ``hub.load_vq_for(folder)`` reads it (no file: the default tokenizer);
+    the c2i pipeline decodes with the tokenizer its folder names."""
+    assert hub.vq_tag(tmp_path) == {"name": hub.DEFAULT_VQ}
+    vq4096 = hub.load_vq(hub.weights_path("vq4096"))
+    hub.tag_vq_folder(tmp_path, vq4096, "vq4096")
+    assert hub.vq_tag(tmp_path) == {"name": "vq4096", "codebook": hub.codebook_id(vq4096)}
+    assert hub.codebook_id(hub.load_vq_for(tmp_path)) == hub.codebook_id(vq4096)
+    (tmp_path / hub.VQ_TAG_FILE).write_text(json.dumps({"name": "vq", "codebook": hub.codebook_id(vq4096)}))
+    with pytest.raises(ValueError, match="trained on the codes"):
+        hub.load_vq_for(str(tmp_path))
+    from mmspec.zoo.models import load_c2i_pipeline
+
+    pipe = load_c2i_pipeline()
+    assert hub.codebook(pipe.vq).shape[0] == pipe.model.vocab_size

@@ -195,9 +195,8 @@ def test_c2i_cli_checkpoint_resume(tmp_path):
     assert again["steps"] == 2 and again["images_seen"] == 2 * 32
     assert (tmp_path / "c" / "loss_curve.png").is_file()
     from mmspec.zoo import hub
-    from mmspec.zoo.recipes.c2i import VQ_NAME
 
-    other = hub.load_vq(hub.weights_path(VQ_NAME))
+    other = hub.load_vq(hub.weights_path(hub.DEFAULT_VQ))
     with torch.no_grad():
         other.quantize.embedding.weight.add_(0.5)
     other.save_pretrained(tmp_path / "other_vq")
@@ -563,3 +562,72 @@ def test_t2i_transfer_to_new_codes(tmp_path):
         t2i.train(tmp_path / "e", role="draft", minutes=60, max_steps=1, threads=1, batch_size=2,
                   vq_path=str(hub.weights_path("vq4096")), init_from=tmp_path / "old",
                   init_vq=str(hub.weights_path("vq4096")))
+
+
+def test_c2i_transfer_to_new_codes(tmp_path):
+    """A c2i model over one tokenizer's codes starts one over another's: with the identity mapping it is the same
+    model; code_map of a tokenizer onto itself is the identity on the codes the crops use; through train(),
+    --init-from over another codebook maps the codes of the tokenizer the start's folder names, and the result's
+    folder names its own (``zoo_vq.json``)."""
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import c2i
+
+    vqm = hub.load_vq()
+    r = c2i.C2IRecipe(dim=64, n_layer=1, n_head=2, n_kv_head=1)
+    old = c2i.build_model(r, 1024).eval()
+    new = c2i.build_model(r, 1024).eval()
+    c2i.transfer_to_new_codes(new, old, torch.eye(1024))
+    codes, labels = torch.randint(0, 1024, (2, 9)), torch.tensor([0, 3])
+    drop = torch.zeros(2, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(c2i._logits(new, codes, labels, drop), c2i._logits(old, codes, labels, drop))
+    with pytest.raises(ValueError, match="mapping"):
+        c2i.transfer_to_new_codes(new, old, torch.eye(4096))
+    p = c2i.code_map(vqm, vqm, n=32)
+    assert p.shape == (1024, 1024) and torch.allclose(p.sum(1), torch.ones(1024))
+    seen = p.diagonal() > 0.5
+    assert int(seen.sum()) > 50 and bool((p.argmax(1)[seen] == torch.arange(1024)[seen]).all())
+    # the recipe's own shape over the default tokenizer, one step, then onto the 4,096-code tokenizer
+    c2i.train(tmp_path / "a", max_steps=1, threads=1, eval_n=4)
+    assert hub.vq_tag(tmp_path / "a")["name"] == hub.DEFAULT_VQ
+    c2i.train(tmp_path / "b", max_steps=1, threads=1, eval_n=4, vq_path=str(hub.weights_path("vq4096")),
+              init_from=str(tmp_path / "a"))
+    assert hub.vq_tag(tmp_path / "b")["name"] == "vq4096"
+    assert hub.codebook(hub.load_vq_for(tmp_path / "b")).shape[0] == 4096
+    m = c2i.train(tmp_path / "c", max_steps=1, threads=1, eval_n=4, init_from=str(tmp_path / "b"))
+    assert hub.vq_tag(tmp_path / "c")["name"] == "vq4096" and m["init_from"] == str(tmp_path / "b")
+
+
+def test_video_transfer_to_new_codes(tmp_path):
+    """A video model over one tokenizer's codes starts one over another's (words, BOI, EOF and EOI keep their
+    rows; with the identity mapping it is the same model), and train() does it when --init-from names another
+    tokenizer than --vq; the saved config names the new one."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo import hub
+    from mmspec.zoo.recipes import video
+    from mmspec.zoo.recipes.t2i import build_tokenizer
+
+    r = video.VideoRecipe(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    n_text = len(build_tokenizer())
+    old, new = video.build_model(r, n_text, 1024).eval(), video.build_model(r, n_text, 1024).eval()
+    video.transfer_to_new_codes(new, old, torch.eye(1024))
+    ids = torch.randint(0, old.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(new(input_ids=ids).logits, old(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="mapping"):
+        video.transfer_to_new_codes(new, old, torch.eye(4096))
+    bigger = video.build_model(r, n_text, 4096)
+    mapping = torch.zeros(4096, 1024)
+    mapping[torch.arange(4096), torch.arange(4096) % 1024] = 1.0
+    video.transfer_to_new_codes(bigger, old, mapping)
+    e_old, e_new, off = old.model.embed_tokens.weight, bigger.model.embed_tokens.weight, n_text
+    assert torch.equal(e_new[:off], e_old[:off]) and torch.equal(e_new[off + 1024 + 5], e_old[off + 5])
+    assert torch.equal(e_new[-3:], e_old[-3:])  # BOI, EOF, EOI
+    hub.tag_vq(old.config, hub.load_vq(), None)
+    old.save_pretrained(tmp_path / "old")
+    video.train(tmp_path / "v", max_steps=1, threads=1, vq_path=str(hub.weights_path("vq4096")),
+                init_from=tmp_path / "old", recipe=replace(r, eval_n=2))
+    cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "v").config
+    assert cfg.video_layout["codebook_size"] == 4096 and cfg.zoo_vq["name"] == "vq4096"
+    assert cfg.hidden_size == 32

@@ -36,6 +36,8 @@ __all__ = [
     "load_vq",
     "load_vq_for",
     "tag_vq",
+    "tag_vq_folder",
+    "vq_tag",
     "codebook_id",
     "encode_images",
     "decode_tokens",
@@ -112,11 +114,38 @@ def tag_vq(config, vq: VQModel, name: str | os.PathLike | None) -> None:
     config.zoo_vq = {"name": DEFAULT_VQ if name is None else Path(name).name, "codebook": codebook_id(vq)}
 
 
+#: The file beside a diffusers-layout token model (whose frozen config takes no new keys) naming its tokenizer.
+VQ_TAG_FILE = "zoo_vq.json"
+
+
+def tag_vq_folder(folder: str | os.PathLike, vq: VQModel, name: str | os.PathLike | None) -> None:
+    """:func:`tag_vq` for a saved model folder: writes the tag to ``folder/zoo_vq.json`` (for the LlamaGen models,
+    whose diffusers config is frozen)."""
+    import json
+
+    cfg = type("Tag", (), {})()
+    tag_vq(cfg, vq, name)
+    (Path(folder) / VQ_TAG_FILE).write_text(json.dumps(cfg.zoo_vq) + "\n")
+
+
+def vq_tag(config) -> dict[str, str]:
+    """The tokenizer tag (:func:`tag_vq`) of a token model's ``config``, or of a saved model's folder (read through
+    its ``zoo_vq.json``, :func:`tag_vq_folder`); ``{"name": DEFAULT_VQ}`` when it names none."""
+    if isinstance(config, (str, os.PathLike)):
+        import json
+
+        file = Path(config) / VQ_TAG_FILE
+        tag = json.loads(file.read_text()) if file.is_file() else None
+    else:
+        tag = getattr(config, "zoo_vq", None)
+    return tag or {"name": DEFAULT_VQ}
+
+
 def load_vq_for(config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VQModel:
-    """The bundled tokenizer whose codes the token model with this ``config`` generates (``config.zoo_vq``, see
-    :func:`tag_vq`; :data:`DEFAULT_VQ` when the config names none). Raises ``ValueError`` when that tokenizer's
-    codebook is not the one the model was trained on (its images would decode to noise)."""
-    tag = getattr(config, "zoo_vq", None) or {"name": DEFAULT_VQ}
+    """The bundled tokenizer whose codes the token model with this ``config`` (or saved in this folder) generates
+    (:func:`vq_tag`). Raises ``ValueError`` when that tokenizer's codebook is not the one the model was trained on
+    (its images would decode to noise)."""
+    tag = vq_tag(config)
     vq = load_vq(weights_path(tag["name"]), device=device, dtype=dtype)
     if tag.get("codebook") not in (None, codebook_id(vq)):
         raise ValueError(f"the model was trained on the codes of tokenizer {tag['name']!r} with codebook "

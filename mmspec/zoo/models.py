@@ -93,9 +93,7 @@ def load_c2i_pipeline(device="cpu", dtype=torch.float32):
     from ..pipelines import SpeculativeImagePipeline
 
     model = LlamaGenGPT.from_pretrained(_folder(C2I), torch_dtype=dtype).to(device).eval()
-    from .recipes.c2i import VQ_NAME  # the tokenizer c2i was trained on
-
-    vq = hub.load_vq(hub.weights_path(VQ_NAME), device=device, dtype=dtype)
+    vq = hub.load_vq_for(_folder(C2I), device=device, dtype=dtype)  # the tokenizer c2i was trained on
     return SpeculativeImagePipeline(model=model, vq=vq)
 
 

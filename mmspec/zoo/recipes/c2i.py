@@ -27,14 +27,14 @@ from .common import (
     TRAIN_CROP_SEED,
     ResumableRun,
     adamw,
+    crop_batch,
     dir_size_bytes,
+    pair_codes,
+    remap_code_rows,
     seed_everything,
     setup_threads,
     write_json,
 )
-
-#: the bundled tokenizer the shipped c2i model was trained on (the pipeline decodes with it)
-VQ_NAME = "vq"
 
 
 @dataclass
@@ -69,6 +69,29 @@ def crop_codes(vq, start: int, n: int, seed: int) -> tuple[torch.Tensor, torch.T
     with torch.no_grad():
         codes = hub.encode_images(vq, images)
     return codes, torch.tensor([it["label"] for it in items])
+
+
+def code_map(new_vq, old_vq, n: int = 1024, seed: int = TRAIN_CROP_SEED) -> torch.Tensor:
+    """How the codes of ``new_vq`` stand for those of ``old_vq`` on ``n`` training crops: ``p(old | new)``
+    ``[K_new, K_old]`` (:func:`~mmspec.zoo.recipes.common.pair_codes`)."""
+    return pair_codes(new_vq, old_vq, (crop_batch(i, min(64, n - i), seed) for i in range(0, n, 64)))
+
+
+def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
+    """Start ``model`` (over a new tokenizer's codes) from ``old_model`` (the same architecture over another
+    tokenizer's codes): every weight is copied; new code ``c``'s rows in the token embedding and the output head
+    are the ``mapping[c]``-weighted mean of the old codes' rows (``mapping = p(old | new)``, :func:`code_map`).
+    Raises ``ValueError`` when the architectures or the mapping do not line up."""
+    src, dst = old_model.state_dict(), model.state_dict()
+    if set(src) != set(dst) or mapping.shape != (model.vocab_size, old_model.vocab_size):
+        raise ValueError("the old model has another architecture, or the mapping is not new codes x old codes")
+    with torch.no_grad():
+        for name, value in src.items():
+            if name in ("tok_embeddings.weight", "output.weight"):
+                value = remap_code_rows(value, 0, mapping, [])
+            if value.shape != dst[name].shape:
+                raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
+            dst[name].copy_(value)
 
 
 def _logits(model, codes, labels, drop):
@@ -107,13 +130,20 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     r = C2IRecipe() if lr is None else C2IRecipe(lr=lr)
     setup_threads(threads)
     gen = seed_everything(seed)
-    vq = hub.load_vq(vq_path or hub.weights_path(VQ_NAME))
+    if vq_path is None:  # the tokenizer the starting model names, else the default one
+        vq_path = str(hub.weights_path(hub.vq_tag(init_from)["name"] if init_from else hub.DEFAULT_VQ))
+    vq = hub.load_vq(vq_path)
+    model = build_model(r, int(hub.codebook(vq).shape[0]))
     if init_from:
         from ...models.llamagen import LlamaGenGPT
 
-        model = LlamaGenGPT.from_pretrained(init_from, torch_dtype=torch.float32)
-    else:
-        model = build_model(r, int(hub.codebook(vq).shape[0]))
+        start = LlamaGenGPT.from_pretrained(init_from, torch_dtype=torch.float32)
+        old_vq = hub.load_vq_for(init_from)
+        if codebook_id(old_vq) != codebook_id(vq):
+            transfer_to_new_codes(model, start, code_map(vq, old_vq))
+            print(f"[c2i] codes mapped from codebook {codebook_id(old_vq)} onto {codebook_id(vq)}", flush=True)
+        else:
+            model = start
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
@@ -140,6 +170,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     metrics.update(evaluate(model, vq, r.eval_n if eval_n is None else eval_n))
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
+    hub.tag_vq_folder(out, vq, vq_path)
     metrics["bytes"] = dir_size_bytes(out)
     write_json(out / "metrics.json", metrics)
     print({k: v for k, v in metrics.items() if k not in ("recipe", "classes")}, flush=True)

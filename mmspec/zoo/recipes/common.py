@@ -94,6 +94,31 @@ def label_tensors(scenes: list[Any]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor([lab[k] for lab in labels]) for k in labels[0]}
 
 
+@torch.no_grad()
+def pair_codes(new_vq: Any, old_vq: Any, batches: Iterator[torch.Tensor], smoothing: float = 1e-3) -> torch.Tensor:
+    """How the codes of tokenizer ``new_vq`` stand for those of ``old_vq``: both code every image of ``batches``
+    (``[n, 3, H, W]`` in ``[-1, 1]``; cells line up, the tokenizers share their downsampling) and the pairs are
+    counted. Returns ``p(old | new)`` ``[K_new, K_old]``, each row summing to 1 (``smoothing`` added to every
+    count, so a code never seen spreads evenly)."""
+    from .. import hub
+
+    k_new, k_old = int(hub.codebook(new_vq).shape[0]), int(hub.codebook(old_vq).shape[0])
+    counts = torch.full((k_new, k_old), smoothing)
+    for images in batches:
+        a, b = hub.encode_images(new_vq, images).flatten(), hub.encode_images(old_vq, images).flatten()
+        counts.view(-1).index_add_(0, a * k_old + b, torch.ones(a.numel()))
+    return counts / counts.sum(1, keepdim=True)
+
+
+def remap_code_rows(rows: torch.Tensor, offset: int, mapping: torch.Tensor, tail: list[int]) -> torch.Tensor:
+    """A token embedding or LM head ``rows [V_old, d]`` moved onto a new tokenizer's codes: rows ``:offset`` (words)
+    are kept, the old codes' ``K_old`` rows after them become ``mapping @ rows`` (``mapping = p(old | new)``
+    ``[K_new, K_old]``, :func:`pair_codes`), and the old rows ``tail`` (BOI, EOI, ...) follow, in that order.
+    Returns ``[offset + K_new + len(tail), d]``."""
+    codes = rows[offset : offset + mapping.shape[1]]
+    return torch.cat([rows[:offset], mapping.to(rows.dtype) @ codes, rows[tail]])
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1] after uint8 quantisation of both."""
     qa = ((a.clamp(-1, 1) + 1) * 127.5).round()

@@ -29,7 +29,9 @@ from .common import (
     ResumableRun,
     adamw,
     dir_size_bytes,
+    pair_codes,
     prefetch,
+    remap_code_rows,
     scene_batch,
     seed_everything,
     setup_threads,
@@ -114,19 +116,11 @@ def build_model(r: T2IRecipe, n_text: int, codebook_size: int):
     return LlamaForCausalLM(cfg)
 
 
-@torch.no_grad()
 def code_map(new_vq, old_vq, n: int = 1024, seed: int = TRAIN_SCENE_SEED, smoothing: float = 1e-3) -> torch.Tensor:
-    """How the codes of ``new_vq`` stand for those of ``old_vq``: both tokenizers code the noise-free renders of
-    ``n`` scenes (16x16 grids, so the cells line up) and the pairs are counted. Returns ``p(old | new)``
-    ``[K_new, K_old]``, each row summing to 1 (``smoothing`` added to every count, so a code never seen spreads
-    evenly)."""
-    k_new, k_old = int(hub.codebook(new_vq).shape[0]), int(hub.codebook(old_vq).shape[0])
-    counts = torch.full((k_new, k_old), smoothing)
-    for i in range(0, n, 64):
-        images, _, _ = render_batch(i, min(64, n - i), seed, 2, noise_free=True)
-        a, b = hub.encode_images(new_vq, images).flatten(), hub.encode_images(old_vq, images).flatten()
-        counts.view(-1).index_add_(0, a * k_old + b, torch.ones(a.numel()))
-    return counts / counts.sum(1, keepdim=True)
+    """How the codes of ``new_vq`` stand for those of ``old_vq`` on the noise-free renders of ``n`` scenes:
+    ``p(old | new)`` ``[K_new, K_old]`` (:func:`~mmspec.zoo.recipes.common.pair_codes`)."""
+    batches = (render_batch(i, min(64, n - i), seed, 2, noise_free=True)[0] for i in range(0, n, 64))
+    return pair_codes(new_vq, old_vq, batches, smoothing)
 
 
 def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
@@ -150,8 +144,7 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     with torch.no_grad():
         for name, value in src.items():
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                value = torch.cat([value[:off], mapping.to(value.dtype) @ value[off : off + ol["codebook_size"]],
-                                   value[ends]])
+                value = remap_code_rows(value, off, mapping, ends)
             if value.shape != dst[name].shape:
                 raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
             dst[name].copy_(value)

@@ -31,11 +31,20 @@ import torch.nn.functional as F
 from .. import hub
 from ..data import image_to_tensor, make_moving_scene, scene_seed
 from ..hub import codebook_id
-from .common import ResumableRun, adamw, dir_size_bytes, seed_everything, setup_threads, write_json
+from .common import (
+    ResumableRun,
+    adamw,
+    dir_size_bytes,
+    pair_codes,
+    remap_code_rows,
+    seed_everything,
+    setup_threads,
+    write_json,
+)
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
-           "load_video_pipeline", "transfer_from_image_model", "motion_direction", "read_clips", "caption_targets", "adherence", "VIDEO_TRAIN_SEED",
+           "load_video_pipeline", "transfer_from_image_model", "code_map", "transfer_to_new_codes", "motion_direction", "read_clips", "caption_targets", "adherence", "VIDEO_TRAIN_SEED",
            "VIDEO_HELDOUT_SEED", "ADHERENCE_SEED", "VIDEO_HEADS"]
 
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
@@ -117,6 +126,39 @@ def transfer_from_image_model(model, image_model) -> None:
                 value = value[rows]
             if value.shape != dst[name].shape:
                 raise ValueError(f"the image model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
+            dst[name].copy_(value)
+
+
+def code_map(new_vq, old_vq, frame_size: int, n: int = 256, seed: int = VIDEO_TRAIN_SEED) -> torch.Tensor:
+    """How the codes of ``new_vq`` stand for those of ``old_vq`` on the noise-free frames (``frame_size`` pixels)
+    of ``n`` training clips: ``p(old | new)`` ``[K_new, K_old]`` (:func:`~mmspec.zoo.recipes.common.pair_codes`)."""
+    def frames(i):
+        clips = _clips(i, min(32, n - i), seed, VideoRecipe.frames, frame_size, VideoRecipe.max_objects, True)
+        return torch.stack([image_to_tensor(c.clean) for c in clips]).flatten(0, 1)
+
+    return pair_codes(new_vq, old_vq, (frames(i) for i in range(0, n, 32)))
+
+
+def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
+    """Start the video ``model`` (over a new tokenizer's codes) from ``old_model`` (a video model of the same
+    architecture over another tokenizer's codes): every transformer weight is copied; in the token embedding and
+    the LM head the words, BOI, EOF and EOI keep their rows and new code ``c``'s row is the ``mapping[c]``-weighted
+    mean of the old codes' rows (``mapping = p(old | new)``, :func:`code_map`). Raises ``ValueError`` when shapes
+    or words do not line up."""
+    nl, ol = model.config.video_layout, old_model.config.video_layout
+    off = nl["image_token_offset"]
+    if off != ol["image_token_offset"] or mapping.shape != (nl["codebook_size"], ol["codebook_size"]):
+        raise ValueError("the old model has other caption words, or the mapping is not new codes x old codes")
+    src, dst = old_model.state_dict(), model.state_dict()
+    if set(src) != set(dst):
+        raise ValueError("the old model has another architecture")
+    tail = [old_model.config.boi_token_id, ol["eof_token_id"], ol["eoi_token_id"]]
+    with torch.no_grad():
+        for name, value in src.items():
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                value = remap_code_rows(value, off, mapping, tail)
+            if value.shape != dst[name].shape:
+                raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
             dst[name].copy_(value)
 
 
@@ -215,8 +257,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
 
     ``ckpt``: a training-state file written every ``ckpt_every_s`` seconds and resumed when present (same recipe
     and tokenizer codebook; its time counts against ``minutes``). ``init_from``: a saved video model folder of the
-    same architecture, layout and vocabulary to continue from (fresh optimiser and schedule; a checkpoint, when
-    present, still wins); pair it with a new ``seed`` (another clip stream) and usually a smaller ``lr``. It may
+    same architecture and layout to continue from (fresh optimiser and schedule; a checkpoint, when present, still
+    wins); pair it with a new ``seed`` (another clip stream) and usually a smaller ``lr``. When it generates another
+    tokenizer's codes than ``vq_path``'s, its code rows are mapped onto the new codes (:func:`transfer_to_new_codes`). It may
     also be a text-to-image token model over the same words and codes (``weights/t2i_target``, whose config has an
     ``image_layout``): the video model then takes its architecture and starts from its weights
     (:func:`transfer_from_image_model`), i.e. from a model that already draws what captions name. ``vq_path``: the
@@ -232,13 +275,11 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         from transformers import AutoModelForCausalLM
 
         start = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
-        if getattr(start.config, "image_layout", None) is not None:  # a text-to-image model: take its shape
-            c = start.config
-            r = replace(r, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
-                        kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size)
+        c = start.config  # a text-to-image or a video model: the video model takes its shape
+        r = replace(r, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                    kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size)
     if vq_path is None:  # the tokenizer the starting model names, else the default one
-        start_tag = getattr(start.config, "zoo_vq", None) if start is not None else None
-        vq_path = str(hub.weights_path(start_tag["name"] if start_tag else VQ_NAME))
+        vq_path = str(hub.weights_path(hub.vq_tag(start.config)["name"] if start is not None else VQ_NAME))
     vq = hub.load_vq(vq_path)
     model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
     if start is not None:
@@ -247,9 +288,14 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         else:
             keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "video_layout", "boi_token_id", "frame_size")
-            if any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
+            old_vq = hub.load_vq_for(start.config)
+            if codebook_id(old_vq) != codebook_id(vq) and start.config.frame_size == model.config.frame_size:
+                transfer_to_new_codes(model, start, code_map(vq, old_vq, model.config.frame_size))
+                print(f"[video] codes mapped from codebook {codebook_id(old_vq)} onto {codebook_id(vq)}", flush=True)
+            elif any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
                 raise ValueError(f"init_from={str(init_from)!r} is not a video model of this recipe and tokenizer")
-            model.load_state_dict(start.state_dict())
+            else:
+                model.load_state_dict(start.state_dict())
         print(f"[video] initialised from {init_from}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
