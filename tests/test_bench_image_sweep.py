@@ -80,6 +80,17 @@ def test_paired_delta_finds_a_small_cost_the_unpaired_interval_misses():
     assert rows[2]["delta_text"].endswith("*")
     a_lo, a_hi = bi.bootstrap_mean_ci(ar, 500)
     assert a_lo <= float(lossy.mean()) <= a_hi  # unpaired, the cost hides inside AR's own interval
+    assert rows[1]["p_holm"] == 1.0 and rows[2]["p_holm"] < 0.05 and rows[2]["p_holm"] >= rows[2]["p_vs_ar"]
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    # sorted 0.01, 0.02, 0.04, 0.5 -> x4, x3, x2, x1 = 0.04, 0.06, 0.08, 0.5 (already non-decreasing)
+    assert bi.holm([0.04, 0.5, 0.01, 0.02]) == pytest.approx([0.08, 0.5, 0.04, 0.06])
+    assert bi.holm([0.03, 0.001]) == pytest.approx([0.03, 0.002])
+    assert bi.holm([0.2, 0.9, 0.3]) == pytest.approx([0.6, 0.9, 0.6])  # monotone along the order, capped at 1
+    assert bi.holm([]) == []
+    # 20 true nulls at p = 0.04 each: unadjusted all "significant", adjusted none
+    assert min(bi.holm([0.04] * 20)) == pytest.approx(0.8)
 
 
 def test_sweep_plot_writes_png(tmp_path):

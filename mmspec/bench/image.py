@@ -251,11 +251,14 @@ def sanity(rows, reps: int, seed: int = 0) -> list[str]:
 def paired_delta(rows, reps: int, seed: int = 0) -> None:
     """Each row's adherence minus AR's with a paired 95% bootstrap interval (points): the images of one caption
     are resampled together (every method draws one image per caption with the same seed), which removes the
-    captions' own difficulty from the interval. Sets ``delta_vs_ar``, ``delta_vs_ar_ci`` and ``delta_text``: the
-    quality cost of a relaxed criterion, significant where the interval excludes 0."""
+    captions' own difficulty from the interval. Sets ``delta_vs_ar``, ``delta_vs_ar_ci``, ``p_vs_ar`` (two-sided,
+    from the bootstrap's normal approximation), ``p_holm`` (Holm-adjusted over every row compared, so the family
+    of comparisons, not each one, keeps the 5% error rate) and ``delta_text``, marked ``*`` where ``p_holm < 0.05``:
+    the quality cost of a relaxed criterion."""
     ar = next(r for r in rows if r["method"] == "AR")
     b = torch.as_tensor(ar["_per_image"]).double()
     idx = torch.randint(0, b.shape[0], (reps, b.shape[0]), generator=torch.Generator().manual_seed(seed + 3))
+    compared = []
     for r in rows:
         a = torch.as_tensor(r["_per_image"]).double()
         if r is ar or a.shape != b.shape:
@@ -263,8 +266,25 @@ def paired_delta(rows, reps: int, seed: int = 0) -> None:
         diff = 100 * (a - b)
         boot = diff[idx].mean(1)
         lo, hi = float(boot.quantile(0.025)), float(boot.quantile(0.975))
-        r["delta_vs_ar"], r["delta_vs_ar_ci"] = float(diff.mean()), [lo, hi]
-        r["delta_text"] = f"{float(diff.mean()):+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else "")
+        sd = float(boot.std())
+        z = abs(float(diff.mean())) / sd if sd > 0 else (0.0 if float(diff.mean()) == 0 else math.inf)
+        r["delta_vs_ar"], r["delta_vs_ar_ci"], r["p_vs_ar"] = float(diff.mean()), [lo, hi], math.erfc(z / math.sqrt(2))
+        compared.append(r)
+    for r, p in zip(compared, holm([r["p_vs_ar"] for r in compared])):
+        r["p_holm"] = p
+        r["delta_text"] = f"{r['delta_vs_ar']:+.1f} [{r['delta_vs_ar_ci'][0]:+.1f}, {r['delta_vs_ar_ci'][1]:+.1f}]" + (
+            " *" if p < 0.05 else "")
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment of the p-values ``p`` (same order): the k-th smallest is multiplied by
+    ``m - k + 1`` (``m = len(p)``), made non-decreasing along that order and capped at 1."""
+    order = sorted(range(len(p)), key=p.__getitem__)
+    out, running = [1.0] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - k) * p[i]))
+        out[i] = running
+    return out
 
 
 def sweep_plot(rows, path):
@@ -442,7 +462,7 @@ SWEEP_COLUMNS = [
     ("method", "method", ""), ("lossless", "lossless", ""), ("step_compression", "step compr.", ".2f"),
     ("mean_accepted", "mean acc.", ".2f"), ("speedup_vs_ar", "speedup vs AR", ".2f"),
     ("adherence", "adherence %", ".1f"), ("adherence_ci_text", "95% interval", ""), ("delta_text", "vs AR (paired)", ""),
-    ("frechet", "Frechet", ".2f"),
+    ("p_holm", "p (Holm)", ".3f"), ("frechet", "Frechet", ".2f"),
     ("frechet_ci_text", "95% interval", ""), ("entropy", "entropy (nats)", ".2f"), ("sanity_vs_ar", "= AR?", ""),
 ]
 
@@ -542,8 +562,10 @@ def _sweep_report(args, rows, cmd, prompts, batch, methods, reused, final=False)
           + f"{markdown_table(rows, SWEEP_COLUMNS)}\n\n"
           "Sanity rule (every lossless method's adherence agrees with AR's: the 95% interval of the difference "
           "contains 0):\n\n" + "\n".join(f"- {c}" for c in checks) + "\n\n`vs AR`: adherence minus AR's in points, "
-          "paired by caption (the same captions and seeds for every method), with its 95% bootstrap interval; `*` "
-          "where the interval excludes 0 (a measured quality change)." + f"\n\nPlot: `{plot}`\n\nEnvironment: {environment()}\n")
+          "paired by caption (the same captions and seeds for every method), with its 95% bootstrap interval; "
+          "`p (Holm)`: its two-sided p-value, Holm-adjusted over all the rows compared with AR (a sweep makes many "
+          "comparisons: unadjusted, about one in twenty would look significant by chance); `*` where it is below "
+          "0.05 (a measured quality change)." + f"\n\nPlot: `{plot}`\n\nEnvironment: {environment()}\n")
     payload = {"args": vars(args), "env": environment(), "prompts": prompts, "rows": rows, "sanity": checks,
                "missing": missing}
     js, mdp = write_report(args.out, "image_sweep", payload, md)
