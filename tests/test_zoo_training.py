@@ -631,3 +631,12 @@ def test_video_transfer_to_new_codes(tmp_path):
     cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "v").config
     assert cfg.video_layout["codebook_size"] == 4096 and cfg.zoo_vq["name"] == "vq4096"
     assert cfg.hidden_size == 32
+
+
+def test_classifier_training_writes_metrics_and_loss_curve(tmp_path):
+    from mmspec.zoo.recipes import classifier
+
+    m = classifier.train(tmp_path / "clf", minutes=60, max_steps=20, eval_n=16, threads=1)
+    assert m["steps"] == 20 and m["images_seen"] == 20 * classifier.ClassifierRecipe().batch_size
+    assert (tmp_path / "clf" / "loss_curve.png").is_file() and (tmp_path / "clf" / "metrics.json").is_file()
+    assert set(m["heldout"]["one_object"]["accuracy"]) == set(classifier.ACCURACY_BARS)

@@ -40,6 +40,7 @@ from .common import (
     crop_batch,
     dir_size_bytes,
     label_tensors,
+    plot_loss_curve,
     save_fp16,
     scene_batch,
     seed_everything,
@@ -183,6 +184,7 @@ def train(
 
     step, seen = 0, 0
     ema: dict[str, float] = {}
+    history: list[dict[str, float]] = []
     last_log = time.perf_counter()
     bar = tqdm(desc="classifier", unit="step", mininterval=5.0, file=sys.stderr)
     clf.train()
@@ -205,6 +207,8 @@ def train(
             ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
         step += 1
         bar.update(1)
+        if step % 10 == 0:
+            history.append({"step": step, "seconds": budget.elapsed(), **ema})
         if time.perf_counter() - last_log >= r.log_every_s:
             last_log = time.perf_counter()
             bar.set_postfix(loss=f"{ema['loss']:.4f}")
@@ -214,6 +218,9 @@ def train(
     train_seconds = budget.elapsed()
 
     out.mkdir(parents=True, exist_ok=True)
+    if history:
+        plot_loss_curve(history, out / "loss_curve.png", "classifier (training loss)",
+                        keys=("loss", "grid_shape", "grid_colour", "grid_size", "background", "background_colour"))
     clf.eval()
     save_fp16(clf, out)
     shipped = hub.load_classifier(out)
