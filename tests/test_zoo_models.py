@@ -345,3 +345,9 @@ def test_diffusers_token_models_name_their_tokenizer_in_a_file(tmp_path):
 
     pipe = load_c2i_pipeline()
     assert hub.codebook(pipe.vq).shape[0] == pipe.model.vocab_size
+
+
+def test_the_bundled_zoo_fits_in_60_MB():
+    """The zoo ships inside the package: every bundled model together stays under 60 MB (decimal)."""
+    total = sum(f.stat().st_size for f in hub.WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert 10e6 < total < 60e6, f"the bundled weights take {total / 1e6:.1f} MB"
