@@ -27,6 +27,7 @@ from .common import (
     TRAIN_CROP_SEED,
     ResumableRun,
     adamw,
+    copy_weights,
     crop_batch,
     dir_size_bytes,
     pair_codes,
@@ -82,16 +83,10 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     tokenizer's codes): every weight is copied; new code ``c``'s rows in the token embedding and the output head
     are the ``mapping[c]``-weighted mean of the old codes' rows (``mapping = p(old | new)``, :func:`code_map`).
     Raises ``ValueError`` when the architectures or the mapping do not line up."""
-    src, dst = old_model.state_dict(), model.state_dict()
-    if set(src) != set(dst) or mapping.shape != (model.vocab_size, old_model.vocab_size):
-        raise ValueError("the old model has another architecture, or the mapping is not new codes x old codes")
-    with torch.no_grad():
-        for name, value in src.items():
-            if name in ("tok_embeddings.weight", "output.weight"):
-                value = remap_code_rows(value, 0, mapping, [])
-            if value.shape != dst[name].shape:
-                raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
-            dst[name].copy_(value)
+    if mapping.shape != (model.vocab_size, old_model.vocab_size):
+        raise ValueError("the mapping is not new codes x old codes")
+    rows = lambda value: remap_code_rows(value, 0, mapping, [])  # noqa: E731
+    copy_weights(model, old_model.state_dict(), {"tok_embeddings.weight": rows, "output.weight": rows})
 
 
 def _logits(model, codes, labels, drop):

@@ -119,6 +119,21 @@ def remap_code_rows(rows: torch.Tensor, offset: int, mapping: torch.Tensor, tail
     return torch.cat([rows[:offset], mapping.to(rows.dtype) @ codes, rows[tail]])
 
 
+def copy_weights(model: torch.nn.Module, src: dict[str, torch.Tensor], remap: dict[str, Callable]) -> None:
+    """Copy the state dict ``src`` into ``model``, passing each tensor named in ``remap`` through its function
+    first (a token embedding or head moved onto new codes, :func:`remap_code_rows`). Raises ``ValueError`` when
+    ``src`` has other tensors than ``model`` or a tensor's shape differs."""
+    dst = model.state_dict()
+    if set(src) - set(dst) or set(dst) - set(src) - set(remap):
+        raise ValueError("the old model has another architecture")
+    with torch.no_grad():
+        for name, value in src.items():
+            value = remap[name](value) if name in remap else value
+            if value.shape != dst[name].shape:
+                raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
+            dst[name].copy_(value)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1] after uint8 quantisation of both."""
     qa = ((a.clamp(-1, 1) + 1) * 127.5).round()

@@ -28,6 +28,7 @@ from .common import (
     TRAIN_SCENE_SEED,
     ResumableRun,
     adamw,
+    copy_weights,
     dir_size_bytes,
     pair_codes,
     prefetch,
@@ -135,19 +136,12 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     off = nl["image_token_offset"]
     if off != ol["image_token_offset"] or mapping.shape != (nl["codebook_size"], ol["codebook_size"]):
         raise ValueError("the old model has other caption words, or the mapping is not new codes x old codes")
-    src, dst = old_model.state_dict(), model.state_dict()
-    if set(src) != set(dst):
-        raise ValueError("the old model has another architecture")
+    src = old_model.state_dict()
     ends = [old_model.config.boi_token_id, ol["eoi_token_id"]]
     if model.config.tie_word_embeddings and not old_model.config.tie_word_embeddings:
         src = {k: v for k, v in src.items() if k != "model.embed_tokens.weight"}  # the shared matrix is the head's
-    with torch.no_grad():
-        for name, value in src.items():
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                value = remap_code_rows(value, off, mapping, ends)
-            if value.shape != dst[name].shape:
-                raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
-            dst[name].copy_(value)
+    rows = lambda value: remap_code_rows(value, off, mapping, ends)  # noqa: E731
+    copy_weights(model, src, {"model.embed_tokens.weight": rows, "lm_head.weight": rows})
 
 
 def render_batch(start: int, n: int, seed: int, max_objects: int, noise_free: bool = False,

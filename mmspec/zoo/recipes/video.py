@@ -34,6 +34,7 @@ from ..hub import codebook_id
 from .common import (
     ResumableRun,
     adamw,
+    copy_weights,
     dir_size_bytes,
     pair_codes,
     remap_code_rows,
@@ -149,17 +150,9 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     off = nl["image_token_offset"]
     if off != ol["image_token_offset"] or mapping.shape != (nl["codebook_size"], ol["codebook_size"]):
         raise ValueError("the old model has other caption words, or the mapping is not new codes x old codes")
-    src, dst = old_model.state_dict(), model.state_dict()
-    if set(src) != set(dst):
-        raise ValueError("the old model has another architecture")
     tail = [old_model.config.boi_token_id, ol["eof_token_id"], ol["eoi_token_id"]]
-    with torch.no_grad():
-        for name, value in src.items():
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                value = remap_code_rows(value, off, mapping, tail)
-            if value.shape != dst[name].shape:
-                raise ValueError(f"the old model's {name} has shape {tuple(value.shape)}, not {tuple(dst[name].shape)}")
-            dst[name].copy_(value)
+    rows = lambda value: remap_code_rows(value, off, mapping, tail)  # noqa: E731
+    copy_weights(model, old_model.state_dict(), {"model.embed_tokens.weight": rows, "lm_head.weight": rows})
 
 
 def _clips(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool):
