@@ -1,5 +1,6 @@
 """The video model's prompt-adherence reader (classifier on upsampled frames + motion direction) and evaluation."""
 
+import json
 import os
 
 import pytest
@@ -52,12 +53,30 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert set(res["adherence_heads"]) == set(res["real_heads"]) == set(video.VIDEO_HEADS)
     assert all(0.0 <= v <= 1.0 for v in [*res["adherence_heads"].values(), *res["real_heads"].values()])
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
+    # per video: the fraction of its heads right; their mean is the adherence, the interval holds it
+    assert len(res["adherence_per_video"]) == 3 and all(v * 6 == pytest.approx(round(v * 6)) for v in res["adherence_per_video"])
+    assert res["adherence_mean"] == pytest.approx(sum(res["adherence_per_video"]) / 3)
+    lo, hi = res["adherence_ci"]
+    assert lo <= res["adherence_mean"] <= hi
     # the tokenizer's ceiling: the noise-free clips read through the model's own tokenizer
     assert set(res["recon_heads"]) == set(video.VIDEO_HEADS) and res["tokenizer"] == "vq"
     assert all(0.0 <= v <= 1.0 for v in res["recon_heads"].values())
     fast = video.adherence(tmp_path / "v", n=3, batch_size=3, decoding="jacobi", init="temporal", coupled=True, window=8)
     assert fast["step_compression"] > 1.0 and fast["init"] == "temporal" and fast["window"] == 8
     assert fast["real_heads"] == res["real_heads"]  # the same captions
+    # a paired comparison of two runs over the same captions and seeds: a run against itself differs by nothing;
+    # shifting one video's score by a head moves the difference by that over n
+    same = video.paired_difference(res, res)
+    assert same["delta"] == 0.0 and same["delta_ci"] == [0.0, 0.0] and same["p"] == 1.0
+    better = {**res, "adherence_per_video": [res["adherence_per_video"][0] + 1 / 6, *res["adherence_per_video"][1:]]}
+    d = video.paired_difference(better, res)
+    assert d["delta"] == pytest.approx(1 / 18) and d["delta_ci"][0] >= 0.0 and d["delta_ci"][1] <= 1 / 6 + 1e-9
+    with pytest.raises(ValueError, match="same captions"):
+        video.paired_difference(res, {**res, "adherence_per_video": [0.5]})
+    (tmp_path / "old.json").write_text(json.dumps(better))
+    cli = video.main(["--out", str(tmp_path / "v"), "--adherence", "3", "--against", str(tmp_path / "old.json")])
+    assert cli["against"]["delta"] == pytest.approx(-1 / 18)
+    assert json.loads((tmp_path / "v" / "adherence.json").read_text())["against"]["n_captions"] == 3
     png = video.main(["--out", str(tmp_path / "v"), "--samples", str(tmp_path / "grid.png"), "--threads", "1"])
     assert png.is_file() and png.stat().st_size > 1000
 

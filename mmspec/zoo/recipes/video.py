@@ -21,6 +21,8 @@ the same step::
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -394,7 +396,9 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     ``decoding``, read by :func:`read_clips`; accuracy per head and their mean. The same reader on the real clips of
     those captions is the ceiling (``real_heads``): what it misses there is the reader's error, not the model's;
     ``recon_heads`` reads the noise-free clips through the model's tokenizer, the ceiling its codes allow.
-    ``pipe_kwargs`` go to the pipeline call (e.g. ``window``, ``init``, ``coupled`` for Jacobi decoding)."""
+    ``pipe_kwargs`` go to the pipeline call (e.g. ``window``, ``init``, ``coupled`` for Jacobi decoding).
+    ``adherence_per_video``: each video's fraction of heads right (their mean is ``adherence_mean``);
+    ``adherence_ci``: its 95% bootstrap interval over the captions; :func:`paired_difference` compares two runs."""
     from ..data import make_moving_scene, scene_seed
 
     pipe = load_video_pipeline(folder)
@@ -418,17 +422,43 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     vq = pipe.vq
     recon = hub.decode_tokens(vq, hub.encode_images(vq, clean.to(vq.device, vq.dtype)), grid).float().cpu()
 
-    def score(frames: torch.Tensor) -> dict[str, float]:
+    def correct(frames: torch.Tensor) -> torch.Tensor:  # [n, heads]: 1 where the video shows what its caption asks
         pred = read_clips(clf, frames)
-        return {h: float((pred[h] == target[h]).float().mean()) for h in VIDEO_HEADS}
+        return torch.stack([(pred[h] == target[h]).float() for h in VIDEO_HEADS], 1)
 
-    heads, real_heads, recon_heads = score(torch.cat(made)), score(real), score(recon.view_as(real))
+    def score(frames: torch.Tensor) -> dict[str, float]:
+        return dict(zip(VIDEO_HEADS, correct(frames).mean(0).tolist()))
+
+    from ...bench.image import bootstrap_mean_ci
+
+    made_correct = correct(torch.cat(made))
+    per_video = made_correct.mean(1)
+    heads = dict(zip(VIDEO_HEADS, made_correct.mean(0).tolist()))
+    real_heads, recon_heads = score(real), score(recon.view_as(real))
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     return {"n_captions": n, "guidance": guidance, "decoding": decoding, **pipe_kwargs, "seed": seed,
-            "adherence_mean": mean(heads), "adherence_heads": heads, "real_mean": mean(real_heads),
+            "adherence_mean": mean(heads), "adherence_ci": bootstrap_mean_ci(per_video, 2000, seed),
+            "adherence_heads": heads, "adherence_per_video": per_video.tolist(), "real_mean": mean(real_heads),
             "real_heads": real_heads, "recon_mean": mean(recon_heads), "recon_heads": recon_heads,
             "tokenizer": getattr(pipe.model.config, "zoo_vq", {"name": hub.DEFAULT_VQ})["name"],
             "step_compression": sum(st.step_compression for st in stats) / len(stats)}
+
+
+def paired_difference(new: dict[str, Any], old: dict[str, Any], reps: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """``new``'s adherence minus ``old``'s (two :func:`adherence` results on the same captions and seeds, e.g. two
+    models) with a paired 95% bootstrap interval: the captions are resampled together, so their own difficulty
+    drops out of the interval. Returns ``delta`` and ``delta_ci`` (fractions of the heads) and ``p`` (two-sided,
+    the bootstrap's normal approximation)."""
+    a, b = (torch.as_tensor(r["adherence_per_video"], dtype=torch.float64) for r in (new, old))
+    if a.shape != b.shape or new.get("seed") != old.get("seed"):
+        raise ValueError("paired_difference needs two adherence runs over the same captions and seeds")
+    diff = a - b
+    idx = torch.randint(0, diff.shape[0], (reps, diff.shape[0]), generator=torch.Generator().manual_seed(seed))
+    boot = diff[idx].mean(1)
+    sd, d = float(boot.std()), float(diff.mean())
+    z = abs(d) / sd if sd > 0 else (0.0 if d == 0 else math.inf)
+    return {"delta": d, "delta_ci": [float(boot.quantile(0.025)), float(boot.quantile(0.975))],
+            "p": math.erfc(z / math.sqrt(2)), "n_captions": int(diff.shape[0])}
 
 
 @torch.no_grad()
@@ -514,6 +544,9 @@ def main(argv=None):
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out one-object "
                          "captions to --out/adherence.json")
+    ap.add_argument("--against", default=None, metavar="JSON",
+                    help="with --adherence: another model's adherence.json (same N and --seed); adds the paired "
+                         "difference and its 95%% interval")
     ap.add_argument("--samples", default=None, metavar="PNG",
                     help="do not train: draw the card's picture (real clips and AR samples) of the model in --out")
     args = ap.parse_args(argv)
@@ -523,6 +556,8 @@ def main(argv=None):
     if args.adherence:
         setup_threads(args.threads)
         res = adherence(args.out, args.adherence, seed=args.seed)
+        if args.against:
+            res["against"] = {"file": args.against, **paired_difference(res, json.loads(Path(args.against).read_text()))}
         write_json(Path(args.out) / "adherence.json", res)
         print(res, flush=True)
         return res
