@@ -128,17 +128,17 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     if vq_path is None:  # the tokenizer the starting model names, else the default one
         vq_path = str(hub.weights_path(hub.vq_tag(init_from)["name"] if init_from else hub.DEFAULT_VQ))
     vq = hub.load_vq(vq_path)
-    model = build_model(r, int(hub.codebook(vq).shape[0]))
     if init_from:
         from ...models.llamagen import LlamaGenGPT
 
-        start = LlamaGenGPT.from_pretrained(init_from, torch_dtype=torch.float32)
+        model = LlamaGenGPT.from_pretrained(init_from, torch_dtype=torch.float32)
         old_vq = hub.load_vq_for(init_from)
-        if codebook_id(old_vq) != codebook_id(vq):
+        if codebook_id(old_vq) != codebook_id(vq):  # the start's code rows mapped onto a fresh model's
+            start, model = model, build_model(r, int(hub.codebook(vq).shape[0]))
             transfer_to_new_codes(model, start, code_map(vq, old_vq))
             print(f"[c2i] codes mapped from codebook {codebook_id(old_vq)} onto {codebook_id(vq)}", flush=True)
-        else:
-            model = start
+    else:
+        model = build_model(r, int(hub.codebook(vq).shape[0]))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)

@@ -57,8 +57,6 @@ VIDEO_HELDOUT_SEED = 10_020
 ADHERENCE_SEED = VIDEO_HELDOUT_SEED + 11
 #: What :func:`read_clips` reads in a clip (the first five with the evaluation classifier).
 VIDEO_HEADS = ("shape", "colour", "size", "background", "background_colour", "direction")
-#: the bundled tokenizer the shipped video model was trained on (retrain the video model when it changes)
-VQ_NAME = "vq"
 VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
 
 
@@ -274,7 +272,7 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         r = replace(r, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
                     kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size)
     if vq_path is None:  # the tokenizer the starting model names, else the default one
-        vq_path = str(hub.weights_path(hub.vq_tag(start.config)["name"] if start is not None else VQ_NAME))
+        vq_path = str(hub.weights_path(hub.vq_tag(start.config)["name"] if start is not None else hub.DEFAULT_VQ))
     vq = hub.load_vq(vq_path)
     model = build_model(r, len(tokenizer), int(hub.codebook(vq).shape[0]))
     if start is not None:
