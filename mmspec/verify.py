@@ -296,8 +296,9 @@ def verify_tree(
 
     The test of each node depends only on its parent's row and its earlier siblings, not on the path above, so all
     nodes are tested at once, one sibling rank at a time (``tree.width`` vectorised steps over [B, N + 1, V]); the
-    path is then followed in ``tree.depth`` gathers over [B, N]. Randomness: one float64 uniform per node (per-row
-    generators: up to the row's last used node) and one token draw per row, whatever is accepted.
+    path is then followed by pointer doubling (about log2 ``tree.depth`` rounds over [B, N]). Randomness: one
+    float64 uniform per node (per-row generators: up to the row's last used node) and one token draw per row,
+    whatever is accepted.
     """
     tokens, parents = tree.tokens, tree.parents
     B, N = tokens.shape
@@ -332,11 +333,12 @@ def verify_tree(
         u = torch.cat([uniform((B, N), generator, dev, used), torch.ones(B, 1, dtype=torch.float64, device=dev)], 1)
         probs_ext = None if tree.probs is None else torch.cat([tree.probs, tree.probs.new_zeros(B, 1, V)], 1)
         done = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
+        batch = torch.arange(B, device=dev).unsqueeze(1)
         for j in range(W):
             c = child[:, :, j]  # [B, N + 1]
             has = c < N
             x = tokens_ext.gather(1, c)
-            q = None if probs_ext is None else probs_ext.gather(1, c.unsqueeze(-1).expand(B, N + 1, V)).to(dtype)
+            q = None if probs_ext is None else probs_ext[batch, c].to(dtype)  # whole rows: indexing, not gather
             a = crit.acceptance(x, q, r).to(torch.float64)
             ok = has & ~done & (u.gather(1, c) <= a)
             chosen.scatter_(1, torch.where(ok, c, N), ok)
@@ -346,11 +348,15 @@ def verify_tree(
             r = torch.where(has.unsqueeze(-1) & ~done.unsqueeze(-1) & (mass > 0), w / mass.clamp_min(1e-300), r)
     chosen = chosen[:, :N] & valid
 
-    # The accepted path: chosen nodes whose parent is the anchor or itself on the path.
-    on_path = chosen & (parents < 0)
-    src = parents.clamp_min(0)
-    for _ in range(max(tree.depth - 1, 0)):
-        on_path = chosen & ((parents < 0) | on_path.gather(1, src))
+    # The accepted path: chosen nodes whose ancestors are all chosen. Pointer doubling: after k rounds ``ok`` says
+    # whether a node and its 2^k - 1 nearest ancestors are chosen and ``up`` points 2^k levels up (the anchor, N,
+    # is a chosen sink that points to itself), so ceil(log2(depth)) rounds of two gathers follow the whole path.
+    ok = torch.cat([chosen, chosen.new_ones(B, 1)], 1)
+    up = torch.cat([torch.where(parents < 0, N, parents), parents.new_full((B, 1), N)], 1)
+    for _ in range(max(tree.depth - 1, 0).bit_length()):
+        ok = ok & ok.gather(1, up)
+        up = up.gather(1, up)
+    on_path = ok[:, :N]
     num_accepted = on_path.sum(-1)
     node = torch.arange(N, device=dev).expand(B, N)
     end = torch.where(on_path, node + 1, 0).amax(-1) if N else torch.zeros(B, dtype=torch.long, device=dev)

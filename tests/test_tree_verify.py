@@ -161,3 +161,37 @@ def test_tree_helpers():
     for bad in [(0, 3), (2, 0), (2,), "3x3", (2.0, 3)]:
         with pytest.raises(ValueError, match="tree"):
             parse_tree(bad)
+
+
+def test_greedy_path_of_deep_random_trees_matches_a_walk():
+    """The accepted path through trees up to 24 levels deep (the path is followed by pointer doubling) equals a
+    walk from the anchor that descends into the first child, in sibling order, whose token is its parent's argmax."""
+    gen = torch.Generator().manual_seed(11)
+    B, n = 32, 30
+    parents = torch.full((B, n), -1)
+    for b in range(B):
+        for i in range(1, n):  # mostly chains (deep), sometimes a branch off an earlier node
+            parents[b, i] = i - 1 if torch.rand(1, generator=gen) < 0.8 else torch.randint(-1, i, (1,), generator=gen)
+    valid = torch.rand(B, n, generator=gen) < 0.95
+    rows = torch.randn(B, n + 1, V, generator=gen)
+    best = rows.argmax(-1)
+    # a node's token: its parent's argmax (block row parent + 1) 80% of the time
+    tokens = torch.where(torch.rand(B, n, generator=gen) < 0.8, best.gather(1, parents + 1),
+                         (best.gather(1, parents + 1) + 1) % V)
+    depth = block_depth(block_parents(parents), n)[:, 1:]
+    width = int(sibling_rank(parents, valid).max()) + 1
+    tree = DraftTree(tokens, parents, None, valid, depth=int(depth.max()), width=width)
+    assert tree.depth >= 12
+    res = verify_tree(tree, rows, greedy=True)
+    for b in range(B):
+        path, at = [], -1
+        while True:
+            kids = [i for i in range(n) if parents[b, i] == at and valid[b, i]]
+            nxt = next((i for i in kids if tokens[b, i] == best[b, at + 1]), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+            at = nxt
+        assert res.path[b, : len(path)].tolist() == path and int(res.num_accepted[b]) == len(path)
+        assert res.accepted[b].nonzero().flatten().tolist() == sorted(path)
+        assert int(res.next_token[b]) == int(best[b, at + 1])
