@@ -76,10 +76,15 @@ class VerifyResult:
         return self.num_accepted + 1
 
 
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, L, ...], index [B, M] -> t[b, index[b, m]] of shape [B, M, ...]: whole rows by indexing (a copy per
+    row), which on the CPU is several times faster than a gather over an expanded [B, M, V] index."""
+    return t[torch.arange(t.shape[0], device=t.device).unsqueeze(1), index]
+
+
 def _row(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t [B, L, ...], index [B] -> t[b, index[b]] of shape [B, ...]."""
-    idx = index.view(-1, *([1] * (t.dim() - 1))).expand(-1, 1, *t.shape[2:])
-    return t.gather(1, idx).squeeze(1)
+    return take_rows(t, index.view(-1, 1)).squeeze(1)
 
 
 def _pack(draft_tokens, num_accepted, next_token):
@@ -333,12 +338,11 @@ def verify_tree(
         u = torch.cat([uniform((B, N), generator, dev, used), torch.ones(B, 1, dtype=torch.float64, device=dev)], 1)
         probs_ext = None if tree.probs is None else torch.cat([tree.probs, tree.probs.new_zeros(B, 1, V)], 1)
         done = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
-        batch = torch.arange(B, device=dev).unsqueeze(1)
         for j in range(W):
             c = child[:, :, j]  # [B, N + 1]
             has = c < N
             x = tokens_ext.gather(1, c)
-            q = None if probs_ext is None else probs_ext[batch, c].to(dtype)  # whole rows: indexing, not gather
+            q = None if probs_ext is None else take_rows(probs_ext, c).to(dtype)
             a = crit.acceptance(x, q, r).to(torch.float64)
             ok = has & ~done & (u.gather(1, c) <= a)
             chosen.scatter_(1, torch.where(ok, c, N), ok)

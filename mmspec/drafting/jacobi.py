@@ -19,7 +19,7 @@ import torch
 
 from ..sampling import onehot, sample_categorical, uniform
 from ..tree import DraftTree, closest_rows, parse_tree, tree_size, with_alternatives
-from ..verify import _row, speculative_redraw
+from ..verify import _row, speculative_redraw, take_rows
 from .base import Proposer, pad_drafts, row_limits
 
 __all__ = ["JacobiProposer", "INIT_STRATEGIES", "register_init", "random_tokens"]
@@ -227,7 +227,7 @@ class JacobiProposer(Proposer):
         self._tree = None
         if isinstance(tree, DraftTree):  # per depth, the row of the node that agrees longest with what was committed
             index = closest_rows(tree, result.tokens, self._proposed_len + 1)
-            target_rows = target_rows.gather(1, index.unsqueeze(-1).expand(-1, -1, target_rows.shape[-1]))
+            target_rows = take_rows(target_rows, index)
         elif self.tree is not None:  # a chain step (no alternatives this time): its rows come first in the block
             target_rows = target_rows[:, : self._proposed_len + 1]
         B, K1, V = target_rows.shape
@@ -249,8 +249,8 @@ class JacobiProposer(Proposer):
         self.tokens = new.gather(1, src)
         self.count = have.sum(-1)
         if not state.greedy:
-            self.probs = target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
+            self.probs = take_rows(target_rows, src)
         if self.tree is not None:
-            self.rows = self.probs if not state.greedy else target_rows.gather(1, src.unsqueeze(-1).expand(-1, -1, V))
+            self.rows = self.probs if not state.greedy else take_rows(target_rows, src)
         self.horizon = _row(target_rows, limit)
         self._anchor = result.next_token

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..tree import DraftTree, closest_rows, parse_tree
+from ..verify import take_rows
 from .base import Proposer
 
 __all__ = ["LookaheadProposer", "NGramPool", "lookahead_config", "rank_candidates", "DEFAULT_LOOKAHEAD"]
@@ -202,7 +203,7 @@ class LookaheadProposer(Proposer):
         if self._tree is not None:  # the chain's rows feed the pool; the Jacobi slots continue the accepted branch
             K = self._block.shape[1] - 1
             index = closest_rows(self._tree, result.tokens, K + 1)
-            guess_rows = target_rows.gather(1, index.unsqueeze(-1).expand(-1, -1, target_rows.shape[-1]))
+            guess_rows = take_rows(target_rows, index)
             target_rows = target_rows[:, : K + 1]
         B, K1, _ = target_rows.shape
         K = K1 - 1

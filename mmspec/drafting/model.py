@@ -15,6 +15,7 @@ import torch
 from ..models.causal_lm import CausalLM
 from ..sampling import sample_categorical
 from ..tree import DraftTree, parse_tree
+from ..verify import take_rows
 from .base import Proposer, row_limits
 from .draft_tree import CHAIN, best_first, child_scores, children, node_paths
 
@@ -184,7 +185,7 @@ class DraftModelProposer(Proposer):
         parent = torch.where((parent >= 0) & valid.to(dev), position.gather(1, parent.clamp_min(0)), -1)
         probs = None
         if not greedy:
-            probs = torch.cat(qs, 1).gather(1, keep.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            probs = take_rows(torch.cat(qs, 1), keep)
             probs = probs.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         kept_level = node_level[keep.cpu()]
         self._kept, self._fed, self._fed_valid = keep, fed, fed_valid
