@@ -60,7 +60,34 @@ class DraftTree:
 
     def node_depth(self) -> torch.Tensor:
         """LongTensor [B, N]: depth of every node (1 for children of the anchor)."""
-        return block_depth(block_parents(self.parents), self.depth)[:, 1:]
+        return self.depths()[:, 1:]
+
+    def depths(self) -> torch.Tensor:
+        """LongTensor [B, N + 1]: :func:`block_depth` of the block ``[anchor, nodes]`` (0 at the anchor), computed
+        once per tree (the forward's positions, its cache bookkeeping and the next window all ask for it)."""
+        return self._cached("depths", lambda: block_depth(block_parents(self.parents), self.depth))
+
+    def ancestors(self) -> torch.Tensor:
+        """BoolTensor [B, N + 1, N + 1]: :func:`block_ancestors` of the block (the attention mask's tree part),
+        computed once per tree."""
+        return self._cached("ancestors", lambda: block_ancestors(block_parents(self.parents), self.depth))
+
+    def stacked(self, times: int = 2) -> DraftTree:
+        """The tree of ``times`` stacked copies of the batch (rows ``[B * times]``, e.g. a guided forward's cond and
+        uncond rows), for a forward: ``probs`` is dropped; :meth:`depths` and :meth:`ancestors` (which the forward
+        needs, and the verification after it) are computed once here and carried over."""
+        self.depths(), self.ancestors()
+        out = DraftTree(self.tokens.repeat(times, 1), self.parents.repeat(times, 1), None, self.valid.repeat(times, 1),
+                        self.depth, self.width)
+        out.__dict__["_derived"] = {k: v.repeat(times, *[1] * (v.dim() - 1))
+                                    for k, v in self.__dict__.get("_derived", {}).items()}
+        return out
+
+    def _cached(self, name: str, make):
+        cache = self.__dict__.setdefault("_derived", {})
+        if name not in cache:
+            cache[name] = make()
+        return cache[name]
 
 
 def parse_tree(tree) -> tuple[int, int] | None:
@@ -82,26 +109,42 @@ def block_parents(parents: torch.Tensor) -> torch.Tensor:
     return torch.cat([parents.new_full((B, 1), -1), parents + 1], dim=1)
 
 
+def _up(parents: torch.Tensor) -> torch.Tensor:
+    """Block parents [B, L] -> pointers [B, L + 1] for pointer doubling: each position's parent, roots point to a
+    sink at index L, which points to itself."""
+    B, L = parents.shape
+    return torch.cat([torch.where(parents < 0, L, parents), parents.new_full((B, 1), L)], dim=1)
+
+
 def block_depth(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """Block parents [B, L] (-1 at roots) -> depth [B, L] (0 at roots). ``max_depth`` bounds the iterations."""
-    depth = torch.zeros_like(parents)
-    has_parent = parents >= 0
-    src = parents.clamp_min(0)
-    for _ in range(max_depth):
-        depth = torch.where(has_parent, depth.gather(1, src) + 1, 0)
-    return depth
+    """Block parents [B, L] (-1 at roots) -> depth [B, L] (0 at roots). ``max_depth`` bounds the depth.
+
+    Pointer doubling: after k rounds ``up`` points 2^k levels up (or to the sink, of depth 0) and ``depth`` counts
+    the levels passed, so ceil(log2(max_depth)) rounds of two gathers suffice (a GPU launches a handful of kernels
+    where a walk up one level at a time would launch 2 * max_depth)."""
+    B, L = parents.shape
+    up = _up(parents)
+    depth = torch.cat([(parents >= 0).to(parents.dtype), parents.new_zeros(B, 1)], dim=1)
+    for _ in range(max(max_depth - 1, 0).bit_length()):
+        depth = depth + depth.gather(1, up)
+        up = up.gather(1, up)
+    return depth[:, :L]
 
 
 def block_ancestors(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """Block parents [B, L] -> BoolTensor [B, L, L]: ``[b, i, j]`` is True iff j is i or an ancestor of i."""
+    """Block parents [B, L] -> BoolTensor [B, L, L]: ``[b, i, j]`` is True iff j is i or an ancestor of i.
+
+    Pointer doubling, as :func:`block_depth`: after k rounds row i holds i and its ancestors less than 2^k levels up,
+    and the next round adds the row of the position 2^k levels up."""
     B, L = parents.shape
+    up = _up(parents)
     eye = torch.eye(L, dtype=torch.bool, device=parents.device).expand(B, L, L)
-    anc = eye.clone()
-    has_parent = (parents >= 0).unsqueeze(-1)
-    src = parents.clamp_min(0).unsqueeze(-1).expand(B, L, L)
-    for _ in range(max_depth):
-        anc = eye | (has_parent & anc.gather(1, src))
-    return anc
+    reach = torch.cat([eye, eye.new_zeros(B, 1, L)], dim=1)  # [B, L + 1, L]: the sink's row is empty
+    batch = torch.arange(B, device=parents.device).unsqueeze(1)
+    for _ in range(max(max_depth, 0).bit_length()):
+        reach = reach | reach[batch, up]
+        up = up.gather(1, up)
+    return reach[:, :L].contiguous()
 
 
 def sibling_rank(parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -115,10 +158,8 @@ def sibling_rank(parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def block_paths(tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
     """The drafts each block position continues: (tokens [B, N + 1, depth], lengths [B, N + 1]); position ``j``
     (0 = anchor) continues ``tokens[b, j, :lengths[b, j]]``, the node tokens from the anchor's child down to it."""
-    parents = block_parents(tree.parents)
-    depth = block_depth(parents, tree.depth)  # [B, L]
-    anc = block_ancestors(parents, tree.depth)  # [B, L, L]
-    B, L = parents.shape
+    depth, anc = tree.depths(), tree.ancestors()  # [B, L], [B, L, L]
+    B, L = depth.shape
     block_tokens = torch.cat([tree.tokens.new_zeros(B, 1), tree.tokens], dim=1)
     # ancestor k of position j (k != anchor) sits at slot depth[k] - 1 of j's path
     slot = torch.where(anc & (depth > 0).unsqueeze(1), depth.unsqueeze(1) - 1, tree.depth)  # [B, L, L]

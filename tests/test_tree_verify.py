@@ -195,3 +195,33 @@ def test_greedy_path_of_deep_random_trees_matches_a_walk():
         assert res.path[b, : len(path)].tolist() == path and int(res.num_accepted[b]) == len(path)
         assert res.accepted[b].nonzero().flatten().tolist() == sorted(path)
         assert int(res.next_token[b]) == int(best[b, at + 1])
+
+
+def test_block_depth_and_ancestors_of_deep_random_trees_match_a_walk():
+    """Pointer doubling gives what walking up one parent at a time gives, at any bound >= the true depth; a tree
+    computes them once, and its stacked copy (a guided forward's rows) carries them over."""
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 33):
+        parents = torch.full((4, n), -1)
+        for b in range(4):
+            for i in range(1, n):
+                parents[b, i] = i - 1 if torch.rand(1, generator=gen) < 0.75 else torch.randint(-1, i, (1,), generator=gen)
+        bp = block_parents(parents)
+        want_depth, want_anc = torch.zeros_like(bp), torch.zeros(4, n + 1, n + 1, dtype=torch.bool)
+        for b in range(4):
+            for i in range(n + 1):
+                j = i
+                while j >= 0:
+                    want_anc[b, i, j] = True
+                    want_depth[b, i] += j != i
+                    j = int(bp[b, j])
+        d = int(want_depth.max())
+        for bound in (d, d + 1, d + 9):
+            assert torch.equal(block_depth(bp, bound), want_depth) and torch.equal(block_ancestors(bp, bound), want_anc)
+        tree = DraftTree(torch.zeros(4, n, dtype=torch.long), parents, None, torch.ones(4, n, dtype=torch.bool),
+                         depth=d, width=int(sibling_rank(parents, torch.ones(4, n, dtype=torch.bool)).max()) + 1)
+        assert torch.equal(tree.depths(), want_depth) and tree.depths() is tree.depths()
+        two = tree.stacked(2)
+        assert two.parents.shape == (8, n) and two.probs is None
+        assert torch.equal(two.ancestors(), torch.cat([want_anc, want_anc]))
+        assert torch.equal(two.node_depth(), torch.cat([want_depth, want_depth])[:, 1:])

@@ -303,13 +303,9 @@ class CausalLM:
             else:
                 start = self.num_valid().to(dev, non_blocking=True)
                 position_ids = (start.unsqueeze(1) + valid_dev.cumsum(-1) - 1).clamp_min(0)
-            parents = None
         else:
-            from ..tree import block_depth, block_parents
-
             start = self.num_valid().to(dev, non_blocking=True)
-            parents = block_parents(tree.parents.to(dev))
-            position_ids = start.unsqueeze(1) + block_depth(parents, tree.depth)
+            position_ids = start.unsqueeze(1) + tree.depths().to(dev)
         self._append_mask(None if dense else valid.numpy(), L)
         if dense and tree is None and self.sliding_window is None:
             self.mask = None  # built again from the host mirror when needed
@@ -325,7 +321,7 @@ class CausalLM:
         if logits_to_keep and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if tree is not None or (self.sliding_window is not None and not dense):
-            mask = self._block_mask(S, L, parents, tree.depth if tree is not None else 0)
+            mask = self._block_mask(S, L, None if tree is None else tree.ancestors())
         else:
             mask = None if dense else self.mask
         self._dense = dense and tree is None
@@ -342,20 +338,19 @@ class CausalLM:
                 "load the model with attn_implementation='sdpa' or 'eager'."
             )
 
-    def _block_mask(self, S: int, L: int, parents, depth: int):
+    def _block_mask(self, S: int, L: int, ancestors: torch.Tensor | None):
         """The 4-D mask [B, 1, L, S + L] of a block appended at cache column S: the valid cache columns, then the
-        block's own causal (chain) or ancestor (tree) structure; sliding layers also cut keys more than the window
-        behind the query's position. A dict per layer kind for models that take one."""
+        block's own causal (chain, ``ancestors=None``) or ancestor (tree: ``DraftTree.ancestors()`` [B, L, L])
+        structure; sliding layers also cut keys more than the window behind the query's position. A dict per layer
+        kind for models that take one."""
         self._check_4d_mask("token trees and sliding windows with holes")
         dev = self.mask.device
         key_valid = self.mask.bool()  # [B, S + L]
         B = key_valid.shape[0]
-        if parents is None:
+        if ancestors is None:
             inner = torch.ones(L, L, dtype=torch.bool, device=dev).tril().expand(B, L, L)
         else:
-            from ..tree import block_ancestors
-
-            inner = block_ancestors(parents, depth)
+            inner = ancestors.to(dev)
         allowed = torch.cat([key_valid[:, None, :S].expand(B, L, S), inner & key_valid[:, None, S:]], dim=2)
         diag = torch.arange(L, device=dev)
         allowed[:, diag, S + diag] = True  # every query sees itself: no empty rows (invalid queries are ignored)
@@ -530,11 +525,7 @@ class CausalLM:
         lens_d, valid_d = lens_d.squeeze(1), valid_d.bool()
         ancestors = None
         if tree is not None:
-            from ..tree import block_ancestors, block_depth, block_parents
-
-            parents = block_parents(tree.parents.to(dev))  # [B, L]
-            anc = block_ancestors(parents, tree.depth)
-            depth = block_depth(parents, tree.depth)
+            anc, depth = tree.ancestors().to(dev), tree.depths().to(dev)  # [B, L, L], [B, L]
             ancestors = torch.zeros(B, W, W, dtype=torch.bool, device=dev)
             ancestors[:, front:, front:] = anc
             positions_d = torch.cat([positions_d[:, :front], start.to(dev).unsqueeze(1) + depth], dim=1)

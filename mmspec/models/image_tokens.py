@@ -245,27 +245,17 @@ class GuidedLM:
         if tree is None:
             step = valid.long().cumsum(-1)
         else:
-            from ..tree import block_depth, block_parents
-
-            step = block_depth(block_parents(tree.parents), tree.depth).cpu() + 1
+            step = tree.depths().cpu() + 1
         new_index = new_index.unsqueeze(1) + step  # index each position predicts
         if self.guided:
             tokens, valid = torch.cat([tokens, tokens]), torch.cat([valid, valid])
             if tree is not None:
-                tree = _double(tree)
+                tree = tree.stacked(2)
         logits = self.inner.forward(tokens, valid) if tree is None else self.inner.forward(tokens, valid, tree=tree)
         return self._combine(logits, new_index)
 
     def rollback(self, keep):
         self.inner.rollback(torch.cat([keep, keep]) if self.guided else keep)
-
-
-def _double(tree):
-    """The tree for the stacked [cond; uncond] rows."""
-    from dataclasses import replace
-
-    return replace(tree, tokens=torch.cat([tree.tokens, tree.tokens]), parents=torch.cat([tree.parents, tree.parents]),
-                   probs=None, valid=torch.cat([tree.valid, tree.valid]))
 
 
 def _left_pad(t: torch.Tensor, length: int, value=0) -> torch.Tensor:
