@@ -12,7 +12,7 @@ A chain of K drafts is the tree whose node ``i`` has parent ``i - 1``; the decod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,8 @@ class DraftTree:
     valid: torch.Tensor
     depth: int
     width: int
+    #: what :meth:`depths` and :meth:`ancestors` computed (a new tree, ``dataclasses.replace`` included, starts empty)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_nodes(self) -> int:
@@ -74,20 +76,18 @@ class DraftTree:
 
     def stacked(self, times: int = 2) -> DraftTree:
         """The tree of ``times`` stacked copies of the batch (rows ``[B * times]``, e.g. a guided forward's cond and
-        uncond rows), for a forward: ``probs`` is dropped; :meth:`depths` and :meth:`ancestors` (which the forward
-        needs, and the verification after it) are computed once here and carried over."""
+        uncond rows), for a forward: ``probs`` is dropped; :meth:`depths` and :meth:`ancestors` (the forward needs both;
+        this tree keeps them for the next window) are computed once here and carried over."""
         self.depths(), self.ancestors()
         out = DraftTree(self.tokens.repeat(times, 1), self.parents.repeat(times, 1), None, self.valid.repeat(times, 1),
                         self.depth, self.width)
-        out.__dict__["_derived"] = {k: v.repeat(times, *[1] * (v.dim() - 1))
-                                    for k, v in self.__dict__.get("_derived", {}).items()}
+        out._derived.update({k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in self._derived.items()})
         return out
 
     def _cached(self, name: str, make):
-        cache = self.__dict__.setdefault("_derived", {})
-        if name not in cache:
-            cache[name] = make()
-        return cache[name]
+        if name not in self._derived:
+            self._derived[name] = make()
+        return self._derived[name]
 
 
 def parse_tree(tree) -> tuple[int, int] | None:
