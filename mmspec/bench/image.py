@@ -263,17 +263,23 @@ def paired_delta(rows, reps: int, seed: int = 0) -> None:
         a = torch.as_tensor(r["_per_image"]).double()
         if r is ar or a.shape != b.shape:
             continue
-        diff = 100 * (a - b)
-        boot = diff[idx].mean(1)
-        lo, hi = float(boot.quantile(0.025)), float(boot.quantile(0.975))
-        sd = float(boot.std())
-        z = abs(float(diff.mean())) / sd if sd > 0 else (0.0 if float(diff.mean()) == 0 else math.inf)
-        r["delta_vs_ar"], r["delta_vs_ar_ci"], r["p_vs_ar"] = float(diff.mean()), [lo, hi], math.erfc(z / math.sqrt(2))
+        r["delta_vs_ar"], r["delta_vs_ar_ci"], r["p_vs_ar"] = paired_bootstrap(100 * (a - b), idx)
         compared.append(r)
     for r, p in zip(compared, holm([r["p_vs_ar"] for r in compared])):
         r["p_holm"] = p
         r["delta_text"] = f"{r['delta_vs_ar']:+.1f} [{r['delta_vs_ar_ci'][0]:+.1f}, {r['delta_vs_ar_ci'][1]:+.1f}]" + (
             " *" if p < 0.05 else "")
+
+
+def paired_bootstrap(diff: torch.Tensor, idx: torch.Tensor) -> tuple[float, list[float], float]:
+    """The mean of paired differences ``diff [N]`` (one per caption) with its 95% percentile bootstrap interval over
+    the resamples ``idx [reps, N]`` (indices into the captions) and a two-sided p-value for "no difference" from the
+    bootstrap's normal approximation -> ``(mean, [lo, hi], p)``."""
+    diff = diff.double()
+    boot = diff[idx].mean(1)
+    d, sd = float(diff.mean()), float(boot.std())
+    z = abs(d) / sd if sd > 0 else (0.0 if d == 0 else math.inf)
+    return d, [float(boot.quantile(0.025)), float(boot.quantile(0.975))], math.erfc(z / math.sqrt(2))
 
 
 def holm(p: list[float]) -> list[float]:

@@ -22,7 +22,6 @@ the same step::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -450,13 +449,11 @@ def paired_difference(new: dict[str, Any], old: dict[str, Any], reps: int = 2000
     a, b = (torch.as_tensor(r["adherence_per_video"], dtype=torch.float64) for r in (new, old))
     if a.shape != b.shape or new.get("seed") != old.get("seed"):
         raise ValueError("paired_difference needs two adherence runs over the same captions and seeds")
-    diff = a - b
-    idx = torch.randint(0, diff.shape[0], (reps, diff.shape[0]), generator=torch.Generator().manual_seed(seed))
-    boot = diff[idx].mean(1)
-    sd, d = float(boot.std()), float(diff.mean())
-    z = abs(d) / sd if sd > 0 else (0.0 if d == 0 else math.inf)
-    return {"delta": d, "delta_ci": [float(boot.quantile(0.025)), float(boot.quantile(0.975))],
-            "p": math.erfc(z / math.sqrt(2)), "n_captions": int(diff.shape[0])}
+    from ...bench.image import paired_bootstrap
+
+    idx = torch.randint(0, a.shape[0], (reps, a.shape[0]), generator=torch.Generator().manual_seed(seed))
+    delta, ci, p = paired_bootstrap(a - b, idx)
+    return {"delta": delta, "delta_ci": ci, "p": p, "n_captions": int(a.shape[0])}
 
 
 @torch.no_grad()
