@@ -320,6 +320,25 @@ def test_zoo_train_forwards_resume_flags_to_the_captioner(monkeypatch, capsys):
     assert "--minutes must be > 0" in capsys.readouterr().err
 
 
+def test_zoo_train_forwards_the_frame_layout_to_the_video_recipe(monkeypatch, capsys):
+    from mmspec.zoo import train
+    from mmspec.zoo.recipes import video
+
+    real_main, seen = video.main, []
+    monkeypatch.setattr(video, "main", lambda argv: seen.append(argv))
+    train.main(["video", "--frames", "4", "--frame-size", "64", "--vq", "tok", "--minutes", "5"])
+    argv = seen[0]
+    assert argv[argv.index("--frames") + 1] == "4" and argv[argv.index("--frame-size") + 1] == "64"
+    assert argv[argv.index("--vq") + 1] == "tok"
+    argv[argv.index("--frames") + 1] = "1"
+    with pytest.raises(SystemExit):  # the recipe's own parser takes the flags (then refuses one frame)
+        real_main(argv)
+    assert "--frames must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["c2i", "--frames", "4"])
+    assert "apply to video only" in capsys.readouterr().err
+
+
 def test_text_early_exit_training_resumes_and_reports_agreement(tmp_path, monkeypatch):
     """The text recipe trains early exits (LayerSkip), resumes from its checkpoint and reports exit agreement."""
     from mmspec.zoo.models import TEXT_TARGET, _folder

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--batch-size", type=int, default=None,
                     help="vq: crops per step (default 16; whole-image steps take half as many); t2i_*: sequences per "
                          "step (default 32)")
+    ap.add_argument("--frames", type=int, default=None, help="video: frames per clip (default: the recipe's, 8)")
+    ap.add_argument("--frame-size", type=int, default=None,
+                    help="video: pixels per frame side, a multiple of 4 (default: the recipe's, 32: 8x8 codes)")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -98,13 +101,17 @@ def main(argv: list[str] | None = None):
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
     if module_name not in ("vq", "t2i") and (args.device != "cpu" or args.workers or args.batch_size):
         ap.error("--device, --workers and --batch-size apply to vq and t2i_* only")
+    if module_name != "video" and (args.frames is not None or args.frame_size is not None):
+        ap.error("--frames and --frame-size apply to video only")
     if module_name in _OWN_CLI:
         forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
                                                 "--threads", str(args.threads)]
         if args.max_steps:
             forwarded += ["--max-steps", str(args.max_steps)]
-        if args.vq and module_name == "video":
-            forwarded += ["--vq", args.vq]
+        if module_name == "video":
+            for flag, value in (("--vq", args.vq), ("--frames", args.frames), ("--frame-size", args.frame_size)):
+                if value is not None:
+                    forwarded += [flag, str(value)]
         if module_name in ("captioner", "video", "mar"):  # resumable, and each can continue a saved model
             flags = (("--ckpt", args.ckpt), ("--init-from", args.init_from), ("--lr", args.lr))
             if module_name == "mar" and args.on_policy != int(args.on_policy):
