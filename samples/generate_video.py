@@ -5,7 +5,7 @@
     python samples/generate_video.py --model PIPELINE_DIR --prompt "..." --decoding draft --draft DRAFT_DIR
 
 ``--model`` is a folder written by ``SpeculativeVideoPipeline.save_pretrained`` or ``zoo`` for the bundled
-caption-to-video model (8 frames of 8x8 codes, 32x32 pixels). Writes ``video_XXX.gif`` (or ``.mp4``) and
+caption-to-video model (4 frames of 16x16 codes, 64x64 pixels). Writes ``video_XXX.gif`` (or ``.mp4``) and
 ``stats.json`` into ``--out``.
 """
 

@@ -73,9 +73,18 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert d["delta"] == pytest.approx(1 / 18) and d["delta_ci"][0] >= 0.0 and d["delta_ci"][1] <= 1 / 6 + 1e-9
     with pytest.raises(ValueError, match="same captions"):
         video.paired_difference(res, {**res, "adherence_per_video": [0.5]})
+    # the caption stream depends on the clip layout: runs that asked other captions are compared unpaired
+    assert res["captions"] and res["frames"] == 2 and res["frame_size"] == 16
+    other = {**better, "captions": ["another caption"] * 3}
+    with pytest.raises(ValueError, match="same captions"):
+        video.paired_difference(res, other)
+    u = video.adherence_difference(better, {**res, "captions": other["captions"]})
+    assert not u["paired"] and u["delta"] == pytest.approx(1 / 18) and u["n_captions"] == [3, 3]
+    assert u["delta_ci"][0] <= u["delta"] <= u["delta_ci"][1]
+    assert video.adherence_difference(better, res)["paired"]
     (tmp_path / "old.json").write_text(json.dumps(better))
     cli = video.main(["--out", str(tmp_path / "v"), "--adherence", "3", "--against", str(tmp_path / "old.json")])
-    assert cli["against"]["delta"] == pytest.approx(-1 / 18)
+    assert cli["against"]["delta"] == pytest.approx(-1 / 18) and cli["against"]["paired"]
     assert json.loads((tmp_path / "v" / "adherence.json").read_text())["against"]["n_captions"] == 3
     png = video.main(["--out", str(tmp_path / "v"), "--samples", str(tmp_path / "grid.png"), "--threads", "1"])
     assert png.is_file() and png.stat().st_size > 1000

@@ -276,10 +276,15 @@ def paired_bootstrap(diff: torch.Tensor, idx: torch.Tensor) -> tuple[float, list
     the resamples ``idx [reps, N]`` (indices into the captions) and a two-sided p-value for "no difference" from the
     bootstrap's normal approximation -> ``(mean, [lo, hi], p)``."""
     diff = diff.double()
-    boot = diff[idx].mean(1)
-    d, sd = float(diff.mean()), float(boot.std())
-    z = abs(d) / sd if sd > 0 else (0.0 if d == 0 else math.inf)
-    return d, [float(boot.quantile(0.025)), float(boot.quantile(0.975))], math.erfc(z / math.sqrt(2))
+    return bootstrap_summary(float(diff.mean()), diff[idx].mean(1))
+
+
+def bootstrap_summary(estimate: float, boot: torch.Tensor) -> tuple[float, list[float], float]:
+    """An ``estimate`` with its bootstrap replicates ``boot [reps]`` -> ``(estimate, [lo, hi], p)``: the 95%
+    percentile interval and a two-sided p-value for "zero" from the replicates' normal approximation."""
+    sd = float(boot.std())
+    z = abs(estimate) / sd if sd > 0 else (0.0 if estimate == 0 else math.inf)
+    return estimate, [float(boot.quantile(0.025)), float(boot.quantile(0.975))], math.erfc(z / math.sqrt(2))
 
 
 def holm(p: list[float]) -> list[float]:

@@ -226,7 +226,7 @@ def export_video(frames: Union[Sequence[PIL.Image.Image], np.ndarray, torch.Tens
         frames: PIL frames, np.ndarray [F, H, W, 3] (uint8 or in [0, 1]) or torch.Tensor [F, 3, H, W] in [0, 1].
         path: output file; its extension picks the format.
         fps: frames per second.
-        scale: integer nearest-neighbour upscaling (token-model frames are small, e.g. 32x32 pixels).
+        scale: integer nearest-neighbour upscaling (token-model frames are small, e.g. 64x64 pixels).
 
     Returns the path. Note: Pillow merges identical consecutive GIF frames into one longer frame (the total
     duration is kept); MP4 keeps every frame.

@@ -108,7 +108,7 @@ def load_caption_pipeline(device="cpu", dtype=torch.float32, with_draft: bool = 
 
 @quiet_loading
 def load_video_pipeline(device="cpu", dtype=torch.float32):
-    """The bundled caption-to-video token model (8 frames of 8x8 codes) as a ``SpeculativeVideoPipeline``."""
+    """The bundled caption-to-video token model (4 frames of 16x16 codes) as a ``SpeculativeVideoPipeline``."""
     from .recipes.video import load_video_pipeline as load
 
     return load(device=device, dtype=dtype)

@@ -33,7 +33,7 @@ MODELS = {
     "mar_vae": ("mar", "vae", 20.0, "diffusers AutoencoderKL for the continuous-token models"),
     "mar_target": ("mar", "target", 30.0, "MAR-style continuous AR model with a diffusion head"),
     "mar_draft": ("mar", "draft", 14.0, "its draft"),
-    "video": ("video", None, 20.0, "caption-to-video token model (8 frames of 8x8 codes)"),
+    "video": ("video", None, 20.0, "caption-to-video token model (4 frames of 16x16 codes)"),
 }
 
 #: recipes with their own command line: train.py forwards the common flags to ``recipes.NAME.main``

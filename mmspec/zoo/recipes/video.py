@@ -434,6 +434,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     real_heads, recon_heads = score(real), score(recon.view_as(real))
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     return {"n_captions": n, "guidance": guidance, "decoding": decoding, **pipe_kwargs, "seed": seed,
+            "frames": layout.frames, "frame_size": size, "captions": captions,
             "adherence_mean": mean(heads), "adherence_ci": bootstrap_mean_ci(per_video, 2000, seed),
             "adherence_heads": heads, "adherence_per_video": per_video.tolist(), "real_mean": mean(real_heads),
             "real_heads": real_heads, "recon_mean": mean(recon_heads), "recon_heads": recon_heads,
@@ -444,16 +445,52 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
 def paired_difference(new: dict[str, Any], old: dict[str, Any], reps: int = 2000, seed: int = 0) -> dict[str, Any]:
     """``new``'s adherence minus ``old``'s (two :func:`adherence` results on the same captions and seeds, e.g. two
     models) with a paired 95% bootstrap interval: the captions are resampled together, so their own difficulty
-    drops out of the interval. Returns ``delta`` and ``delta_ci`` (fractions of the heads) and ``p`` (two-sided,
-    the bootstrap's normal approximation)."""
+    drops out of the interval. Returns ``delta`` and ``delta_ci`` (fractions of the heads), ``p`` (two-sided,
+    the bootstrap's normal approximation) and ``paired: True``.
+
+    The caption stream depends on the clip layout (a 64-pixel, 4-frame model is asked other captions than a
+    32-pixel, 8-frame one): runs whose recorded ``captions`` differ raise; :func:`adherence_difference` falls back
+    to :func:`unpaired_difference` for them."""
     a, b = (torch.as_tensor(r["adherence_per_video"], dtype=torch.float64) for r in (new, old))
-    if a.shape != b.shape or new.get("seed") != old.get("seed"):
+    if a.shape != b.shape or new.get("seed") != old.get("seed") or not _same_captions(new, old):
         raise ValueError("paired_difference needs two adherence runs over the same captions and seeds")
     from ...bench.image import paired_bootstrap
 
     idx = torch.randint(0, a.shape[0], (reps, a.shape[0]), generator=torch.Generator().manual_seed(seed))
     delta, ci, p = paired_bootstrap(a - b, idx)
-    return {"delta": delta, "delta_ci": ci, "p": p, "n_captions": int(a.shape[0])}
+    return {"delta": delta, "delta_ci": ci, "p": p, "n_captions": int(a.shape[0]), "paired": True}
+
+
+def unpaired_difference(new: dict[str, Any], old: dict[str, Any], reps: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """``new``'s adherence minus ``old``'s over different captions (two independent samples): each run's videos
+    are resampled on their own, the interval is the percentile interval of the resampled means' difference and
+    ``p`` its normal approximation. Wider than :func:`paired_difference`'s, which it replaces where the captions
+    differ (``paired: False``)."""
+    a, b = (torch.as_tensor(r["adherence_per_video"], dtype=torch.float64) for r in (new, old))
+    from ...bench.image import bootstrap_summary
+
+    g = torch.Generator().manual_seed(seed)
+    boot = (a[torch.randint(0, a.shape[0], (reps, a.shape[0]), generator=g)].mean(1)
+            - b[torch.randint(0, b.shape[0], (reps, b.shape[0]), generator=g)].mean(1))
+    delta, ci, p = bootstrap_summary(float(a.mean() - b.mean()), boot)
+    return {"delta": delta, "delta_ci": ci, "p": p, "n_captions": [int(a.shape[0]), int(b.shape[0])], "paired": False}
+
+
+def adherence_difference(new: dict[str, Any], old: dict[str, Any], reps: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """:func:`paired_difference` where the two runs asked the same captions with the same seeds, else
+    :func:`unpaired_difference` (``paired`` in the result says which)."""
+    same = (len(new["adherence_per_video"]) == len(old["adherence_per_video"]) and new.get("seed") == old.get("seed")
+            and _same_captions(new, old))
+    return (paired_difference if same else unpaired_difference)(new, old, reps, seed)
+
+
+def _same_captions(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two adherence runs asked the same captions: their recorded lists, else (runs from before they were
+    recorded: 32-pixel, 8-frame clips) their layouts."""
+    if "captions" in a and "captions" in b:
+        return a["captions"] == b["captions"]
+    layout = lambda r: (r.get("frames", 8), r.get("frame_size", 32))  # noqa: E731
+    return layout(a) == layout(b)
 
 
 @torch.no_grad()
@@ -541,7 +578,7 @@ def main(argv=None):
                          "captions to --out/adherence.json")
     ap.add_argument("--against", default=None, metavar="JSON",
                     help="with --adherence: another model's adherence.json (same N and --seed); adds the paired "
-                         "difference and its 95%% interval")
+                         "difference and its 95%% interval (paired where both runs asked the same captions)")
     ap.add_argument("--samples", default=None, metavar="PNG",
                     help="do not train: draw the card's picture (real clips and AR samples) of the model in --out")
     args = ap.parse_args(argv)
@@ -552,7 +589,7 @@ def main(argv=None):
         setup_threads(args.threads)
         res = adherence(args.out, args.adherence, seed=args.seed)
         if args.against:
-            res["against"] = {"file": args.against, **paired_difference(res, json.loads(Path(args.against).read_text()))}
+            res["against"] = {"file": args.against, **adherence_difference(res, json.loads(Path(args.against).read_text()))}
         write_json(Path(args.out) / "adherence.json", res)
         print(res, flush=True)
         return res
