@@ -1,8 +1,9 @@
 """Recipe: the zoo's caption-conditional video token model (moving procedural scenes).
 
-A transformers ``LlamaForCausalLM`` over a joint vocabulary ``[caption words | 1024 image codes | BOI, EOF,
-EOI]`` learns ``[bos, caption..., BOI, frame_0, EOF, frame_1, EOF, ..., frame_{F-1}, EOF, EOI]`` where each
-frame is the bundled VQ's code grid (row-major; 8x8 codes for the default 32x32-pixel frames) of one frame of a
+A transformers ``LlamaForCausalLM`` over a joint vocabulary ``[caption words | image codes | BOI, EOF, EOI]``
+learns ``[bos, caption..., BOI, frame_0, EOF, frame_1, EOF, ..., frame_{F-1}, EOF, EOI]`` where each
+frame is a VQ's code grid (row-major; 8x8 codes for the recipe's default 32x32-pixel frames, 16x16 for the bundled
+model's 64x64) of one frame of a
 moving scene (:func:`mmspec.zoo.data.make_moving_scene`: shapes moving at constant velocity over a static
 background).
 Captions name shape, colour, size, direction and background. They are dropped with probability
@@ -14,9 +15,10 @@ eof_token_id, eoi_token_id``) and the BOI id in ``config.boi_token_id``; see
 :class:`mmspec.models.image_tokens.VideoLayout` and :func:`load_video_pipeline`.
 
 Clips are generated on the fly from a seeded stream (no epoch, no repetition), encoded with the frozen VQ in
-the same step::
+the same step. The bundled model (4 frames of 64x64 over ``vq4096``, from the t2i target; ``cards/video.md``)::
 
-    python -m mmspec.zoo.recipes.video --minutes 20 --threads 1 --out mmspec/zoo/weights/video
+    python -m mmspec.zoo.train video --frames 4 --frame-size 64 --minutes 128 --threads 1 --seed 5 --lr 1e-3 \
+        --init-from mmspec/zoo/weights/t2i_target --out outputs/video64 --ckpt outputs/ckpt/video64.pt
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
 @dataclass
 class VideoRecipe:
     frames: int = 8
-    frame_size: int = 32  # pixels: 8x8 codes per frame (64x64 frames, 16x16 codes, were too slow to train here)
+    frame_size: int = 32  # pixels: 8x8 codes per frame; the bundled model: 64 (16x16 codes) with frames=4
     hidden: int = 128
     layers: int = 4
     heads: int = 4
