@@ -326,9 +326,11 @@ def test_zoo_train_forwards_the_frame_layout_to_the_video_recipe(monkeypatch, ca
 
     real_main, seen = video.main, []
     monkeypatch.setattr(video, "main", lambda argv: seen.append(argv))
-    train.main(["video", "--frames", "4", "--frame-size", "64", "--vq", "tok", "--minutes", "5"])
+    train.main(["video", "--frames", "4", "--frame-size", "64", "--vq", "tok", "--minutes", "5", "--device", "cuda",
+                "--workers", "2", "--batch-size", "32"])
     argv = seen[0]
     assert argv[argv.index("--frames") + 1] == "4" and argv[argv.index("--frame-size") + 1] == "64"
+    assert [argv[argv.index(f) + 1] for f in ("--device", "--workers", "--batch-size")] == ["cuda", "2", "32"]
     assert argv[argv.index("--vq") + 1] == "tok"
     argv[argv.index("--frames") + 1] = "1"
     with pytest.raises(SystemExit):  # the recipe's own parser takes the flags (then refuses one frame)
@@ -533,6 +535,23 @@ def test_t2i_loader_workers_train_the_same_model(tmp_path):
         assert torch.equal(pa, pb), name
     with pytest.raises(ValueError, match="CPU only"):
         t2i.train(tmp_path / "c", device="meta", distill_from=tmp_path / "a", **kw)
+
+
+def test_video_loader_workers_train_the_same_model(tmp_path):
+    """The video recipe's GPU path: clips rendered ahead by a loader process train the very model the in-process
+    path does; ``--batch-size`` sets the clips per step; the metrics say where it trained."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.zoo.recipes import video
+
+    small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
+    kw = dict(minutes=60, max_steps=2, threads=1, seed=3, recipe=small, batch_size=3)
+    a = video.train(tmp_path / "a", **kw)
+    b = video.train(tmp_path / "b", workers=1, device="cpu", **kw)
+    assert (a["clips_seen"], b["clips_seen"], b["workers"], b["device"], b["recipe"]["batch_size"]) == (6, 6, 1, "cpu", 3)
+    ma, mb = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+        assert torch.equal(pa, pb), name
 
 
 @pytest.mark.slow

@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--init-vq", default=None, metavar="TOKENIZER",
                     help="t2i_* with --init-from over another tokenizer's codes: that tokenizer (default: the one "
                          "its config names); its codes are mapped onto --vq's")
-    ap.add_argument("--device", default="cpu", help="vq, t2i_*: where the model trains (cuda on a GPU machine)")
+    ap.add_argument("--device", default="cpu", help="vq, t2i_*, video: where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0,
-                    help="vq, t2i_*: loader processes rendering the training images ahead of the step (a GPU needs them)")
+                    help="vq, t2i_*, video: loader processes rendering the training images ahead of the step (a GPU needs them)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="vq: crops per step (default 16; whole-image steps take half as many); t2i_*: sequences per "
-                         "step (default 32)")
+                         "step (default 32); video: clips per step (default 4)")
     ap.add_argument("--frames", type=int, default=None, help="video: frames per clip (default: the recipe's, 8)")
     ap.add_argument("--frame-size", type=int, default=None,
                     help="video: pixels per frame side, a multiple of 4 (default: the recipe's, 32: 8x8 codes)")
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None):
         ap.error("--minutes must be > 0")
     out = args.out or os.path.join("outputs", "zoo", args.model)
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
-    if module_name not in ("vq", "t2i") and (args.device != "cpu" or args.workers or args.batch_size):
-        ap.error("--device, --workers and --batch-size apply to vq and t2i_* only")
+    if module_name not in ("vq", "t2i", "video") and (args.device != "cpu" or args.workers or args.batch_size):
+        ap.error("--device, --workers and --batch-size apply to vq, t2i_* and video only")
     if module_name != "video" and (args.frames is not None or args.frame_size is not None):
         ap.error("--frames and --frame-size apply to video only")
     if module_name in _OWN_CLI:
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None):
         if args.max_steps:
             forwarded += ["--max-steps", str(args.max_steps)]
         if module_name == "video":
-            for flag, value in (("--vq", args.vq), ("--frames", args.frames), ("--frame-size", args.frame_size)):
+            for flag, value in (("--vq", args.vq), ("--frames", args.frames), ("--frame-size", args.frame_size),
+                                ("--device", args.device), ("--workers", args.workers), ("--batch-size", args.batch_size)):
                 if value is not None:
                     forwarded += [flag, str(value)]
         if module_name in ("captioner", "video", "mar"):  # resumable, and each can continue a saved model

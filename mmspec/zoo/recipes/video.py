@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from .common import (
     copy_weights,
     dir_size_bytes,
     pair_codes,
+    prefetch,
     remap_code_rows,
     seed_everything,
     setup_threads,
@@ -160,7 +162,7 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
     copy_weights(model, old_model.state_dict(), {"model.embed_tokens.weight": rows, "lm_head.weight": rows})
 
 
-def _clips(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool):
+def _clips(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool) -> list[Any]:
     return [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free)
             for i in range(start, start + n)]
 
@@ -184,13 +186,16 @@ def code_weights(clips: list[Any], size: int, weight: float, halo: float) -> tor
 
 def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects: int, caption_dropout: float,
                gen: torch.Generator | None, noise_free: bool = False, object_weight: float = 0.0,
-               object_halo: float = 1.3):
-    """Sequences [n, L] (right padded), loss mask [n, L] (True where the token is predicted), captions, and
-    per-token loss weights [n, L] (:func:`code_weights` on the codes with ``object_weight``, else 1); the codes
-    are those of the noise-free renders with ``noise_free``."""
+               object_halo: float = 1.3, clips: list[Any] | None = None):
+    """Sequences [n, L] (right padded, on the CPU), loss mask [n, L] (True where the token is predicted), captions,
+    and per-token loss weights [n, L] (:func:`code_weights` on the codes with ``object_weight``, else 1); the codes
+    (by ``vq``, on its device) are those of the noise-free renders with ``noise_free``. ``clips``: the clips
+    ``start .. start + n - 1`` of stream ``seed`` when already rendered (e.g. by a loader process), else rendered
+    here."""
     spec = config.video_layout
     frames = spec["frames"]
-    clips = _clips(start, n, seed, frames, config.frame_size, max_objects, noise_free)
+    if clips is None:
+        clips = _clips(start, n, seed, frames, config.frame_size, max_objects, noise_free)
     video = torch.stack([image_to_tensor(c.clean if noise_free else c.frames) for c in clips])
     captions = [c.caption for c in clips]
     codes = hub.encode_images(vq, video.flatten(0, 1)).view(n, frames, -1) + spec["image_token_offset"]
@@ -250,7 +255,8 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4, noise_free: bool
 
 def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int | None = None, threads: int = 1,
           vq_path: str | None = None, recipe: VideoRecipe | None = None, ckpt: str | Path | None = None,
-          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None) -> dict[str, Any]:
+          ckpt_every_s: float = 300.0, init_from: str | Path | None = None, lr: float | None = None,
+          device: str = "cpu", workers: int = 0, batch_size: int | None = None) -> dict[str, Any]:
     """Train the video model; save fp16 safetensors + tokenizer + ``metrics.json`` + ``loss_curve.png`` in ``out``.
 
     ``ckpt``: a training-state file written every ``ckpt_every_s`` seconds and resumed when present (same recipe
@@ -261,10 +267,18 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     also be a text-to-image token model over the same words and codes (``weights/t2i_target``, whose config has an
     ``image_layout``): the video model then takes its architecture and starts from its weights
     (:func:`transfer_from_image_model`), i.e. from a model that already draws what captions name. ``vq_path``: the
-    tokenizer (default: the one ``init_from``'s config names, else the first one); the saved config names it."""
+    tokenizer (default: the one ``init_from``'s config names, else the first one); the saved config names it.
+
+    ``device``: where the model trains and the tokenizer codes the clips (``"cuda"`` on a GPU machine; the held-out
+    evaluation and the saved weights are the CPU's). ``workers``: loader processes rendering the clips ahead of the
+    step (0: in the training process; the clips are the same either way). ``batch_size``: clips per step instead of
+    the recipe's (a GPU wants dozens)."""
     r = recipe or VideoRecipe()
     if lr is not None:
         r = replace(r, lr=lr)
+    if batch_size is not None:
+        r = replace(r, batch_size=batch_size)
+    device = torch.device(device)
     setup_threads(threads)
     gen = seed_everything(seed)
     tokenizer = build_tokenizer()
@@ -295,16 +309,22 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
             else:
                 model.load_state_dict(start.state_dict())
         print(f"[video] initialised from {init_from}", flush=True)
-    model.train()
+    model.to(device).train()
+    vq.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
     run = ResumableRun("video", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=asdict(r),
                        codebook=codebook_id(vq))
+    stream = VIDEO_TRAIN_SEED + seed
+    render = partial(_clips, n=r.batch_size, seed=stream, frames=r.frames, size=r.frame_size, max_objects=r.max_objects,
+                     noise_free=r.noise_free)
+    clip_batches = prefetch(render, run.seen, r.batch_size, workers)
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
-        ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size,
-                                             VIDEO_TRAIN_SEED + seed, r.max_objects, r.caption_dropout, gen,
-                                             r.noise_free, r.object_weight, r.object_halo)
+        ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size, stream,
+                                             r.max_objects, r.caption_dropout, gen, r.noise_free, r.object_weight,
+                                             r.object_halo, clips=next(clip_batches))
+        ids, target, weights = ids.to(device), target.to(device), weights.to(device)
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
         w = weights[:, 1:][tgt]
@@ -314,10 +334,13 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         run.record(loss.item(), r.batch_size, log_every=10)
+    model.to("cpu")
+    vq.to("cpu")
     out = Path(out)
     train_seconds = run.finish(out / "loss_curve.png", "video (training loss)")
     metrics = {"steps": run.step, "clips_seen": run.seen, "train_seconds": round(train_seconds, 1), "params": n_params,
                "final_train_loss_ema": run.ema, "recipe": asdict(r), "seed": seed, "threads": threads,
+               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), "workers": workers,
                "init_from": None if init_from is None else Path(init_from).name}
     metrics.update(evaluate(model, tokenizer, vq, r.eval_n, noise_free=r.noise_free))
     out.mkdir(parents=True, exist_ok=True)
@@ -597,6 +620,9 @@ def main(argv=None):
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=VideoRecipe.noise_free,
                     help="learn the codes of the clips' noise-free renders")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    ap.add_argument("--device", default="cpu", help="where the model trains (cuda on a GPU machine)")
+    ap.add_argument("--workers", type=int, default=0, help="loader processes rendering the clips ahead of the step")
+    ap.add_argument("--batch-size", type=int, default=None, help="clips per step (default: the recipe's, 4)")
     ap.add_argument("--adherence", type=int, default=0, metavar="N",
                     help="do not train: write the AR prompt adherence of the model in --out on N held-out one-object "
                          "captions to --out/adherence.json")
@@ -622,8 +648,8 @@ def main(argv=None):
     if args.frame_size < 8 or args.frame_size % VQ_DOWNSAMPLE:
         ap.error(f"--frame-size must be a multiple of {VQ_DOWNSAMPLE}, at least 8")
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
-                 VideoRecipe(frames=args.frames, frame_size=args.frame_size, noise_free=args.noise_free), args.ckpt, args.ckpt_every, args.init_from,
-                 args.lr)
+                 VideoRecipe(frames=args.frames, frame_size=args.frame_size, noise_free=args.noise_free), args.ckpt,
+                 args.ckpt_every, args.init_from, args.lr, args.device, args.workers, args.batch_size)
 
 
 if __name__ == "__main__":
