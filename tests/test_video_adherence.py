@@ -105,6 +105,8 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert json.loads((tmp_path / "v" / "adherence.json").read_text())["against"]["n_captions"] == 3
     png = video.main(["--out", str(tmp_path / "v"), "--samples", str(tmp_path / "grid.png"), "--threads", "1"])
     assert png.is_file() and png.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="zoo.train video --frames 4 --frame-size 64"):  # says how to train one
+        video.load_video_model(tmp_path / "absent")
 
 
 def test_training_batches_weight_the_codes_near_the_moving_object():

@@ -586,8 +586,9 @@ def load_video_model(path: str | Path | None = None, device="cpu", dtype=torch.f
 
     path = Path(path) if path is not None else hub.WEIGHTS_DIR / "video"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"video model is missing at {path}; train it with "
-                                f"`python -m mmspec.zoo.recipes.video --minutes 20 --threads 1 --out {path}`")
+        raise FileNotFoundError(f"video model is missing at {path}; train it with `python -m mmspec.zoo.train video "
+                                "--frames 4 --frame-size 64 --lr 1e-3 --init-from mmspec/zoo/weights/t2i_target "
+                                f"--minutes 20 --threads 1 --out {path}` (the bundled one: cards/video.md)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
