@@ -507,6 +507,15 @@ def test_vq_loader_workers_serve_the_same_stream():
     assert (ahead.i_scene, ahead.i_crop) == (plain.i_scene, plain.i_crop) == (15, 5)
 
 
+def _assert_same_weights(a, b):
+    """Two saved causal LMs hold bit-identical parameters (the same batches, in the same order, by construction)."""
+    from transformers import AutoModelForCausalLM
+
+    ma, mb = (AutoModelForCausalLM.from_pretrained(p) for p in (a, b))
+    for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+        assert torch.equal(pa, pb), name
+
+
 def test_vq_cli_device_workers_batch_size(tmp_path):
     from mmspec.zoo.train import main
 
@@ -522,7 +531,6 @@ def test_vq_cli_device_workers_batch_size(tmp_path):
 def test_t2i_loader_workers_train_the_same_model(tmp_path):
     """Scenes rendered ahead by a loader process (the GPU path) train the very model the in-process path does: same
     batches, same caption dropout, same steps."""
-    from transformers import AutoModelForCausalLM
 
     from mmspec.zoo.recipes import t2i
 
@@ -530,9 +538,7 @@ def test_t2i_loader_workers_train_the_same_model(tmp_path):
     a = t2i.train(tmp_path / "a", **kw)
     b = t2i.train(tmp_path / "b", workers=1, device="cpu", **kw)
     assert (a["images_seen"], b["images_seen"], b["workers"], b["device"], b["recipe"]["batch_size"]) == (8, 8, 1, "cpu", 4)
-    ma, mb = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
-    for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
-        assert torch.equal(pa, pb), name
+    _assert_same_weights(tmp_path / "a", tmp_path / "b")
     with pytest.raises(ValueError, match="CPU only"):
         t2i.train(tmp_path / "c", device="meta", distill_from=tmp_path / "a", **kw)
 
@@ -540,7 +546,6 @@ def test_t2i_loader_workers_train_the_same_model(tmp_path):
 def test_video_loader_workers_train_the_same_model(tmp_path):
     """The video recipe's GPU path: clips rendered ahead by a loader process train the very model the in-process
     path does; ``--batch-size`` sets the clips per step; the metrics say where it trained."""
-    from transformers import AutoModelForCausalLM
 
     from mmspec.zoo.recipes import video
 
@@ -549,9 +554,7 @@ def test_video_loader_workers_train_the_same_model(tmp_path):
     a = video.train(tmp_path / "a", **kw)
     b = video.train(tmp_path / "b", workers=1, device="cpu", **kw)
     assert (a["clips_seen"], b["clips_seen"], b["workers"], b["device"], b["recipe"]["batch_size"]) == (6, 6, 1, "cpu", 3)
-    ma, mb = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
-    for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
-        assert torch.equal(pa, pb), name
+    _assert_same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.slow
