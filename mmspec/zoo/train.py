@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--batch-size", type=int, default=None,
                     help="vq: crops per step (default 16; whole-image steps take half as many); t2i_*: sequences per "
                          "step (default 32); video: clips per step (default 4)")
-    ap.add_argument("--frames", type=int, default=None, help="video: frames per clip (default: the recipe's, 8)")
+    ap.add_argument("--frames", type=int, default=None, help="video: frames per clip (default: the recipe's, 4)")
     ap.add_argument("--frame-size", type=int, default=None,
-                    help="video: pixels per frame side, a multiple of 4 (default: the recipe's, 32: 8x8 codes)")
+                    help="video: pixels per frame side, a multiple of 4 (default: the recipe's, 64: 16x16 codes)")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")

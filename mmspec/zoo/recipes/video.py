@@ -69,8 +69,8 @@ VQ_DOWNSAMPLE = 4  # the bundled VQ maps s x s pixels to (s/4) x (s/4) codes
 
 @dataclass
 class VideoRecipe:
-    frames: int = 8
-    frame_size: int = 32  # pixels: 8x8 codes per frame; the bundled model: 64 (16x16 codes) with frames=4
+    frames: int = 4  # the bundled model's layout (before session 23 the defaults were 8 frames of 32x32 pixels)
+    frame_size: int = 64  # pixels: 16x16 codes per frame
     hidden: int = 128
     layers: int = 4
     heads: int = 4
