@@ -54,6 +54,12 @@ def test_read_clips_reads_real_clips_and_their_captions():
     for h in video.VIDEO_HEADS[:-1]:
         assert pred[h].shape == (16,)
         assert (pred[h] == want[h]).float().mean() >= 0.85, h
+    # frame by frame: every frame of a real clip reads as its caption; the clip's label is the frames' most frequent
+    per_frame = video.read_frames(hub.load_classifier(), frames)
+    assert set(per_frame) == set(video.VIDEO_HEADS[:-1])
+    for h, labels in per_frame.items():
+        assert labels.shape == frames.shape[:2] and (labels.mode(1).values == pred[h]).all()
+        assert ((labels == want[h].unsqueeze(1)).float().mean(0) >= 0.8).all(), h
 
 
 def test_adherence_on_a_tiny_model(tmp_path):
@@ -64,6 +70,8 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert set(res["adherence_heads"]) == set(res["real_heads"]) == set(video.VIDEO_HEADS)
     assert all(0.0 <= v <= 1.0 for v in [*res["adherence_heads"].values(), *res["real_heads"].values()])
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
+    assert set(res["frame_heads"]) == set(video.VIDEO_HEADS[:-1])  # each frame read alone: one accuracy a frame
+    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in res["frame_heads"].values())
     # per video: the fraction of its heads right; their mean is the adherence, the interval holds it
     assert len(res["adherence_per_video"]) == 3 and all(v * 6 == pytest.approx(round(v * 6)) for v in res["adherence_per_video"])
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_per_video"]) / 3)

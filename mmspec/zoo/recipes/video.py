@@ -401,14 +401,21 @@ def read_clips(clf, frames: torch.Tensor) -> dict[str, torch.LongTensor]:
     Every frame is upsampled to 64 x 64 and read by the evaluation classifier ``clf`` (object heads at the most
     confidently occupied cell, i.e. one-object clips); a head's label is its most frequent one over the frames. The
     direction comes from :func:`motion_direction`."""
+    out = {h: labels.mode(1).values for h, labels in read_frames(clf, frames).items()}
+    out["direction"] = motion_direction(frames)
+    return out
+
+
+@torch.no_grad()
+def read_frames(clf, frames: torch.Tensor) -> dict[str, torch.LongTensor]:
+    """What each frame shows, for every head but direction: ``frames [B, F, 3, s, s]`` in [-1, 1] ->
+    ``dict[head, LongTensor [B, F]]``, each frame upsampled to 64 x 64 and read as in :func:`read_clips`."""
     b, f = frames.shape[:2]
     x = frames.flatten(0, 1).float()
     if x.shape[-2:] != (64, 64):
         x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
     pred = hub.classify(clf, x.clamp(-1, 1))
-    out = {h: pred[h].view(b, f).mode(1).values for h in VIDEO_HEADS[:-1]}
-    out["direction"] = motion_direction(frames)
-    return out
+    return {h: pred[h].view(b, f) for h in VIDEO_HEADS[:-1]}
 
 
 def caption_targets(captions: list[str]) -> dict[str, torch.LongTensor]:
@@ -432,7 +439,8 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     ``recon_heads`` reads the noise-free clips through the model's tokenizer, the ceiling its codes allow.
     ``pipe_kwargs`` go to the pipeline call (e.g. ``window``, ``init``, ``coupled`` for Jacobi decoding).
     ``adherence_per_video``: each video's fraction of heads right (their mean is ``adherence_mean``);
-    ``adherence_ci``: its 95% bootstrap interval over the captions; :func:`paired_difference` compares two runs."""
+    ``adherence_ci``: its 95% bootstrap interval over the captions; :func:`paired_difference` compares two runs.
+    ``frame_heads``: per head (all but direction), the accuracy of each frame read alone (a list of F)."""
     from ..data import make_moving_scene, scene_seed
 
     pipe = load_video_pipeline(folder)
@@ -465,7 +473,11 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
 
     from ...bench.image import bootstrap_mean_ci
 
-    made_correct = correct(torch.cat(made))
+    made = torch.cat(made)
+    made_correct = correct(made)
+    # where the heads go wrong: each frame read alone (frame 0 is drawn from the caption, later ones carry it on)
+    frame_heads = {h: (labels == target[h].unsqueeze(1)).float().mean(0).tolist()
+                   for h, labels in read_frames(clf, made).items()}
     per_video = made_correct.mean(1)
     heads = dict(zip(VIDEO_HEADS, made_correct.mean(0).tolist()))
     real_heads, recon_heads = score(real), score(recon.view_as(real))
@@ -473,7 +485,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     return {"n_captions": n, "guidance": guidance, "decoding": decoding, **pipe_kwargs, "seed": seed,
             "frames": layout.frames, "frame_size": size, "captions": captions, "reader": DIRECTION_READER,
             "adherence_mean": mean(heads), "adherence_ci": bootstrap_mean_ci(per_video, 2000, seed),
-            "adherence_heads": heads, "adherence_per_video": per_video.tolist(), "real_mean": mean(real_heads),
+            "adherence_heads": heads, "frame_heads": frame_heads, "adherence_per_video": per_video.tolist(), "real_mean": mean(real_heads),
             "real_heads": real_heads, "recon_mean": mean(recon_heads), "recon_heads": recon_heads,
             "tokenizer": getattr(pipe.model.config, "zoo_vq", {"name": hub.DEFAULT_VQ})["name"],
             "step_compression": sum(st.step_compression for st in stats) / len(stats)}
