@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,6 +63,27 @@ def test_read_clips_reads_real_clips_and_their_captions():
         assert ((labels == want[h].unsqueeze(1)).float().mean(0) >= 0.8).all(), h
 
 
+def test_clips_that_name_where_they_start_are_read_there(tmp_path):
+    tok = video.build_tokenizer()
+    cfg = video.build_model(video.VideoRecipe(caption_positions=True), len(tok), 1024).config
+    assert video.caption_positions(cfg) and not video.caption_positions(video.build_model(video.VideoRecipe(), 47, 8).config)
+    clips = video.held_out_clips(cfg, 24)
+    assert all(" at the " in c.caption and " moving " in c.caption for c in clips)
+    plain = video.held_out_clips(video.build_model(video.VideoRecipe(), len(tok), 1024).config, 24)
+    assert all(a.frames.tobytes() == b.frames.tobytes() for a, b in zip(clips, plain))  # the same clips
+    want = video.caption_targets([c.caption for c in clips])
+    assert tuple(want) == (*video.VIDEO_HEADS, "position")
+    assert tuple(video.caption_targets([plain[0].caption])) == video.VIDEO_HEADS
+    frames = torch.stack([image_to_tensor(c.frames) for c in clips])
+    pred = video.read_clips(hub.load_classifier(), frames, start_position=True)
+    # the classifier's cells are those of still scenes; a clip may start near a cell's edge (~80% on these clips)
+    assert (pred["position"] == want["position"]).float().mean() >= 0.6
+    assert "position" not in video.read_clips(hub.load_classifier(), frames[:2])
+    # the training sequences carry the same caption style
+    ids, target, captions, _ = video.make_batch(tok, hub.load_vq(), cfg, 0, 2, video.VIDEO_TRAIN_SEED, 1, 0.0, None, True)
+    assert all(" at the " in c for c in captions) and tok.unk_token_id not in ids.tolist()
+
+
 def test_adherence_on_a_tiny_model(tmp_path):
     small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
     video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small)
@@ -72,6 +94,7 @@ def test_adherence_on_a_tiny_model(tmp_path):
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_heads"].values()) / 6)
     assert set(res["frame_heads"]) == set(video.VIDEO_HEADS[:-1])  # each frame read alone: one accuracy a frame
     assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in res["frame_heads"].values())
+    assert not res["caption_positions"] and "position" not in res["adherence_heads"]
     # per video: the fraction of its heads right; their mean is the adherence, the interval holds it
     assert len(res["adherence_per_video"]) == 3 and all(v * 6 == pytest.approx(round(v * 6)) for v in res["adherence_per_video"])
     assert res["adherence_mean"] == pytest.approx(sum(res["adherence_per_video"]) / 3)
@@ -170,3 +193,20 @@ def test_video_model_starts_from_a_text_to_image_model(tmp_path):
     other = video.build_model(video.VideoRecipe(hidden=96, layers=2, heads=3, kv_heads=1, intermediate=256), 47, 512)
     with pytest.raises(ValueError, match="other caption words or codes"):
         video.transfer_from_image_model(other, img)
+
+
+def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path):
+    small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2,
+                              caption_positions=True)
+    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small)
+    res = video.adherence(tmp_path / "v", n=3, batch_size=3)
+    assert res["caption_positions"] and all(" at the " in c for c in res["captions"])
+    assert tuple(res["adherence_heads"]) == (*video.VIDEO_HEADS, "position") and "position" in res["real_heads"]
+    # the mean and the per-video scores stay over the six heads every caption names: comparable across models
+    six = sum(res["adherence_heads"][h] for h in video.VIDEO_HEADS) / 6
+    assert res["adherence_mean"] == pytest.approx(six) == pytest.approx(sum(res["adherence_per_video"]) / 3)
+    assert all(v * 6 == pytest.approx(round(v * 6)) for v in res["adherence_per_video"])
+    # continuing it needs the same caption style
+    with pytest.raises(ValueError, match="captions that name where objects start"):
+        video.train(tmp_path / "w", minutes=60, max_steps=1, recipe=replace(small, caption_positions=False),
+                    init_from=tmp_path / "v")

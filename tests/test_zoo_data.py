@@ -308,6 +308,25 @@ def test_moving_scene():
     assert ms.clean is None
 
 
+def test_moving_scene_captions_can_name_where_each_object_starts():
+    for seed in range(40):
+        plain, placed = make_moving_scene(seed, frames=4), make_moving_scene(seed, frames=4, positions=True)
+        assert placed.frames.tobytes() == plain.frames.tobytes()  # the same clip: the cell is no random draw
+        parsed = parse_caption(placed.caption)
+        assert make_caption(parsed) == placed.caption and " moving " in placed.caption
+        for o, p in zip(placed.attributes["objects"], parsed["objects"]):
+            x, y = o["start"]
+            assert p["position"] == o["position"] == POSITIONS[3 * int(y * 3 / 64) + int(x * 3 / 64)]
+            assert p["direction"] == o["direction"]
+        assert caption_labels(placed.caption)["position"] == POSITIONS.index(parsed["objects"][0]["position"])
+        assert placed.caption.replace(f" at the {parsed['objects'][0]['position']}", "", 1).startswith(
+            plain.caption.split(" and ")[0].split(" on a ")[0])
+    with pytest.raises(ValueError, match="unknown position"):
+        parse_caption("a small red circle at the middle moving up on a plain blue background")
+    with pytest.raises(ValueError, match="unknown direction"):
+        parse_caption("a small red circle at the top left moving sideways on a plain blue background")
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_moving_scene_clean_render(seed):
     plain, both = make_moving_scene(seed, 32), make_moving_scene(seed, 32, clean=True)

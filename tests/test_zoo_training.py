@@ -327,8 +327,9 @@ def test_zoo_train_forwards_the_frame_layout_to_the_video_recipe(monkeypatch, ca
     real_main, seen = video.main, []
     monkeypatch.setattr(video, "main", lambda argv: seen.append(argv))
     train.main(["video", "--frames", "4", "--frame-size", "64", "--vq", "tok", "--minutes", "5", "--device", "cuda",
-                "--workers", "2", "--batch-size", "32"])
+                "--workers", "2", "--batch-size", "32", "--caption-positions"])
     argv = seen[0]
+    assert "--caption-positions" in argv
     assert argv[argv.index("--frames") + 1] == "4" and argv[argv.index("--frame-size") + 1] == "64"
     assert [argv[argv.index(f) + 1] for f in ("--device", "--workers", "--batch-size")] == ["cuda", "2", "32"]
     assert argv[argv.index("--vq") + 1] == "tok"
@@ -338,6 +339,9 @@ def test_zoo_train_forwards_the_frame_layout_to_the_video_recipe(monkeypatch, ca
     assert "--frames must be >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.main(["c2i", "--frames", "4"])
+    assert "apply to video only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["t2i_target", "--caption-positions"])
     assert "apply to video only" in capsys.readouterr().err
 
 

@@ -67,9 +67,9 @@ def _adherence(pipe, tokens: torch.Tensor, clf, targets: dict[str, torch.Tensor]
     layout = pipe.family.layout()
     b, f = tokens.shape[:2]
     frames = hub.decode_tokens(pipe.vq, tokens.flatten(0, 1).cpu(), grid=(layout.height, layout.width))
-    pred = read_clips(clf, frames.view(b, f, *frames.shape[1:]))
-    heads = {h: float((pred[h] == targets[h]).float().mean()) for h in VIDEO_HEADS}
-    return {"adherence": 100 * sum(heads.values()) / len(heads), "adherence_heads": heads}
+    pred = read_clips(clf, frames.view(b, f, *frames.shape[1:]), "position" in targets)
+    heads = {h: float((pred[h] == targets[h]).float().mean()) for h in targets}
+    return {"adherence": 100 * sum(heads[h] for h in VIDEO_HEADS) / len(VIDEO_HEADS), "adherence_heads": heads}
 
 
 COLUMNS = [
@@ -101,16 +101,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..zoo import hub
-    from ..zoo.data import make_moving_scene, scene_seed
-    from ..zoo.recipes.video import ADHERENCE_SEED, caption_targets, load_video_pipeline
+    from ..zoo.recipes.video import caption_targets, held_out_clips, load_video_pipeline
 
     pipe = load_video_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     layout = pipe.family.layout()
     n = 1 if args.tiny else args.prompts
     methods = ["AR", "SJD temporal init"] if args.tiny else args.methods
-    size = getattr(pipe.model.config, "frame_size", 4 * layout.height)
-    prompts = [make_moving_scene(scene_seed(ADHERENCE_SEED, i), size, layout.frames, 1).caption for i in range(n)]
+    prompts = [c.caption for c in held_out_clips(pipe.model.config, n)]
     rows = run(pipe, prompts, methods, args.window, args.repeats, args.guidance, args.seed, not args.greedy,
                args.temperature, args.top_k, hub.load_classifier(), caption_targets(prompts))
     cmd = "mmspec bench video " + " ".join(argv if argv is not None else sys.argv[1:])

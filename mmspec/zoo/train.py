@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--frames", type=int, default=None, help="video: frames per clip (default: the recipe's, 4)")
     ap.add_argument("--frame-size", type=int, default=None,
                     help="video: pixels per frame side, a multiple of 4 (default: the recipe's, 64: 16x16 codes)")
+    ap.add_argument("--caption-positions", action="store_true",
+                    help="video: captions also name the cell each object starts in ('... at the top left moving right ...')")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None):
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
     if module_name not in ("vq", "t2i", "video") and (args.device != "cpu" or args.workers or args.batch_size):
         ap.error("--device, --workers and --batch-size apply to vq, t2i_* and video only")
-    if module_name != "video" and (args.frames is not None or args.frame_size is not None):
-        ap.error("--frames and --frame-size apply to video only")
+    if module_name != "video" and (args.frames is not None or args.frame_size is not None or args.caption_positions):
+        ap.error("--frames, --frame-size and --caption-positions apply to video only")
     if module_name in _OWN_CLI:
         forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
                                                 "--threads", str(args.threads)]
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None):
                                 ("--device", args.device), ("--workers", args.workers), ("--batch-size", args.batch_size)):
                 if value is not None:
                     forwarded += [flag, str(value)]
+            if args.caption_positions:
+                forwarded += ["--caption-positions"]
         if module_name in ("captioner", "video", "mar"):  # resumable, and each can continue a saved model
             flags = (("--ckpt", args.ckpt), ("--init-from", args.init_from), ("--lr", args.lr))
             if module_name == "mar" and args.on_policy != int(args.on_policy):
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None):
             for flag, value in flags:
                 if value is not None:
                     forwarded += [flag, str(value)]
+            if args.caption_positions:
+                forwarded += ["--caption-positions"]
             forwarded += ["--ckpt-every", str(args.ckpt_every)]
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)

@@ -59,9 +59,11 @@ class MovingScene(NamedTuple):
 
 def _object_phrase(obj: dict[str, Any]) -> str:
     head = f"a {obj['size']} {obj['colour']} {obj['shape']}"
+    if "position" in obj:
+        head = f"{head} at the {obj['position']}"
     if "direction" in obj:
         return f"{head} moving {obj['direction']}"
-    return f"{head} at the {obj['position']}"
+    return head
 
 
 def make_caption(attributes: dict[str, Any]) -> str:
@@ -79,7 +81,8 @@ def caption_words(caption: str) -> list[str]:
 def parse_caption(caption: str) -> dict[str, Any]:
     """Parse a scene (or moving-scene) caption back into attributes.
 
-    Returns ``{"objects": [{"shape", "colour", "size", "position"} or {..., "direction"}],
+    Returns ``{"objects": [{"shape", "colour", "size", "position"} or {..., "direction"} or both (a clip that
+    names where it starts)],
     "background": kind, "background_colour": name}``. Raises ``ValueError`` on anything that
     :func:`make_caption` could not have produced.
     """
@@ -111,18 +114,19 @@ def parse_caption(caption: str) -> dict[str, Any]:
         if size not in SIZES or colour not in COLOUR_RGB or shape not in SHAPES:
             raise ValueError(f"unknown object words {cl[1:4]} in {caption!r}")
         obj: dict[str, Any] = {"shape": shape, "colour": colour, "size": size}
-        if cl[4] == "at" and len(cl) >= 7 and cl[5] == "the":
-            pos = " ".join(cl[6:])
+        moving = cl.index("moving") if "moving" in cl else len(cl)
+        if cl[4] == "at" and moving >= 7 and cl[5] == "the":  # a still scene's place, or a clip's start
+            pos = " ".join(cl[6:moving])
             if pos not in POSITIONS:
                 raise ValueError(f"unknown position {pos!r} in {caption!r}")
             obj["position"] = pos
-        elif cl[4] == "moving":
-            direction = " ".join(cl[5:])
+        elif moving != 4:
+            raise ValueError(f"malformed object clause {' '.join(cl)!r} in {caption!r}")
+        if moving < len(cl):
+            direction = " ".join(cl[moving + 1 :])
             if direction not in DIRECTIONS:
                 raise ValueError(f"unknown direction {direction!r} in {caption!r}")
             obj["direction"] = direction
-        else:
-            raise ValueError(f"malformed object clause {' '.join(cl)!r} in {caption!r}")
         objects.append(obj)
     return {"objects": objects, "background": _PHRASE_TO_BACKGROUND[bg_phrase], "background_colour": bg_colour}
 

@@ -18,10 +18,11 @@ from .render import (
     _render_background,
     _rgb,
 )
-from .vocab import _SIZE_RADIUS, DIRECTIONS, SHAPES, SIZES
+from .vocab import _SIZE_RADIUS, DIRECTIONS, POSITIONS, SHAPES, SIZES
 
 
-def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: int = 2, clean: bool = False) -> MovingScene:
+def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: int = 2, clean: bool = False,
+                      positions: bool = False) -> MovingScene:
     """A clip of ``1..max_objects`` shapes moving at constant velocity over a static background.
 
     Each object moves in one of the 8 :data:`DIRECTIONS` at 1.2..2.6 pixels per frame (scaled
@@ -30,6 +31,9 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
 
     With ``clean=True`` the clip also comes without its sensor noise (background and object grain) in
     ``MovingScene.clean`` (same shape; the random stream and the noisy frames are the same either way).
+    With ``positions=True`` each object also gets the cell of the 3x3 grid its centre starts in (``position``, one
+    of :data:`POSITIONS`) and the caption names it: ``"a small red circle at the top left moving right on ..."``
+    (the same clip either way: the cell follows from the start, no random draw).
 
     Returns:
         :class:`MovingScene` with ``frames`` ``np.uint8 [frames, size, size, 3]`` and a caption like
@@ -74,11 +78,13 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
         rotation = float(rng.uniform(-12, 12)) if shape != "ellipse" else float(rng.uniform(-20, 20))
         fill, shade = _object_fill(rng, _jitter_colour(rng, colour, 16.0))
         fills.append(fill)
+        cell = [min(int(v * 3 / size), 2) for v in start]  # (column, row) of the start centre
         objects.append(
             {
                 "shape": shape,
                 "colour": colour,
                 "size": size_name,
+                **({"position": POSITIONS[cell[1] * 3 + cell[0]]} if positions else {}),
                 "direction": direction,
                 "start": start,
                 "velocity": velocity,
