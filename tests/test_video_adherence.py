@@ -198,7 +198,7 @@ def test_video_model_starts_from_a_text_to_image_model(tmp_path):
 def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path):
     small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2,
                               caption_positions=True)
-    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small)
+    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small, ckpt=tmp_path / "s.pt")
     res = video.adherence(tmp_path / "v", n=3, batch_size=3)
     assert res["caption_positions"] and all(" at the " in c for c in res["captions"])
     assert tuple(res["adherence_heads"]) == (*video.VIDEO_HEADS, "position") and "position" in res["real_heads"]
@@ -210,3 +210,14 @@ def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path):
     with pytest.raises(ValueError, match="captions that name where objects start"):
         video.train(tmp_path / "w", minutes=60, max_steps=1, recipe=replace(small, caption_positions=False),
                     init_from=tmp_path / "v")
+    # a training state is read in place of the saved weights (a run's progress), its adherence written beside it
+    state = torch.load(tmp_path / "s.pt", weights_only=False)["model"]
+    pipe = video.load_video_pipeline(tmp_path / "v", state=tmp_path / "s.pt")
+    assert all(torch.equal(pipe.model.state_dict()[k], v) for k, v in state.items())
+    got = video.main(["--out", str(tmp_path / "v"), "--adherence", "2", "--state", str(tmp_path / "s.pt")])
+    assert got["state"] == str(tmp_path / "s.pt") and got["caption_positions"]
+    assert json.loads((tmp_path / "s.pt.adherence.json").read_text())["n_captions"] == 2
+    bigger = video.VideoRecipe(frames=2, frame_size=16, hidden=48, intermediate=64, layers=1, batch_size=2, eval_n=2)
+    video.train(tmp_path / "b", minutes=60, max_steps=1, recipe=bigger, ckpt=tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="is not of a model like"):
+        video.load_video_pipeline(tmp_path / "v", state=tmp_path / "b.pt")

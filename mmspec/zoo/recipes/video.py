@@ -463,7 +463,8 @@ def caption_targets(captions: list[str]) -> dict[str, torch.LongTensor]:
 
 @torch.no_grad()
 def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3.0, seed: int = 0,
-              batch_size: int = 16, decoding: str = "ar", **pipe_kwargs: Any) -> dict[str, Any]:
+              batch_size: int = 16, decoding: str = "ar", state: str | Path | None = None,
+              **pipe_kwargs: Any) -> dict[str, Any]:
     """Prompt adherence of the video model in ``folder`` (default: the bundled one): ``n`` held-out one-object
     captions (stream :data:`ADHERENCE_SEED`), video ``i`` sampled with seed ``seed + i`` at ``guidance`` by
     ``decoding``, read by :func:`read_clips`; accuracy per head and their mean. The same reader on the real clips of
@@ -476,8 +477,9 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     A model trained on captions naming where the object starts (``config.caption_positions``) is asked such captions
     and read on one more head, ``position`` (the object's cell in the first frame, in ``adherence_heads``); the means
     and ``adherence_per_video`` stay over :data:`VIDEO_HEADS`, so that runs with and without it compare (the
-    classifier places a moving clip's start in its caption's cell only ~80% of the time on real clips)."""
-    pipe = load_video_pipeline(folder)
+    classifier places a moving clip's start in its caption's cell only ~80% of the time on real clips).
+    ``state``: read the weights of this training state instead (:func:`load_video_pipeline`)."""
+    pipe = load_video_pipeline(folder, state=state)
     pipe.set_progress_bar_config(disable=True)
     layout = pipe.family.layout()
     size = int(pipe.model.config.frame_size)
@@ -590,7 +592,8 @@ def _same_captions(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 @torch.no_grad()
-def sample_grid(folder: str | Path | None, path: str | Path, n: int = 4, guidance: float = 3.0, seed: int = 0) -> Path:
+def sample_grid(folder: str | Path | None, path: str | Path, n: int = 4, guidance: float = 3.0, seed: int = 0,
+                state: str | Path | None = None) -> Path:
     """The card's picture: for the first ``n`` captions of the adherence stream, the real clip (top row) and the
     model's AR sample (guidance ``guidance``, video ``i`` with seed ``seed + i``; bottom row), frame by frame,
     caption on the left; written to ``path`` (PNG)."""
@@ -601,7 +604,7 @@ def sample_grid(folder: str | Path | None, path: str | Path, n: int = 4, guidanc
 
     from .t2i import _wrap
 
-    pipe = load_video_pipeline(folder)
+    pipe = load_video_pipeline(folder, state=state)
     pipe.set_progress_bar_config(disable=True)
     layout = pipe.family.layout()
     clips = held_out_clips(pipe.model.config, n)
@@ -640,12 +643,21 @@ def load_video_model(path: str | Path | None = None, device="cpu", dtype=torch.f
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def load_video_pipeline(path: str | Path | None = None, device="cpu", dtype=torch.float32):
+def load_video_pipeline(path: str | Path | None = None, device="cpu", dtype=torch.float32,
+                        state: str | Path | None = None):
     """The bundled caption-to-video pipeline (video token model + the zoo tokenizer its config names + word
-    tokenizer)."""
+    tokenizer). ``state``: a training-state file (``train(ckpt=...)``) of a model of ``path``'s layout whose weights
+    replace the saved ones (a run's progress, read before it ends)."""
     from ...pipelines.video import SpeculativeVideoPipeline
 
     model, tokenizer = load_video_model(path, device, dtype)
+    if state is not None:
+        weights = torch.load(state, map_location="cpu", weights_only=False)["model"]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"the training state {str(state)!r} is not of a model like {str(path)!r}: {e}") from None
+        model.to(device, dtype)
     return SpeculativeVideoPipeline(model=model, vq=hub.load_vq_for(model.config, device=device, dtype=dtype),
                                     tokenizer=tokenizer)
 
@@ -679,18 +691,24 @@ def main(argv=None):
     ap.add_argument("--against", default=None, metavar="JSON",
                     help="with --adherence: another model's adherence.json (same N and --seed); adds the paired "
                          "difference and its 95%% interval (paired where both runs asked the same captions)")
+    ap.add_argument("--state", default=None, metavar="CKPT",
+                    help="with --adherence or --samples: the weights of this training state (a --ckpt file of a model "
+                         "like --out's) instead of --out's; the adherence goes to CKPT's name + .adherence.json")
     ap.add_argument("--samples", default=None, metavar="PNG",
                     help="do not train: draw the card's picture (real clips and AR samples) of the model in --out")
     args = ap.parse_args(argv)
     if args.samples:
         setup_threads(args.threads)
-        return sample_grid(args.out, args.samples, seed=args.seed)
+        return sample_grid(args.out, args.samples, seed=args.seed, state=args.state)
     if args.adherence:
         setup_threads(args.threads)
-        res = adherence(args.out, args.adherence, seed=args.seed)
+        res = adherence(args.out, args.adherence, seed=args.seed, state=args.state)
         if args.against:
             res["against"] = {"file": args.against, **adherence_difference(res, json.loads(Path(args.against).read_text()))}
-        write_json(Path(args.out) / "adherence.json", res)
+        if args.state:
+            res["state"] = str(args.state)
+        dst = Path(args.out) / "adherence.json" if args.state is None else Path(f"{args.state}.adherence.json")
+        write_json(dst, res)
         print(res, flush=True)
         return res
     if args.frames < 2:
