@@ -657,7 +657,6 @@ def load_video_pipeline(path: str | Path | None = None, device="cpu", dtype=torc
             model.load_state_dict(weights)
         except RuntimeError as e:
             raise ValueError(f"the training state {str(state)!r} is not of a model like {str(path)!r}: {e}") from None
-        model.to(device, dtype)
     return SpeculativeVideoPipeline(model=model, vq=hub.load_vq_for(model.config, device=device, dtype=dtype),
                                     tokenizer=tokenizer)
 
