@@ -133,7 +133,7 @@ def mean_patch_std(image: np.ndarray, patch: int = 8, reduce: str = "mean") -> f
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``np.uint8 [H, W, 3]`` (or ``[T, H, W, 3]``) -> float32 ``[3, H, W]`` (``[T, 3, H, W]``) in [-1, 1]."""
-    t = torch.from_numpy(np.array(image, dtype=np.float32, copy=True))
+    t = torch.from_numpy(np.asarray(image).astype(np.float32))  # astype copies; PIL images take no copy= keyword
     t = t.movedim(-1, -3)
     return t / 127.5 - 1.0
 
