@@ -195,6 +195,28 @@ def test_video_model_starts_from_a_text_to_image_model(tmp_path):
         video.transfer_from_image_model(other, img)
 
 
+def test_a_model_of_cell_motion_is_asked_its_own_clips_and_old_states_still_resume(tmp_path):
+    tok = video.build_tokenizer()
+    cfg = video.build_model(video.VideoRecipe(cell_motion=4), len(tok), 1024).config
+    assert video.cell_motion(cfg) == 4 and video.cell_motion(video.build_model(video.VideoRecipe(), 47, 8).config) == 0
+    clips, plain = video.held_out_clips(cfg, 8), video.held_out_clips(video.build_model(video.VideoRecipe(), 47, 8).config, 8)
+    assert [c.caption for c in clips] == [c.caption for c in plain]
+    for c in clips:
+        ux, uy = DIRECTIONS[c.attributes["objects"][0]["direction"]]
+        assert c.attributes["objects"][0]["velocity"] == [4.0 * ux, 4.0 * uy]
+    # the identity of a state saved before the field existed (no "cell_motion") still matches at the default
+    small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
+    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small, ckpt=tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=False)
+    assert "cell_motion" not in state["recipe"]
+    video.train(tmp_path / "v", minutes=60, max_steps=2, recipe=small, ckpt=tmp_path / "s.pt")
+    assert torch.load(tmp_path / "s.pt", weights_only=False)["step"] == 2
+    with pytest.raises(ValueError, match="another recipe"):
+        video.train(tmp_path / "v", minutes=60, max_steps=3, recipe=replace(small, cell_motion=4), ckpt=tmp_path / "s.pt")
+    video.train(tmp_path / "c", minutes=60, max_steps=1, recipe=replace(small, cell_motion=4), ckpt=tmp_path / "c.pt")
+    assert video.cell_motion(video.load_video_pipeline(tmp_path / "c").model.config) == 4
+
+
 def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path):
     small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2,
                               caption_positions=True)

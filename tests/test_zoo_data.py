@@ -16,6 +16,7 @@ from mmspec.zoo import data as zd
 from mmspec.zoo.data import (
     BACKGROUNDS,
     COLOURS,
+    DIRECTIONS,
     LABEL_NAMES,
     NATURAL_CLASSES,
     POSITIONS,
@@ -325,6 +326,20 @@ def test_moving_scene_captions_can_name_where_each_object_starts():
         parse_caption("a small red circle at the middle moving up on a plain blue background")
     with pytest.raises(ValueError, match="unknown direction"):
         parse_caption("a small red circle at the top left moving sideways on a plain blue background")
+
+
+def test_moving_scene_cell_motion_moves_objects_whole_codes_per_frame():
+    for seed in range(40):
+        plain, cells = make_moving_scene(seed, frames=4), make_moving_scene(seed, frames=4, cell_motion=4)
+        assert cells.caption == plain.caption  # the same random stream: only the speed (and so the start) differs
+        for o in cells.attributes["objects"]:
+            ux, uy = DIRECTIONS[o["direction"]]
+            assert o["velocity"] == [4.0 * ux, 4.0 * uy]  # one 4-pixel code per frame along each moving axis
+            x, y = o["start"]
+            assert all(o["radius"] < v < 64 - o["radius"] for v in (x, y, *o["end"]))  # inside throughout
+    # a big object whose path at 4 pixels a frame would leave the frame is slowed as before
+    long = make_moving_scene(3, size=32, frames=8, cell_motion=4)
+    assert all(abs(v) <= 4.0 for o in long.attributes["objects"] for v in o["velocity"])
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None):
                     help="video: pixels per frame side, a multiple of 4 (default: the recipe's, 64: 16x16 codes)")
     ap.add_argument("--caption-positions", action="store_true",
                     help="video: captions also name the cell each object starts in ('... at the top left moving right ...')")
+    ap.add_argument("--cell-motion", type=int, default=None, metavar="PX",
+                    help="video: objects move PX pixels per frame along each axis they move on (4: one code per frame; "
+                         "default: the recipe's 0, 1.2-2.6 pixels per frame)")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -103,8 +106,9 @@ def main(argv: list[str] | None = None):
     recipe = importlib.import_module(f".recipes.{module_name}", __package__)
     if module_name not in ("vq", "t2i", "video") and (args.device != "cpu" or args.workers or args.batch_size):
         ap.error("--device, --workers and --batch-size apply to vq, t2i_* and video only")
-    if module_name != "video" and (args.frames is not None or args.frame_size is not None or args.caption_positions):
-        ap.error("--frames, --frame-size and --caption-positions apply to video only")
+    if module_name != "video" and (args.frames is not None or args.frame_size is not None or args.caption_positions
+                                   or args.cell_motion is not None):
+        ap.error("--frames, --frame-size, --caption-positions and --cell-motion apply to video only")
     if module_name in _OWN_CLI:
         forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
                                                 "--threads", str(args.threads)]
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None):
             forwarded += ["--max-steps", str(args.max_steps)]
         if module_name == "video":
             for flag, value in (("--vq", args.vq), ("--frames", args.frames), ("--frame-size", args.frame_size),
-                                ("--device", args.device), ("--workers", args.workers), ("--batch-size", args.batch_size)):
+                                ("--device", args.device), ("--workers", args.workers), ("--batch-size", args.batch_size),
+                                ("--cell-motion", args.cell_motion)):
                 if value is not None:
                     forwarded += [flag, str(value)]
             if args.caption_positions:
@@ -127,8 +132,6 @@ def main(argv: list[str] | None = None):
             for flag, value in flags:
                 if value is not None:
                     forwarded += [flag, str(value)]
-            if args.caption_positions:
-                forwarded += ["--caption-positions"]
             forwarded += ["--ckpt-every", str(args.ckpt_every)]
         return recipe.main(forwarded)
     common = dict(minutes=minutes, seed=args.seed, max_steps=args.max_steps, threads=args.threads)

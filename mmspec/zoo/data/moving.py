@@ -22,7 +22,7 @@ from .vocab import _SIZE_RADIUS, DIRECTIONS, POSITIONS, SHAPES, SIZES
 
 
 def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: int = 2, clean: bool = False,
-                      positions: bool = False) -> MovingScene:
+                      positions: bool = False, cell_motion: int = 0) -> MovingScene:
     """A clip of ``1..max_objects`` shapes moving at constant velocity over a static background.
 
     Each object moves in one of the 8 :data:`DIRECTIONS` at 1.2..2.6 pixels per frame (scaled
@@ -34,6 +34,10 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
     With ``positions=True`` each object also gets the cell of the 3x3 grid its centre starts in (``position``, one
     of :data:`POSITIONS`) and the caption names it: ``"a small red circle at the top left moving right on ..."``
     (the same clip either way: the cell follows from the start, no random draw).
+    With ``cell_motion > 0`` every object moves exactly ``cell_motion`` pixels per frame along each axis it moves on
+    (diagonals: along both), e.g. 4 = one code of a tokenizer with 4x4-pixel codes, so the codes inside an object
+    shift onto whole codes of the next frame (the path is shortened as usual where it would leave the frame; the
+    random stream, and so everything else about the clip, is unchanged).
 
     Returns:
         :class:`MovingScene` with ``frames`` ``np.uint8 [frames, size, size, 3]`` and a caption like
@@ -61,7 +65,7 @@ def make_moving_scene(seed: int, size: int = 64, frames: int = 8, max_objects: i
         m = radius * 1.05 + 0.5
         span = size - 2 * m
         speed = float(rng.uniform(1.2, 2.6)) * size / 64.0
-        step = speed / math.hypot(ux, uy)
+        step = float(cell_motion) if cell_motion > 0 else speed / math.hypot(ux, uy)
         total = step * (frames - 1)
         if total > span * 0.9:  # keep the whole path inside the frame
             step = span * 0.9 / (frames - 1)

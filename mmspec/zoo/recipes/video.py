@@ -96,6 +96,11 @@ class VideoRecipe:
     #: saved as ``config.caption_positions``. The t2i target draws what captions name given that cell (0.91) and
     #: not without it (shape 0.25 on captions without it), so a video model started from it keeps more of it.
     caption_positions: bool = False
+    #: pixels each object moves per frame along each axis it moves on (:func:`mmspec.zoo.data.make_moving_scene`
+    #: ``cell_motion``; 4 = one code per frame), 0: 1.2-2.6 pixels per frame, the first models' clips, where an object
+    #: moves 4-8 pixels in a 4-frame clip and 95% of the codes near it change to codes that are no copy of the previous
+    #: frame's. Saved as ``config.cell_motion``.
+    cell_motion: int = 0
 
 
 def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
@@ -116,6 +121,7 @@ def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
     cfg.boi_token_id = boi
     cfg.frame_size = r.frame_size
     cfg.caption_positions = r.caption_positions
+    cfg.cell_motion = r.cell_motion
     return LlamaForCausalLM(cfg)
 
 
@@ -169,9 +175,9 @@ def transfer_to_new_codes(model, old_model, mapping: torch.Tensor) -> None:
 
 
 def _clips(start: int, n: int, seed: int, frames: int, size: int, max_objects: int, noise_free: bool,
-           positions: bool = False) -> list[Any]:
-    return [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free, positions=positions)
-            for i in range(start, start + n)]
+           positions: bool = False, cell_motion: int = 0) -> list[Any]:
+    return [make_moving_scene(scene_seed(seed, i), size, frames, max_objects, clean=noise_free, positions=positions,
+                              cell_motion=cell_motion) for i in range(start, start + n)]
 
 
 def caption_positions(config) -> bool:
@@ -179,12 +185,18 @@ def caption_positions(config) -> bool:
     return bool(getattr(config, "caption_positions", False))
 
 
+def cell_motion(config) -> int:
+    """Pixels per frame the objects of this video model's training clips move along each axis (0: 1.2-2.6)."""
+    return int(getattr(config, "cell_motion", 0) or 0)
+
+
 def held_out_clips(config, n: int, clean: bool = False) -> list[Any]:
     """The first ``n`` clips of the adherence stream (:data:`ADHERENCE_SEED`, one object each) in the layout and
-    caption style of the video model with this ``config``: what adherence, the card's samples and the benchmark ask."""
+    caption style and motion of the video model with this ``config``: what adherence, the card's samples and the
+    benchmark ask."""
     layout = config.video_layout
     size = int(getattr(config, "frame_size", VQ_DOWNSAMPLE * layout["height"]))
-    return _clips(0, n, ADHERENCE_SEED, layout["frames"], size, 1, clean, caption_positions(config))
+    return _clips(0, n, ADHERENCE_SEED, layout["frames"], size, 1, clean, caption_positions(config), cell_motion(config))
 
 
 def code_weights(clips: list[Any], size: int, weight: float, halo: float) -> torch.Tensor:
@@ -215,7 +227,8 @@ def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects
     spec = config.video_layout
     frames = spec["frames"]
     if clips is None:
-        clips = _clips(start, n, seed, frames, config.frame_size, max_objects, noise_free, caption_positions(config))
+        clips = _clips(start, n, seed, frames, config.frame_size, max_objects, noise_free, caption_positions(config),
+                       cell_motion(config))
     video = torch.stack([image_to_tensor(c.clean if noise_free else c.frames) for c in clips])
     captions = [c.caption for c in clips]
     codes = hub.encode_images(vq, video.flatten(0, 1)).view(n, frames, -1) + spec["image_token_offset"]
@@ -337,11 +350,14 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     vq.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    run = ResumableRun("video", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=asdict(r),
+    identity = asdict(r)
+    if not r.cell_motion:  # added in session 24: at its default it stays out, so the states saved before resume
+        del identity["cell_motion"]
+    run = ResumableRun("video", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=identity,
                        codebook=codebook_id(vq))
     stream = VIDEO_TRAIN_SEED + seed
     render = partial(_clips, n=r.batch_size, seed=stream, frames=r.frames, size=r.frame_size, max_objects=r.max_objects,
-                     noise_free=r.noise_free, positions=r.caption_positions)
+                     noise_free=r.noise_free, positions=r.caption_positions, cell_motion=r.cell_motion)
     clip_batches = prefetch(render, run.seen, r.batch_size, workers)
     while not run.done():
         run.lr(r.lr, r.warmup_steps)
@@ -680,6 +696,9 @@ def main(argv=None):
                     help="learn the codes of the clips' noise-free renders")
     ap.add_argument("--caption-positions", action=argparse.BooleanOptionalAction, default=VideoRecipe.caption_positions,
                     help="captions also name the cell each object starts in ('... at the top left moving right ...')")
+    ap.add_argument("--cell-motion", type=int, default=VideoRecipe.cell_motion, metavar="PX",
+                    help="objects move PX pixels per frame along each axis they move on (4: one code per frame; "
+                         "default 0: 1.2-2.6 pixels per frame)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     ap.add_argument("--device", default="cpu", help="where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0, help="loader processes rendering the clips ahead of the step")
@@ -716,7 +735,7 @@ def main(argv=None):
         ap.error(f"--frame-size must be a multiple of {VQ_DOWNSAMPLE}, at least 8")
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
                  VideoRecipe(frames=args.frames, frame_size=args.frame_size, noise_free=args.noise_free,
-                             caption_positions=args.caption_positions), args.ckpt,
+                             caption_positions=args.caption_positions, cell_motion=args.cell_motion), args.ckpt,
                  args.ckpt_every, args.init_from, args.lr, args.device, args.workers, args.batch_size)
 
 
