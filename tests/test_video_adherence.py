@@ -217,7 +217,7 @@ def test_a_model_of_cell_motion_is_asked_its_own_clips_and_old_states_still_resu
     assert video.cell_motion(video.load_video_pipeline(tmp_path / "c").model.config) == 4
 
 
-def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path):
+def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path, capsys):
     small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2,
                               caption_positions=True)
     video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small, ckpt=tmp_path / "s.pt")
@@ -228,10 +228,11 @@ def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path):
     six = sum(res["adherence_heads"][h] for h in video.VIDEO_HEADS) / 6
     assert res["adherence_mean"] == pytest.approx(six) == pytest.approx(sum(res["adherence_per_video"]) / 3)
     assert all(v * 6 == pytest.approx(round(v * 6)) for v in res["adherence_per_video"])
-    # continuing it needs the same caption style
-    with pytest.raises(ValueError, match="captions that name where objects start"):
-        video.train(tmp_path / "w", minutes=60, max_steps=1, recipe=replace(small, caption_positions=False),
-                    init_from=tmp_path / "v")
+    # it can be continued in the other caption style (the new model is saved with the style it learns)
+    video.train(tmp_path / "w", minutes=60, max_steps=1, recipe=replace(small, caption_positions=False),
+                init_from=tmp_path / "v")
+    assert "start; these do not" in capsys.readouterr().out
+    assert not video.caption_positions(video.load_video_pipeline(tmp_path / "w").model.config)
     # a training state is read in place of the saved weights (a run's progress), its adherence written beside it
     state = torch.load(tmp_path / "s.pt", weights_only=False)["model"]
     pipe = video.load_video_pipeline(tmp_path / "v", state=tmp_path / "s.pt")

@@ -339,12 +339,12 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
                 print(f"[video] codes mapped from codebook {codebook_id(old_vq)} onto {codebook_id(vq)}", flush=True)
             elif any(getattr(start.config, k, None) != getattr(model.config, k) for k in keys):
                 raise ValueError(f"init_from={str(init_from)!r} is not a video model of this recipe and tokenizer")
-            elif caption_positions(start.config) != r.caption_positions:
-                raise ValueError(f"init_from={str(init_from)!r} was trained on captions that "
-                                 f"{'name' if caption_positions(start.config) else 'do not name'} where objects start: "
-                                 f"pass caption_positions={caption_positions(start.config)} (--caption-positions)")
             else:
                 model.load_state_dict(start.state_dict())
+                if caption_positions(start.config) != r.caption_positions:  # a change of caption style is allowed
+                    print(f"[video] {init_from} was trained on captions that "
+                          f"{'name' if caption_positions(start.config) else 'do not name'} where objects start; "
+                          f"these {'do' if r.caption_positions else 'do not'}", flush=True)
         print(f"[video] initialised from {init_from}", flush=True)
     model.to(device).train()
     vq.to(device)
