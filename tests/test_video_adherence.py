@@ -204,6 +204,11 @@ def test_a_model_of_cell_motion_is_asked_its_own_clips_and_old_states_still_resu
     for c in clips:
         ux, uy = DIRECTIONS[c.attributes["objects"][0]["direction"]]
         assert c.attributes["objects"][0]["velocity"] == [4.0 * ux, 4.0 * uy]
+    # they move 12 pixels in 4 frames, beyond the generator's usual reach: the reader looks as far as the model moves
+    real = torch.stack([image_to_tensor(c.frames) for c in clips + video.held_out_clips(cfg, 32)[8:]])
+    want = _directions(clips + video.held_out_clips(cfg, 32)[8:])
+    assert video.reader_speed(cfg) > 0.045 == video.reader_speed(video.build_model(video.VideoRecipe(), 47, 8).config)
+    assert (video.motion_direction(real, max_speed=video.reader_speed(cfg)) == want).float().mean() >= 0.95
     # the identity of a state saved before the field existed (no "cell_motion") still matches at the default
     small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
     video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small, ckpt=tmp_path / "s.pt")

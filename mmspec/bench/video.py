@@ -62,12 +62,12 @@ def run(pipe, prompts, methods, window=16, repeats=1, guidance=3.0, seed=0, do_s
 
 def _adherence(pipe, tokens: torch.Tensor, clf, targets: dict[str, torch.Tensor]) -> dict:
     from ..zoo import hub
-    from ..zoo.recipes.video import VIDEO_HEADS, read_clips
+    from ..zoo.recipes.video import VIDEO_HEADS, read_clips, reader_speed
 
     layout = pipe.family.layout()
     b, f = tokens.shape[:2]
     frames = hub.decode_tokens(pipe.vq, tokens.flatten(0, 1).cpu(), grid=(layout.height, layout.width))
-    pred = read_clips(clf, frames.view(b, f, *frames.shape[1:]), "position" in targets)
+    pred = read_clips(clf, frames.view(b, f, *frames.shape[1:]), "position" in targets, reader_speed(pipe.model.config))
     heads = {h: float((pred[h] == targets[h]).float().mean()) for h in targets}
     return {"adherence": 100 * sum(heads[h] for h in VIDEO_HEADS) / len(VIDEO_HEADS), "adherence_heads": heads}
 

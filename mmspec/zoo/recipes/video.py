@@ -52,7 +52,7 @@ from .common import (
 from .t2i import build_tokenizer
 
 __all__ = ["VideoRecipe", "build_model", "make_batch", "evaluate", "train", "load_video_model",
-           "load_video_pipeline", "transfer_from_image_model", "code_map", "transfer_to_new_codes", "motion_direction", "read_clips", "caption_targets", "adherence", "DIRECTION_READER", "VIDEO_TRAIN_SEED",
+           "load_video_pipeline", "transfer_from_image_model", "code_map", "transfer_to_new_codes", "motion_direction", "reader_speed", "read_clips", "caption_targets", "adherence", "DIRECTION_READER", "VIDEO_TRAIN_SEED",
            "VIDEO_HELDOUT_SEED", "ADHERENCE_SEED", "VIDEO_HEADS"]
 
 #: Seed streams of the training and held-out clips (disjoint from the still-scene streams).
@@ -434,17 +434,24 @@ def motion_direction(frames: torch.Tensor, min_shift: float = 0.02, max_speed: f
 
 
 @torch.no_grad()
-def read_clips(clf, frames: torch.Tensor, start_position: bool = False) -> dict[str, torch.LongTensor]:
+def reader_speed(config) -> float:
+    """The fastest motion a frame, as a fraction of the side, :func:`motion_direction` looks for in clips of the video
+    model with this ``config``: the scene generator's 0.045, or one pixel more than its ``cell_motion``."""
+    size = int(getattr(config, "frame_size", VQ_DOWNSAMPLE * config.video_layout["height"]))
+    return max(0.045, (cell_motion(config) + 1) / size)
+
+
+def read_clips(clf, frames: torch.Tensor, start_position: bool = False, max_speed: float = 0.045) -> dict[str, torch.LongTensor]:
     """What a clip shows, head by head (:data:`VIDEO_HEADS`): ``frames [B, F, 3, s, s]`` in [-1, 1] ->
     ``dict[head, LongTensor [B]]`` (indices into ``LABEL_NAMES[head]``, ``list(DIRECTIONS)`` for direction).
 
     Every frame is upsampled to 64 x 64 and read by the evaluation classifier ``clf`` (object heads at the most
     confidently occupied cell, i.e. one-object clips); a head's label is its most frequent one over the frames. The
-    direction comes from :func:`motion_direction`. With ``start_position``, also ``position``: the cell (index into
-    ``POSITIONS``) the classifier finds the object in, in the first frame."""
+    direction comes from :func:`motion_direction` (``max_speed``: :func:`reader_speed`). With ``start_position``, also
+    ``position``: the cell (index into ``POSITIONS``) the classifier finds the object in, in the first frame."""
     per_frame = read_frames(clf, frames, start_position)
     out = {h: labels.mode(1).values for h, labels in per_frame.items() if h != "position"}
-    out["direction"] = motion_direction(frames)
+    out["direction"] = motion_direction(frames, max_speed=max_speed)
     if start_position:
         out["position"] = per_frame["position"][:, 0]
     return out
@@ -519,7 +526,7 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     recon = hub.decode_tokens(vq, hub.encode_images(vq, clean.to(vq.device, vq.dtype)), grid).float().cpu()
 
     def correct(frames: torch.Tensor) -> torch.Tensor:  # [n, heads]: 1 where the video shows what its caption asks
-        pred = read_clips(clf, frames, positions)
+        pred = read_clips(clf, frames, positions, reader_speed(pipe.model.config))
         return torch.stack([(pred[h] == target[h]).float() for h in heads], 1)
 
     def score(frames: torch.Tensor) -> dict[str, float]:
