@@ -155,6 +155,10 @@ def test_training_batches_weight_the_codes_near_the_moving_object():
         assert shift[1] * vx >= 0 and shift[0] * vy >= 0  # never against the motion
         moved += int(shift[1] * vx > 0 or shift[0] * vy > 0)
     assert moved >= 4
+    # the first move's object codes weigh more, and only those
+    extra = video.code_weights(clips, 32, 2.0, 1.3, first_move=8.0) - w
+    assert torch.equal(extra[:, 1] > 0, w[:, 1] > 1) and (extra[:, 1][extra[:, 1] > 0] == 8.0).all()
+    assert (extra[:, [0, *range(2, 8)]] == 0).all()
     r = video.VideoRecipe(frames=4)
     tok = video.build_tokenizer()
     cfg = video.build_model(r, len(tok), 1024).config

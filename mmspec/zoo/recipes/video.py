@@ -101,6 +101,10 @@ class VideoRecipe:
     #: moves 4-8 pixels in a 4-frame clip and 95% of the codes near it change to codes that are no copy of the previous
     #: frame's. Saved as ``config.cell_motion``.
     cell_motion: int = 0
+    #: extra loss weight, on top of ``object_weight``, of the object's codes in frame 1: taught with the true earlier
+    #: frames in view, a model can read the motion of frames 2.. off frames 0 and 1, so the caption's direction word
+    #: is the only clue to the motion in frame 1 alone, a few codes a clip
+    first_move_weight: float = 0.0
 
 
 def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
@@ -199,9 +203,9 @@ def held_out_clips(config, n: int, clean: bool = False) -> list[Any]:
     return _clips(0, n, ADHERENCE_SEED, layout["frames"], size, 1, clean, caption_positions(config), cell_motion(config))
 
 
-def code_weights(clips: list[Any], size: int, weight: float, halo: float) -> torch.Tensor:
+def code_weights(clips: list[Any], size: int, weight: float, halo: float, first_move: float = 0.0) -> torch.Tensor:
     """Per-code loss weights ``[n, F, (size/4)^2]``: 1, plus ``weight`` where the code's 4x4 patch centre lies
-    within ``halo`` radii of an object's centre in that frame."""
+    within ``halo`` radii of an object's centre in that frame, plus ``first_move`` there in frame 1."""
     grid = size // VQ_DOWNSAMPLE
     c = torch.arange(grid, dtype=torch.float32) * VQ_DOWNSAMPLE + VQ_DOWNSAMPLE / 2
     yy, xx = torch.meshgrid(c, c, indexing="ij")
@@ -213,12 +217,13 @@ def code_weights(clips: list[Any], size: int, weight: float, halo: float) -> tor
             cx, cy = o["start"][0] + o["velocity"][0] * t, o["start"][1] + o["velocity"][1] * t
             near = (xx - cx) ** 2 + (yy - cy) ** 2 <= (halo * o["radius"]) ** 2  # [F, grid, grid]
             w[i][near] = 1.0 + weight
+            w[i, 1][near[1]] += first_move
     return w.flatten(2)
 
 
 def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects: int, caption_dropout: float,
                gen: torch.Generator | None, noise_free: bool = False, object_weight: float = 0.0,
-               object_halo: float = 1.3, clips: list[Any] | None = None):
+               object_halo: float = 1.3, clips: list[Any] | None = None, first_move_weight: float = 0.0):
     """Sequences [n, L] (right padded, on the CPU), loss mask [n, L] (True where the token is predicted), captions,
     and per-token loss weights [n, L] (:func:`code_weights` on the codes with ``object_weight``, else 1); the codes
     (by ``vq``, on its device) are those of the noise-free renders with ``noise_free``. ``clips``: the clips
@@ -241,7 +246,8 @@ def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects
     ids = torch.zeros(n, L, dtype=torch.long)
     target = torch.zeros(n, L, dtype=torch.bool)
     weights = torch.ones(n, L)
-    wc = code_weights(clips, config.frame_size, object_weight, object_halo) if object_weight else None
+    wc = (code_weights(clips, config.frame_size, object_weight, object_halo, first_move_weight)
+          if object_weight or first_move_weight else None)
     for i, (r, p) in enumerate(zip(rows, prompts)):
         ids[i, : len(r)] = torch.tensor(r)
         target[i, len(p) + 1 : len(r)] = True
@@ -350,9 +356,8 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     vq.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
-    identity = asdict(r)
-    if not r.cell_motion:  # added in session 24: at its default it stays out, so the states saved before resume
-        del identity["cell_motion"]
+    # fields added in session 24 stay out of a state's identity at their defaults, so the states saved before resume
+    identity = {k: v for k, v in asdict(r).items() if not (k in ("cell_motion", "first_move_weight") and not v)}
     run = ResumableRun("video", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=identity,
                        codebook=codebook_id(vq))
     stream = VIDEO_TRAIN_SEED + seed
@@ -363,7 +368,8 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
         run.lr(r.lr, r.warmup_steps)
         ids, target, _, weights = make_batch(tokenizer, vq, model.config, run.seen, r.batch_size, stream,
                                              r.max_objects, r.caption_dropout, gen, r.noise_free, r.object_weight,
-                                             r.object_halo, clips=next(clip_batches))
+                                             r.object_halo, clips=next(clip_batches),
+                                             first_move_weight=r.first_move_weight)
         ids, target, weights = ids.to(device), target.to(device), weights.to(device)
         logits = _logits(model, ids, target)
         tgt = target[:, 1:]
@@ -706,6 +712,8 @@ def main(argv=None):
     ap.add_argument("--cell-motion", type=int, default=VideoRecipe.cell_motion, metavar="PX",
                     help="objects move PX pixels per frame along each axis they move on (4: one code per frame; "
                          "default 0: 1.2-2.6 pixels per frame)")
+    ap.add_argument("--first-move-weight", type=float, default=VideoRecipe.first_move_weight, metavar="W",
+                    help="extra loss weight of the object's codes in frame 1, where only the caption tells the motion")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     ap.add_argument("--device", default="cpu", help="where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0, help="loader processes rendering the clips ahead of the step")
@@ -742,7 +750,8 @@ def main(argv=None):
         ap.error(f"--frame-size must be a multiple of {VQ_DOWNSAMPLE}, at least 8")
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
                  VideoRecipe(frames=args.frames, frame_size=args.frame_size, noise_free=args.noise_free,
-                             caption_positions=args.caption_positions, cell_motion=args.cell_motion), args.ckpt,
+                             caption_positions=args.caption_positions, cell_motion=args.cell_motion,
+                             first_move_weight=args.first_move_weight), args.ckpt,
                  args.ckpt_every, args.init_from, args.lr, args.device, args.workers, args.batch_size)
 
 
