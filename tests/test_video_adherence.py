@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmspec.zoo import hub  # noqa: E402
-from mmspec.zoo.data import DIRECTIONS, image_to_tensor, make_moving_scene, scene_seed  # noqa: E402
+from mmspec.zoo.data import DIRECTIONS, image_to_tensor, make_moving_scene, parse_caption, scene_seed  # noqa: E402
 from mmspec.zoo.recipes import video  # noqa: E402
 
 
@@ -237,6 +237,22 @@ def test_a_model_of_captions_naming_start_cells_is_asked_and_read_so(tmp_path, c
     six = sum(res["adherence_heads"][h] for h in video.VIDEO_HEADS) / 6
     assert res["adherence_mean"] == pytest.approx(six) == pytest.approx(sum(res["adherence_per_video"]) / 3)
     assert all(v * 6 == pytest.approx(round(v * 6)) for v in res["adherence_per_video"])
+    # word use: the NLL of the object's codes with the true caption and with its direction / start cell swapped
+    use = video.main(["--out", str(tmp_path / "v"), "--word-use", "3"])
+    assert set(use) == {"n_clips", "direction", "position"} and use["n_clips"] == 3
+    for word in ("direction", "position"):
+        true, swapped, gap = (use[word][k] for k in ("true", "swapped", "gap"))
+        assert len(true) == len(swapped) == 2 and all(t > 0 for t in true)
+        assert gap == pytest.approx([b - a for a, b in zip(true, swapped)])
+    assert json.loads((tmp_path / "v" / "word_use.json").read_text())["n_clips"] == 3
+    clip = video.held_out_clips(video.load_video_pipeline(tmp_path / "v").model.config, 1)[0]
+    for word in ("direction", "position"):
+        other = video.swap_word(clip, word)
+        got, was = parse_caption(other)["objects"][0], parse_caption(clip.caption)["objects"][0]
+        assert got[word] != was[word] and {k: v for k, v in got.items() if k != word} == {
+            k: v for k, v in was.items() if k != word}
+    with pytest.raises(ValueError, match="direction' or 'position"):
+        video.swap_word(clip, "colour")
     # it can be continued in the other caption style (the new model is saved with the style it learns)
     video.train(tmp_path / "w", minutes=60, max_steps=1, recipe=replace(small, caption_positions=False),
                 init_from=tmp_path / "v")
