@@ -9,7 +9,9 @@ Captions name shape, colour, size, direction and background; with ``caption_posi
 grid where each object starts ("a small red circle at the top left moving right on ..."), the words the text-to-image
 target places its objects by. They are dropped with probability
 ``caption_dropout`` so classifier-free guidance works with the empty prompt as the unconditional branch. The
-loss covers codes, EOF and EOI.
+loss covers codes, EOF and EOI, the object's codes weighted more (``object_weight``, and ``first_move_weight`` in
+frame 1, the one frame where only the caption's direction word tells the motion); ``cell_motion`` makes objects move
+whole codes a frame. :func:`word_use` measures whether a model uses the direction and start-cell words.
 
 The layout lives in ``config.video_layout`` (``frames, height, width, image_token_offset, codebook_size,
 eof_token_id, eoi_token_id``) and the BOI id in ``config.boi_token_id``; see
