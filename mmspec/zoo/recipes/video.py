@@ -196,13 +196,18 @@ def cell_motion(config) -> int:
     return int(getattr(config, "cell_motion", 0) or 0)
 
 
+def frame_size(config) -> int:
+    """Pixels per frame side of the video model with this ``config`` (``config.frame_size``; older models: the code
+    grid times the tokenizer's 4)."""
+    return int(getattr(config, "frame_size", VQ_DOWNSAMPLE * config.video_layout["height"]))
+
+
 def held_out_clips(config, n: int, clean: bool = False) -> list[Any]:
     """The first ``n`` clips of the adherence stream (:data:`ADHERENCE_SEED`, one object each) in the layout and
     caption style and motion of the video model with this ``config``: what adherence, the card's samples and the
     benchmark ask."""
-    layout = config.video_layout
-    size = int(getattr(config, "frame_size", VQ_DOWNSAMPLE * layout["height"]))
-    return _clips(0, n, ADHERENCE_SEED, layout["frames"], size, 1, clean, caption_positions(config), cell_motion(config))
+    return _clips(0, n, ADHERENCE_SEED, config.video_layout["frames"], frame_size(config), 1, clean,
+                  caption_positions(config), cell_motion(config))
 
 
 def code_weights(clips: list[Any], size: int, weight: float, halo: float, first_move: float = 0.0) -> torch.Tensor:
@@ -323,8 +328,8 @@ def word_use(folder: str | Path | None = None, n: int = 48, batch_size: int = 8,
     Returns ``{word: {"true": [F], "swapped": [F], "gap": [F]}, "n_clips": n}``."""
     pipe = load_video_pipeline(folder, state=state)
     model, cfg = pipe.model.eval(), pipe.model.config
-    frames, size = cfg.video_layout["frames"], int(cfg.frame_size)
-    clips = _clips(0, n, VIDEO_HELDOUT_SEED, frames, size, 1, True, caption_positions(cfg), cell_motion(cfg))
+    frames = cfg.video_layout["frames"]
+    clips = _clips(0, n, VIDEO_HELDOUT_SEED, frames, frame_size(cfg), 1, True, caption_positions(cfg), cell_motion(cfg))
     out: dict[str, Any] = {"n_clips": n}
     for word in ("direction", "position") if caption_positions(cfg) else ("direction",):
         sums = {k: torch.zeros(frames, dtype=torch.float64) for k in ("true", "swapped")}
@@ -494,14 +499,13 @@ def motion_direction(frames: torch.Tensor, min_shift: float = 0.02, max_speed: f
     return torch.where(moved, nearest, torch.full_like(nearest, -1))
 
 
-@torch.no_grad()
 def reader_speed(config) -> float:
     """The fastest motion a frame, as a fraction of the side, :func:`motion_direction` looks for in clips of the video
     model with this ``config``: the scene generator's 0.045, or one pixel more than its ``cell_motion``."""
-    size = int(getattr(config, "frame_size", VQ_DOWNSAMPLE * config.video_layout["height"]))
-    return max(0.045, (cell_motion(config) + 1) / size)
+    return max(0.045, (cell_motion(config) + 1) / frame_size(config))
 
 
+@torch.no_grad()
 def read_clips(clf, frames: torch.Tensor, start_position: bool = False, max_speed: float = 0.045) -> dict[str, torch.LongTensor]:
     """What a clip shows, head by head (:data:`VIDEO_HEADS`): ``frames [B, F, 3, s, s]`` in [-1, 1] ->
     ``dict[head, LongTensor [B]]`` (indices into ``LABEL_NAMES[head]``, ``list(DIRECTIONS)`` for direction).
