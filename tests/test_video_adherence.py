@@ -171,6 +171,56 @@ def test_training_batches_weight_the_codes_near_the_moving_object():
     assert (plain == 1).all()
 
 
+def test_input_noise_moves_codes_within_their_frame_and_keeps_everything_else():
+    r = video.VideoRecipe(frames=3, frame_size=32)
+    tok = video.build_tokenizer()
+    cfg = video.build_model(r, len(tok), 1024).config
+    spec = cfg.video_layout
+    # captions of different lengths (one dropped), so the code spans start at different places in the rows
+    ids, target, _, _ = video.make_batch(tok, hub.load_vq(), cfg, 0, 4, video.VIDEO_TRAIN_SEED, 2, 0.5,
+                                         torch.Generator().manual_seed(1), True)
+    assert len({int(t.long().argmax()) for t in target}) > 1
+    out = video.corrupt_codes(ids, target, cfg, 0.3, torch.Generator().manual_seed(0), reach=1)
+    assert out.shape == ids.shape and out.dtype == ids.dtype
+    assert torch.equal(video.corrupt_codes(ids, target, cfg, 0.0), ids)
+    is_code = (ids >= spec["image_token_offset"]) & (ids < spec["image_token_offset"] + spec["codebook_size"])
+    changed = out != ids
+    assert (changed <= is_code).all() and changed.any()  # EOF, EOI, caption, BOI and padding are kept
+    assert 0.1 < changed.sum() / is_code.sum() < 0.3  # at most the rate (a move onto an equal code is no change)
+    H, W, span = spec["height"], spec["width"], spec["height"] * spec["width"] + 1
+    for i in range(ids.shape[0]):
+        s = int(target[i].long().argmax())
+        a = ids[i, s : s + spec["frames"] * span].view(spec["frames"], span)[:, :-1].view(-1, H, W)
+        b = out[i, s : s + spec["frames"] * span].view(spec["frames"], span)[:, :-1].view(-1, H, W)
+        for f, y, x in (b != a).nonzero().tolist():  # every new code is a code of the same frame one cell away
+            near = a[f, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+            assert (near == b[f, y, x]).any()
+
+
+def test_a_run_with_input_noise_trains_on_noisy_inputs_and_true_targets(tmp_path, monkeypatch):
+    small = video.VideoRecipe(frames=2, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2)
+    read = []
+    real_logits = video._logits
+
+    def spy(model, ids, target, inputs=None):
+        read.append((ids, inputs))
+        return real_logits(model, ids, target, inputs)
+
+    monkeypatch.setattr(video, "_logits", spy)
+    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small, ckpt=tmp_path / "s.pt")
+    assert read[0][1] is read[0][0]  # off by default: the model reads the true codes
+    state = torch.load(tmp_path / "s.pt", weights_only=False)
+    assert "input_noise" not in state["recipe"] and "input_noise_reach" not in state["recipe"]  # old states resume
+    read.clear()
+    noisy = replace(small, input_noise=0.5)
+    video.train(tmp_path / "n", minutes=60, max_steps=1, recipe=noisy, ckpt=tmp_path / "n.pt")
+    ids, inputs = read[0]
+    assert inputs.shape == ids.shape and (inputs != ids).any()
+    assert torch.load(tmp_path / "n.pt", weights_only=False)["recipe"]["input_noise"] == 0.5
+    with pytest.raises(ValueError, match="another recipe"):
+        video.train(tmp_path / "v", minutes=60, max_steps=2, recipe=noisy, ckpt=tmp_path / "s.pt")
+
+
 def test_video_model_starts_from_a_text_to_image_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -328,8 +328,9 @@ def test_zoo_train_forwards_the_frame_layout_to_the_video_recipe(monkeypatch, ca
     monkeypatch.setattr(video, "main", lambda argv: seen.append(argv))
     train.main(["video", "--frames", "4", "--frame-size", "64", "--vq", "tok", "--minutes", "5", "--device", "cuda",
                 "--workers", "2", "--batch-size", "32", "--caption-positions", "--cell-motion", "4",
-                "--first-move-weight", "8"])
+                "--first-move-weight", "8", "--input-noise", "0.1"])
     argv = seen[0]
+    assert float(argv[argv.index("--input-noise") + 1]) == 0.1
     assert argv.count("--caption-positions") == 1 and argv[argv.index("--cell-motion") + 1] == "4"
     assert float(argv[argv.index("--first-move-weight") + 1]) == 8.0
     assert argv[argv.index("--frames") + 1] == "4" and argv[argv.index("--frame-size") + 1] == "64"
@@ -350,6 +351,9 @@ def test_zoo_train_forwards_the_frame_layout_to_the_video_recipe(monkeypatch, ca
     assert "apply to video only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.main(["c2i", "--first-move-weight", "4"])
+    assert "apply to video only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["t2i_target", "--input-noise", "0.1"])
     assert "apply to video only" in capsys.readouterr().err
 
 

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None):
                          "default: the recipe's 0, 1.2-2.6 pixels per frame)")
     ap.add_argument("--first-move-weight", type=float, default=None, metavar="W",
                     help="video: extra loss weight of the object's codes in frame 1 (default: the recipe's 0)")
+    ap.add_argument("--input-noise", type=float, default=None, metavar="P",
+                    help="video: replace a fraction P of the input codes by nearby codes of the same frame, targets "
+                         "kept (default: the recipe's 0)")
     ap.add_argument("--lr", type=float, default=None, help="vq, t2i_*, c2i, captioner*, mar_target/draft, video: peak learning rate (default: the recipe's)")
     ap.add_argument("--noise-free", action=argparse.BooleanOptionalAction, default=None,
                     help="t2i_*: learn the codes of the scenes' noise-free renders (default: the recipe's)")
@@ -109,8 +112,10 @@ def main(argv: list[str] | None = None):
     if module_name not in ("vq", "t2i", "video") and (args.device != "cpu" or args.workers or args.batch_size):
         ap.error("--device, --workers and --batch-size apply to vq, t2i_* and video only")
     if module_name != "video" and (args.frames is not None or args.frame_size is not None or args.caption_positions
-                                   or args.cell_motion is not None or args.first_move_weight is not None):
-        ap.error("--frames, --frame-size, --caption-positions, --cell-motion and --first-move-weight apply to video only")
+                                   or args.cell_motion is not None or args.first_move_weight is not None
+                                   or args.input_noise is not None):
+        ap.error("--frames, --frame-size, --caption-positions, --cell-motion, --first-move-weight and --input-noise "
+                 "apply to video only")
     if module_name in _OWN_CLI:
         forwarded = ([role] if role else []) + ["--minutes", str(minutes), "--out", out, "--seed", str(args.seed),
                                                 "--threads", str(args.threads)]
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None):
         if module_name == "video":
             for flag, value in (("--vq", args.vq), ("--frames", args.frames), ("--frame-size", args.frame_size),
                                 ("--device", args.device), ("--workers", args.workers), ("--batch-size", args.batch_size),
-                                ("--cell-motion", args.cell_motion), ("--first-move-weight", args.first_move_weight)):
+                                ("--cell-motion", args.cell_motion), ("--first-move-weight", args.first_move_weight),
+                                ("--input-noise", args.input_noise)):
                 if value is not None:
                     forwarded += [flag, str(value)]
             if args.caption_positions:

@@ -107,6 +107,11 @@ class VideoRecipe:
     #: frames in view, a model can read the motion of frames 2.. off frames 0 and 1, so the caption's direction word
     #: is the only clue to the motion in frame 1 alone, a few codes a clip
     first_move_weight: float = 0.0
+    #: fraction of the input codes replaced, in training only, by the code up to ``input_noise_reach`` cells away in
+    #: the same frame (:func:`corrupt_codes`; the targets stay the true codes): sampled clips carry their own stray
+    #: codes from frame to frame, a model taught only on true frames copies them on
+    input_noise: float = 0.0
+    input_noise_reach: int = 2
 
 
 def build_model(r: VideoRecipe, n_text: int, codebook_size: int):
@@ -265,8 +270,37 @@ def make_batch(tokenizer, vq, config, start: int, n: int, seed: int, max_objects
     return ids, target, captions, weights
 
 
-def _logits(model, ids, target):
-    return model(input_ids=ids, attention_mask=((ids != 0) | target).long()).logits[:, :-1].float()
+def _logits(model, ids, target, inputs=None):
+    """Next-token logits [n, L - 1, V] of the sequences ``ids`` [n, L] (``inputs``: what the model reads instead,
+    e.g. :func:`corrupt_codes`; same shape, same padding)."""
+    inputs = ids if inputs is None else inputs
+    return model(input_ids=inputs, attention_mask=((ids != 0) | target).long()).logits[:, :-1].float()
+
+
+def corrupt_codes(ids: torch.Tensor, target: torch.Tensor, config, rate: float, gen: torch.Generator | None = None,
+                  reach: int = 2) -> torch.LongTensor:
+    """Training inputs against exposure bias: a copy of the sequences ``ids`` [n, L] (:func:`make_batch`) where each
+    code token, with probability ``rate``, is replaced by the code at a uniform offset of up to ``reach`` cells along
+    each axis in the same frame (clamped to the frame): stray and displaced fragments like those a sampled frame
+    carries. EOF, EOI and the caption are kept. Trained to predict the true codes after such inputs, a model learns
+    to draw the next frame clean rather than copy the previous frame's debris on."""
+    spec = config.video_layout
+    H, W = spec["height"], spec["width"]
+    span = H * W + 1  # a frame's codes and its EOF
+    n = ids.shape[0]
+    k = torch.arange(spec["frames"] * span)
+    f, j = k // span, k % span
+    y, x = j // W, j % W
+    start = target.long().argmax(1, keepdim=True)  # [n, 1]: the first predicted token, frame 0's first code
+    pos = start + k  # [n, F * span]
+    dy = torch.randint(-reach, reach + 1, pos.shape, generator=gen)
+    dx = torch.randint(-reach, reach + 1, pos.shape, generator=gen)
+    src = start + f * span + (y + dy).clamp(0, H - 1) * W + (x + dx).clamp(0, W - 1)
+    hit = (j < H * W) & (torch.rand(pos.shape, generator=gen) < rate)
+    out = ids.clone()
+    rows = torch.arange(n).unsqueeze(1).expand_as(pos)
+    out[rows[hit], pos[hit]] = ids[rows[hit], src[hit]]
+    return out
 
 
 @torch.no_grad()
@@ -417,7 +451,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
     n_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, r.lr, r.weight_decay)
     # fields added in session 24 stay out of a state's identity at their defaults, so the states saved before resume
-    identity = {k: v for k, v in asdict(r).items() if not (k in ("cell_motion", "first_move_weight") and not v)}
+    identity = {k: v for k, v in asdict(r).items()
+                if not (k in ("cell_motion", "first_move_weight", "input_noise") and not v)
+                and not (k == "input_noise_reach" and not r.input_noise)}
     run = ResumableRun("video", model, opt, gen, minutes, max_steps, ckpt, ckpt_every_s, recipe=identity,
                        codebook=codebook_id(vq))
     stream = VIDEO_TRAIN_SEED + seed
@@ -430,8 +466,9 @@ def train(out: str | Path, minutes: float = 20.0, seed: int = 0, max_steps: int 
                                              r.max_objects, r.caption_dropout, gen, r.noise_free, r.object_weight,
                                              r.object_halo, clips=next(clip_batches),
                                              first_move_weight=r.first_move_weight)
-        ids, target, weights = ids.to(device), target.to(device), weights.to(device)
-        logits = _logits(model, ids, target)
+        inputs = corrupt_codes(ids, target, model.config, r.input_noise, gen, r.input_noise_reach) if r.input_noise else ids
+        ids, target, weights, inputs = ids.to(device), target.to(device), weights.to(device), inputs.to(device)
+        logits = _logits(model, ids, target, inputs)
         tgt = target[:, 1:]
         w = weights[:, 1:][tgt]
         loss = (F.cross_entropy(logits[tgt], ids[:, 1:][tgt], reduction="none") * w).sum() / w.sum()
@@ -773,6 +810,9 @@ def main(argv=None):
                          "default 0: 1.2-2.6 pixels per frame)")
     ap.add_argument("--first-move-weight", type=float, default=VideoRecipe.first_move_weight, metavar="W",
                     help="extra loss weight of the object's codes in frame 1, where only the caption tells the motion")
+    ap.add_argument("--input-noise", type=float, default=VideoRecipe.input_noise, metavar="P",
+                    help="replace a fraction P of the input codes by nearby codes of the same frame (the targets stay "
+                         "true): teaches the model to clean up its own stray codes")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     ap.add_argument("--device", default="cpu", help="where the model trains (cuda on a GPU machine)")
     ap.add_argument("--workers", type=int, default=0, help="loader processes rendering the clips ahead of the step")
@@ -820,7 +860,7 @@ def main(argv=None):
     return train(args.out, args.minutes, args.seed, args.max_steps, args.threads, args.vq,
                  VideoRecipe(frames=args.frames, frame_size=args.frame_size, noise_free=args.noise_free,
                              caption_positions=args.caption_positions, cell_motion=args.cell_motion,
-                             first_move_weight=args.first_move_weight), args.ckpt,
+                             first_move_weight=args.first_move_weight, input_noise=args.input_noise), args.ckpt,
                  args.ckpt_every, args.init_from, args.lr, args.device, args.workers, args.batch_size)
 
 
