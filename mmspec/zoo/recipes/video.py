@@ -160,11 +160,11 @@ def transfer_from_image_model(model, image_model) -> None:
             dst[name].copy_(value)
 
 
-def code_map(new_vq, old_vq, frame_size: int, n: int = 256, seed: int = VIDEO_TRAIN_SEED) -> torch.Tensor:
-    """How the codes of ``new_vq`` stand for those of ``old_vq`` on the noise-free frames (``frame_size`` pixels)
+def code_map(new_vq, old_vq, size: int, n: int = 256, seed: int = VIDEO_TRAIN_SEED) -> torch.Tensor:
+    """How the codes of ``new_vq`` stand for those of ``old_vq`` on the noise-free frames (``size`` pixels a side)
     of ``n`` training clips: ``p(old | new)`` ``[K_new, K_old]`` (:func:`~mmspec.zoo.recipes.common.pair_codes`)."""
     def frames(i):
-        clips = _clips(i, min(32, n - i), seed, VideoRecipe.frames, frame_size, VideoRecipe.max_objects, True)
+        clips = _clips(i, min(32, n - i), seed, VideoRecipe.frames, size, VideoRecipe.max_objects, True)
         return torch.stack([image_to_tensor(c.clean) for c in clips]).flatten(0, 1)
 
     return pair_codes(new_vq, old_vq, (frames(i) for i in range(0, n, 32)))
@@ -543,15 +543,17 @@ def reader_speed(config) -> float:
 
 
 @torch.no_grad()
-def read_clips(clf, frames: torch.Tensor, start_position: bool = False, max_speed: float = 0.045) -> dict[str, torch.LongTensor]:
+def read_clips(clf, frames: torch.Tensor, start_position: bool = False, max_speed: float = 0.045,
+               per_frame: dict[str, torch.LongTensor] | None = None) -> dict[str, torch.LongTensor]:
     """What a clip shows, head by head (:data:`VIDEO_HEADS`): ``frames [B, F, 3, s, s]`` in [-1, 1] ->
     ``dict[head, LongTensor [B]]`` (indices into ``LABEL_NAMES[head]``, ``list(DIRECTIONS)`` for direction).
 
     Every frame is upsampled to 64 x 64 and read by the evaluation classifier ``clf`` (object heads at the most
     confidently occupied cell, i.e. one-object clips); a head's label is its most frequent one over the frames. The
     direction comes from :func:`motion_direction` (``max_speed``: :func:`reader_speed`). With ``start_position``, also
-    ``position``: the cell (index into ``POSITIONS``) the classifier finds the object in, in the first frame."""
-    per_frame = read_frames(clf, frames, start_position)
+    ``position``: the cell (index into ``POSITIONS``) the classifier finds the object in, in the first frame.
+    ``per_frame``: :func:`read_frames` of these frames when already read (not read again)."""
+    per_frame = read_frames(clf, frames, start_position) if per_frame is None else per_frame
     out = {h: labels.mode(1).values for h, labels in per_frame.items() if h != "position"}
     out["direction"] = motion_direction(frames, max_speed=max_speed)
     if start_position:
@@ -627,8 +629,8 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     vq = pipe.vq
     recon = hub.decode_tokens(vq, hub.encode_images(vq, clean.to(vq.device, vq.dtype)), grid).float().cpu()
 
-    def correct(frames: torch.Tensor) -> torch.Tensor:  # [n, heads]: 1 where the video shows what its caption asks
-        pred = read_clips(clf, frames, positions, reader_speed(pipe.model.config))
+    def correct(frames: torch.Tensor, per_frame=None) -> torch.Tensor:  # [n, heads]: 1 where the video shows the ask
+        pred = read_clips(clf, frames, positions, reader_speed(pipe.model.config), per_frame)
         return torch.stack([(pred[h] == target[h]).float() for h in heads], 1)
 
     def score(frames: torch.Tensor) -> dict[str, float]:
@@ -637,10 +639,11 @@ def adherence(folder: str | Path | None = None, n: int = 64, guidance: float = 3
     from ...bench.image import bootstrap_mean_ci
 
     made = torch.cat(made)
-    made_correct = correct(made)
+    per_frame = read_frames(clf, made, positions)
+    made_correct = correct(made, per_frame)
     # where the heads go wrong: each frame read alone (frame 0 is drawn from the caption, later ones carry it on)
     frame_heads = {h: (labels == target[h].unsqueeze(1)).float().mean(0).tolist()
-                   for h, labels in read_frames(clf, made).items()}
+                   for h, labels in per_frame.items() if h != "position"}
     per_video = made_correct[:, : len(VIDEO_HEADS)].mean(1)  # the heads every caption names; not the start cell
     got = dict(zip(heads, made_correct.mean(0).tolist()))
     real_heads, recon_heads = score(real), score(recon.view_as(real))
