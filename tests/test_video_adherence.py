@@ -221,6 +221,31 @@ def test_a_run_with_input_noise_trains_on_noisy_inputs_and_true_targets(tmp_path
         video.train(tmp_path / "v", minutes=60, max_steps=2, recipe=noisy, ckpt=tmp_path / "s.pt")
 
 
+def test_carry_on_starts_from_the_true_first_frame_and_reads_every_frame(tmp_path):
+    small = video.VideoRecipe(frames=3, frame_size=16, hidden=32, intermediate=64, layers=1, batch_size=2, eval_n=2,
+                              caption_positions=True)
+    video.train(tmp_path / "v", minutes=60, max_steps=1, recipe=small)
+    res = video.main(["--out", str(tmp_path / "v"), "--carry-on", "3"])
+    assert json.loads((tmp_path / "v" / "carry_on.json").read_text())["frame_heads"] == res["frame_heads"]
+    assert set(res["frame_heads"]) == set(video.VIDEO_HEADS[:-1]) and 0.0 <= res["direction"] <= 1.0
+    assert all(len(v) == 3 for v in res["frame_heads"].values())
+    # frame 0 is the clip's own: read as the reader reads the real noise-free first frames
+    cfg = video.load_video_pipeline(tmp_path / "v").model.config
+    clips = video.held_out_clips(cfg, 3, clean=True)
+    real = torch.stack([image_to_tensor(c.clean) for c in clips])
+    vq = hub.load_vq_for(cfg)
+    grid = (16 // video.VQ_DOWNSAMPLE,) * 2
+    first = hub.decode_tokens(vq, hub.encode_images(vq, real[:, 0]), grid).float().unsqueeze(1)
+    want = video.caption_targets([c.caption for c in clips])
+    for h, labels in video.read_frames(hub.load_classifier(), first).items():
+        assert res["frame_heads"][h][0] == pytest.approx(float((labels[:, 0] == want[h]).float().mean()))
+    # the same clips in batches of another size (left padded to the longest caption); the seed decides the samples
+    again = video.carry_on(tmp_path / "v", n=3, batch_size=2)
+    assert again["captions"] == res["captions"] and again["frame_heads"].keys() == res["frame_heads"].keys()
+    assert again["frame_heads"]["background"][0] == res["frame_heads"]["background"][0]
+    assert video.carry_on(tmp_path / "v", n=2, batch_size=2) == video.carry_on(tmp_path / "v", n=2, batch_size=2)
+
+
 def test_video_model_starts_from_a_text_to_image_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

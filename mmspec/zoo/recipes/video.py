@@ -333,6 +333,66 @@ def evaluate(model, tokenizer, vq, n: int, batch_size: int = 4, noise_free: bool
             "mean_token_entropy_frames_1_on": sums["ent_later"] / sums["count_later"]}
 
 
+@torch.no_grad()
+def carry_on(folder: str | Path | None = None, n: int = 32, guidance: float = 3.0, seed: int = 0, batch_size: int = 16,
+             state: str | Path | None = None) -> dict[str, Any]:
+    """How well the video model in ``folder`` carries a given object on: ``n`` held-out one-object clips (the
+    adherence stream, :func:`held_out_clips`), each started from the **true** codes of its first frame (noise-free
+    render), frames 1.. sampled by AR at ``guidance`` (temperature 1; batch ``s`` with a generator seeded ``seed +
+    s``), then each frame read alone (:func:`read_frames`) and the direction by :func:`motion_direction`.
+    ``frame_heads``: per head, the accuracy of each frame (frame 0 is the real one: the reader's ceiling); what is
+    lost after it is the model's carrying on, apart from how well it draws a first frame. ``state`` as in
+    :func:`load_video_pipeline`."""
+    from transformers import DynamicCache
+
+    from ...models.compat import cache_keyword
+
+    pipe = load_video_pipeline(folder, state=state)
+    model, vq, tokenizer, cfg = pipe.model, pipe.vq, pipe.tokenizer, pipe.model.config
+    spec = cfg.video_layout
+    frames, hw = spec["frames"], spec["height"] * spec["width"]
+    lo, hi = spec["image_token_offset"], spec["image_token_offset"] + spec["codebook_size"]
+    clips = held_out_clips(cfg, n, clean=True)
+    captions = [c.caption for c in clips]
+    real = torch.stack([image_to_tensor(c.clean) for c in clips])  # [n, F, 3, s, s]
+    made = []
+    for s in range(0, n, batch_size):
+        b = min(batch_size, n - s)
+        first = hub.encode_images(vq, real[s : s + b, 0]).view(b, hw) + lo
+        rows = [p + [cfg.boi_token_id] + first[i % b].tolist() + [spec["eof_token_id"]]
+                for i, p in enumerate(tokenizer(captions[s : s + b] + [""] * b, add_special_tokens=True)["input_ids"])]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(2 * b, width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padded: conditional rows, then the unconditional ones
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        gen = torch.Generator().manual_seed(seed + s)
+        cache, new = {cache_keyword(model): DynamicCache()}, []
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache).logits[:, -1]
+        for t in range((frames - 1) * (hw + 1)):
+            if t % (hw + 1) == hw:  # the end of a frame
+                token = torch.full((b,), spec["eof_token_id"])
+            else:
+                cond, unc = logits[:b, lo:hi].float(), logits[b:, lo:hi].float()
+                token = torch.multinomial((unc + guidance * (cond - unc)).softmax(-1), 1, generator=gen)[:, 0] + lo
+                new.append(token)
+            mask = torch.cat([mask, mask.new_ones(2 * b, 1)], 1)
+            positions = positions[:, -1:] + 1
+            logits = model(input_ids=token.repeat(2).unsqueeze(1), attention_mask=mask, position_ids=positions,
+                           **cache).logits[:, -1]
+        codes = torch.cat([first.unsqueeze(1), torch.stack(new, 1).view(b, frames - 1, hw)], 1) - lo
+        made.append(hub.decode_tokens(vq, codes.flatten(0, 1), (spec["height"], spec["width"])).float()
+                    .view_as(real[s : s + b]))
+    made = torch.cat(made)
+    target = caption_targets(captions)
+    per_frame = read_frames(hub.load_classifier(), made)
+    frame_heads = {h: (labels == target[h].unsqueeze(1)).float().mean(0).tolist() for h, labels in per_frame.items()}
+    direction = motion_direction(made, max_speed=reader_speed(cfg))
+    return {"n_clips": n, "guidance": guidance, "seed": seed, "captions": captions, "frame_heads": frame_heads,
+            "direction": float((direction == target["direction"]).float().mean())}
+
+
 def swap_word(clip, word: str) -> str:
     """``clip``'s caption with its first object's ``word`` (``"direction"`` or ``"position"``) swapped for a wrong one:
     the opposite direction, or the start cell four places on in :data:`POSITIONS` (never the same cell)."""
@@ -833,12 +893,23 @@ def main(argv=None):
                     help="do not train: whether the model in --out uses the caption's direction (and start-cell) word, "
                          "teacher forced on N held-out clips; written to --out/word_use.json (CKPT.word_use.json with "
                          "--state)")
+    ap.add_argument("--carry-on", type=int, default=0, metavar="N",
+                    help="do not train: sample frames 1.. of N held-out clips after their true first frame and read "
+                         "each frame (how well the model carries an object on); written to --out/carry_on.json "
+                         "(CKPT.carry_on.json with --state)")
     ap.add_argument("--samples", default=None, metavar="PNG",
                     help="do not train: draw the card's picture (real clips and AR samples) of the model in --out")
     args = ap.parse_args(argv)
     if args.samples:
         setup_threads(args.threads)
         return sample_grid(args.out, args.samples, seed=args.seed, state=args.state)
+    if args.carry_on:
+        setup_threads(args.threads)
+        res = {**carry_on(args.out, args.carry_on, seed=args.seed, state=args.state),
+               **({"state": str(args.state)} if args.state else {})}
+        write_json(Path(args.out) / "carry_on.json" if args.state is None else Path(f"{args.state}.carry_on.json"), res)
+        print({k: v for k, v in res.items() if k != "captions"}, flush=True)
+        return res
     if args.word_use:
         setup_threads(args.threads)
         res = {**word_use(args.out, args.word_use, state=args.state), **({"state": str(args.state)} if args.state else {})}
