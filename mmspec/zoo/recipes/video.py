@@ -11,7 +11,9 @@ target places its objects by. They are dropped with probability
 ``caption_dropout`` so classifier-free guidance works with the empty prompt as the unconditional branch. The
 loss covers codes, EOF and EOI, the object's codes weighted more (``object_weight``, and ``first_move_weight`` in
 frame 1, the one frame where only the caption's direction word tells the motion); ``cell_motion`` makes objects move
-whole codes a frame. :func:`word_use` measures whether a model uses the direction and start-cell words.
+whole codes a frame; ``input_noise`` trains on inputs with stray codes (:func:`corrupt_codes`, targets true).
+:func:`word_use` measures whether a model uses the direction and start-cell words; :func:`carry_on` how well it
+carries an object on from a true first frame.
 
 The layout lives in ``config.video_layout`` (``frames, height, width, image_token_offset, codebook_size,
 eof_token_id, eoi_token_id``) and the BOI id in ``config.boi_token_id``; see
